@@ -1,0 +1,1561 @@
+"""Shared code for the StormFusion-SEVIR scripts, in the notebooks' order.
+
+    1. config       Config overrides from the command line, errors a user can fix
+    2. data         SEVIR catalog, splits, SEVIRVIL / SEVIRMultimodal / SyntheticRadarDataset
+    3. models       NowcastNet, UNetBlock, SyntheticRadarUNet, ResidualBlock, AdvancedUNet
+    4. losses       VGGPerceptualLoss
+    5. metrics      SkillScore (CSI, POD, SUCR, BIAS at SEVIR's thresholds) and reference forecasts
+    6. loop         train_epoch(), evaluate(), fit()
+    7. checkpoints  atomic save, weights_only load
+    8. plots        visualize_predictions, visualize_multimodal, loss / skill curves, forecast.gif
+    9. sample data  make_sample_sevir: a small generated dataset in SEVIR's exact format
+
+`python common.py sample --out DIR [--events N]` writes a sample dataset.
+"""
+import argparse
+import csv
+import datetime as dt
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+# ======================================================================================
+# 1. Config and errors
+# ======================================================================================
+
+DEFAULT_ROOT = "data/sevir"                      # where real SEVIR is looked for by default
+DEFAULT_CATALOG = "data/sevir/CATALOG.csv"
+SAMPLE_ROOT = "data/sevir_sample"                # where the generated sample goes when SEVIR is absent
+SAMPLE_MARKER = "GENERATED_SAMPLE.txt"           # marks a folder as generated data, not real weather
+
+
+class RunError(Exception):
+    """A run cannot go on; shown as one line, exit status 1."""
+    code = 1
+
+
+class UserError(RunError):
+    """A mistake the user can fix (path, config value, file); one line, exit status 2."""
+    code = 2
+
+
+def run(main):
+    """Call main(); turn RunError into one line on stderr and its exit status."""
+    try:
+        main()
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.code)
+
+
+def _config_docs(cls):
+    """{KEY: comment} from the `KEY = value  # comment` lines of a Config class."""
+    docs = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):          # source not available (e.g. pasted into a REPL)
+        return docs
+    for line in lines:
+        name, sep, rest = line.strip().partition("=")
+        if sep and name.strip().isupper() and "#" in rest:
+            docs[name.strip()] = rest.split("#", 1)[1].strip()
+    return docs
+
+
+def _parse_value(key, text, default):
+    """Convert a command-line string to the type of the default, or raise UserError."""
+    def convert(t, kind):
+        if kind is bool:
+            if t.lower() in ("true", "1", "yes"):
+                return True
+            if t.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        return kind(t)
+    try:
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            return tuple(convert(p.strip(), kind) for p in text.split(",") if p.strip())
+        if isinstance(default, float):
+            return float(text)                # an int is fine for a float
+        return convert(text, type(default))
+    except ValueError:
+        what = "true or false" if isinstance(default, bool) else \
+            f"comma-separated {type(default[0]).__name__ if default else 'str'}" if isinstance(default, tuple) else \
+            type(default).__name__
+        raise UserError(f"--{key.lower()}={text}: expected {what}") from None
+
+
+def parse_config(config_cls, argv=None, size_multiple=1):
+    """Return a Config instance with `--key=value` overrides applied and checked.
+
+    Keys are case-insensitive. Jupyter's own `-f kernel.json` is ignored, so `%run script.py --epochs=1`
+    works in a notebook. `--help` prints every key with its default and meaning. TARGET_SIZE
+    must be a multiple of `size_multiple` (a U-Net of L levels halves it L times: 2^L).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = config_cls()
+    keys = {k for k in dir(config_cls) if k.isupper()}
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg == "-f":                       # ipykernel: -f /path/kernel-xxx.json
+            skip_next = True
+            continue
+        if arg.startswith("--f="):
+            continue
+        if arg in ("-h", "--help"):
+            docs = _config_docs(config_cls)
+            print(f"usage: python {Path(sys.argv[0]).name} [--key=value ...]\n")
+            for k in [k for k in vars(config_cls) if k.isupper()]:
+                print(f"  --{k.lower():<14} {getattr(config_cls, k)!r:<28} {docs.get(k, '')}")
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"argument {arg!r}: expected --key=value (see --help)")
+        key, value = arg[2:].split("=", 1)
+        key = key.upper().replace("-", "_")
+        if key not in keys:
+            raise UserError(f"unknown key --{key.lower()}; known keys: "
+                            + ", ".join(sorted(k.lower() for k in keys)))
+        setattr(cfg, key, _parse_value(key, value, getattr(config_cls, key)))
+    check_config(cfg, size_multiple)
+    return cfg
+
+
+KNOWN_MODS = ("vil", "ir069", "ir107", "lght")
+N_FRAMES = 49                                     # frames per SEVIR event, 5 minutes apart
+
+
+def check_config(cfg, size_multiple=1):
+    """Refuse impossible values before any data is read."""
+    def need(ok, key, allowed):
+        if not ok:
+            raise UserError(f"--{key.lower()}={getattr(cfg, key)!r}: {allowed}")
+    for key in ("EPOCHS", "BATCH_SIZE"):
+        if hasattr(cfg, key):
+            need(getattr(cfg, key) > 0, key, "must be > 0")
+    for key in ("MAX_TRAIN", "MAX_VAL", "NUM_WORKERS"):
+        if hasattr(cfg, key):
+            need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = all)" if key != "NUM_WORKERS" else "must be >= 0")
+    if hasattr(cfg, "LR"):
+        need(cfg.LR > 0, "LR", "must be > 0")
+    if hasattr(cfg, "T_IN"):
+        need(cfg.T_IN >= 1 and cfg.T_OUT >= 1, "T_IN" if cfg.T_IN < 1 else "T_OUT", "must be >= 1")
+        need(cfg.T_IN + cfg.T_OUT <= N_FRAMES, "T_OUT", f"T_IN + T_OUT must be <= {N_FRAMES} (frames per event)")
+    for key in ("MODALITIES", "INPUT_MODS"):
+        mods = getattr(cfg, key, None)
+        if mods is not None:
+            need(len(mods) > 0 and all(m in KNOWN_MODS for m in mods), key, f"each one of {', '.join(KNOWN_MODS)}")
+            need(len(set(mods)) == len(mods), key, "a modality may appear once")
+    if hasattr(cfg, "MODALITIES"):
+        need("vil" in cfg.MODALITIES, "MODALITIES", "must include vil (the forecast target)")
+    if hasattr(cfg, "INPUT_MODS"):
+        need("vil" not in cfg.INPUT_MODS, "INPUT_MODS", "satellite inputs only (ir069, ir107, lght): vil is the target")
+    if hasattr(cfg, "TARGET_SIZE"):
+        need(cfg.TARGET_SIZE >= max(8, size_multiple) and cfg.TARGET_SIZE % size_multiple == 0, "TARGET_SIZE",
+             f"must be a multiple of {size_multiple} (the U-Net halves it {int(math.log2(size_multiple))} times)"
+             if size_multiple > 1 else "must be >= 8")
+    if hasattr(cfg, "IR_NORM"):
+        need(cfg.IR_NORM in IR_NORMS, "IR_NORM", f"one of {', '.join(IR_NORMS)}")
+    if hasattr(cfg, "DEVICE"):
+        need(cfg.DEVICE in ("auto", "cpu", "cuda", "mps") or cfg.DEVICE.startswith("cuda:"), "DEVICE",
+             "one of auto, cpu, cuda, cuda:N, mps")
+
+
+def config_dict(cfg):
+    """The Config as a plain dict (for config.json and checkpoints); tuples become lists."""
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k in dir(cfg) if k.isupper() for v in [getattr(cfg, k)]}
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and PyTorch (the data pipeline derives its own randomness from SEED and epoch)."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    """'auto' means cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: CUDA is not available on this machine")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device=mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+# ======================================================================================
+# 2. Data: catalog, splits, datasets
+# ======================================================================================
+
+# SEVIR layout facts (see the SEVIR paper and its tutorial)
+NATIVE_SIZE = {"vil": 384, "ir069": 192, "ir107": 192, "lght": 48, "vis": 768}
+CATALOG_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "minute_offsets", "episode_id",
+                   "event_id", "event_type", "llcrnrlat", "llcrnrlon", "urcrnrlat", "urcrnrlon", "proj",
+                   "size_x", "size_y", "height_m", "width_m", "data_min", "data_max", "pct_missing"]
+NEEDED_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "pct_missing"]
+FRAME_EDGES_S = np.arange(-120, 125, 5) * 60      # lightning frame edges, seconds from time_utc
+
+# IR normalisation. "sevir": the SEVIR paper's fixed z-score on stored units (deg C x 100),
+# (x - shift) / scale, which keeps absolute cloud-top temperature. "minmax": the notebooks'
+# per-sample scaling to [0, 1], which erases it. Lightning counts use the paper's z-score too.
+SEVIR_ZSCORE = {"ir069": (-3683.58, 1174.68), "ir107": (-1552.80, 2562.43), "lght": (0.02990, 0.60517)}
+IR_NORMS = ("sevir", "minmax")
+
+
+def read_catalog(path):
+    """Read a SEVIR CATALOG.csv into a DataFrame with parsed time_utc; UserError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not a CSV catalog ({type(e).__name__})") from None
+    missing = [c for c in NEEDED_COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"{path} lacks SEVIR catalog columns: {', '.join(missing)}")
+    use = NEEDED_COLUMNS + [c for c in ("event_type",) if c in header]
+    try:
+        df = pd.read_csv(path, usecols=use, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not a readable CSV catalog: {e}".splitlines()[0]) from None
+    if df.empty:
+        raise UserError(f"catalog {path} has no rows")
+    df["img_type"] = df["img_type"].str.strip().str.lower()
+    df["file_index"] = pd.to_numeric(df["file_index"], errors="coerce").fillna(-1).astype(np.int64)
+    df["pct_missing"] = pd.to_numeric(df["pct_missing"], errors="coerce").fillna(1.0)
+    # Official form "2019-05-12 18:30:00"; a spreadsheet writes "5/12/2019 18:30".
+    t = pd.to_datetime(df["time_utc"], format="%Y-%m-%d %H:%M:%S", errors="coerce")
+    bad = t.isna()
+    if bad.any():
+        t[bad] = pd.to_datetime(df.loc[bad, "time_utc"], format="%m/%d/%Y %H:%M", errors="coerce")
+    df["time_utc"] = t
+    return df
+
+
+def _check_files(df, root):
+    """Open each file of the catalog once. Returns {file_name: (error or None, {mod: length or key set})}."""
+    info = {}
+    for (file_name,), group in df.groupby(["file_name"], sort=False):
+        mods = sorted(set(group["img_type"]))
+        path = Path(root) / file_name
+        if not path.is_file():
+            info[file_name] = ("missing file", {})
+            continue
+        try:
+            with h5py.File(path, "r") as f:
+                contents = {}
+                for mod in mods:
+                    if mod == "lght":                    # one (n, 5) dataset per event id
+                        contents[mod] = set(f.keys())
+                    elif mod in f:
+                        contents[mod] = f[mod].shape[0]
+                info[file_name] = (None, contents)
+        except OSError as e:
+            print(f"warning: cannot read {path}: {str(e).splitlines()[0]}", file=sys.stderr)
+            info[file_name] = ("unreadable file", {})
+    return info
+
+
+def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_missing=0.0):
+    """One row per usable event: `id`, `time_utc`, `event_type`, and `<mod>_file`, `<mod>_index` per modality.
+
+    Usable: every requested modality has exactly one catalog row (ids duplicated within a
+    modality are dropped, as SEVIR's reference loaders do), its file opens and holds the
+    dataset, the index is in range, and pct_missing <= max_pct_missing. Each file is opened
+    once; one summary line counts the events dropped for each reason.
+    """
+    mods = tuple(mods)
+    df = read_catalog(catalog_path)
+    df = df[df["img_type"].isin(mods)]
+    if df.empty:
+        raise UserError(f"catalog {catalog_path} has no rows of type {', '.join(mods)}")
+    all_ids = df["id"].unique()
+    dropped = {}                                            # reason -> set of ids
+
+    def drop(reason, ids):
+        ids = set(ids) - set().union(*dropped.values()) if dropped else set(ids)
+        if ids:
+            dropped[reason] = dropped.get(reason, set()) | ids
+
+    rows_per = df.groupby(["id", "img_type"]).size()
+    drop("duplicated id", rows_per[rows_per > 1].index.get_level_values("id"))
+    mods_per = df.drop_duplicates(["id", "img_type"]).groupby("id").size()
+    drop("missing modality", mods_per[mods_per < len(mods)].index)
+    drop(f"pct_missing > {max_pct_missing:g}", df.loc[df["pct_missing"] > max_pct_missing, "id"])
+    drop("bad time_utc", df.loc[df["time_utc"].isna(), "id"])
+
+    gone = set().union(*dropped.values()) if dropped else set()
+    df = df[~df["id"].isin(gone)]
+    info = _check_files(df, root)
+    err = df["file_name"].map(lambda f: info[f][0])
+    drop("missing file", df.loc[err == "missing file", "id"])
+    drop("unreadable file", df.loc[err == "unreadable file", "id"])
+
+    def has_dataset(r):
+        contents = info[r.file_name][1]
+        if r.img_type not in contents:
+            return False
+        return r.id in contents[r.img_type] if r.img_type == "lght" else True
+
+    def in_range(r):
+        contents = info[r.file_name][1]
+        return r.img_type == "lght" or 0 <= r.file_index < contents[r.img_type]
+
+    ok = df[err.isna()]
+    has = np.array([has_dataset(r) for r in ok.itertuples()], dtype=bool)
+    drop("no dataset in file", ok.loc[~has, "id"])
+    ok = ok[has]
+    rng = np.array([in_range(r) for r in ok.itertuples()], dtype=bool)
+    drop("file_index out of range", ok.loc[~rng, "id"])
+
+    gone = set().union(*dropped.values()) if dropped else set()
+    df = df[~df["id"].isin(gone)]
+    reasons = ", ".join(f"{r}: {len(ids)}" for r, ids in dropped.items())
+    print(f"catalog: {df['id'].nunique()} usable events of {len(all_ids)} with {'+'.join(mods)}"
+          + (f" (dropped {reasons})" if reasons else ""))
+    if df.empty:
+        raise UserError(f"no usable events in {catalog_path} under {root}: dropped {reasons}")
+    wide = df.pivot(index="id", columns="img_type", values=["file_name", "file_index"])
+    events = pd.DataFrame({"id": wide.index})
+    first = df.drop_duplicates("id").set_index("id")
+    events["time_utc"] = first.loc[events["id"], "time_utc"].to_numpy()
+    events["event_type"] = first.loc[events["id"], "event_type"].to_numpy() if "event_type" in first else ""
+    for mod in mods:
+        events[f"{mod}_file"] = wide[("file_name", mod)].to_numpy()
+        events[f"{mod}_index"] = wide[("file_index", mod)].to_numpy().astype(np.int64)
+    return events.sort_values(["time_utc", "id"]).reset_index(drop=True)
+
+
+def split_events(events, split_date="2019-06-01"):
+    """Split by time_utc: train before split_date, validation from it. No event is on both sides."""
+    try:
+        cut = pd.Timestamp(split_date)
+    except ValueError:
+        raise UserError(f"--split_date={split_date!r}: expected a date like 2019-06-01") from None
+    train, val = events[events["time_utc"] < cut], events[events["time_utc"] >= cut]
+    if train.empty or val.empty:
+        side = "before" if train.empty else "from"
+        span = f"{events['time_utc'].min():%Y-%m-%d} .. {events['time_utc'].max():%Y-%m-%d}"
+        raise UserError(f"no events {side} SPLIT_DATE={split_date} (events run {span}); choose another --split_date")
+    return train.reset_index(drop=True), val.reset_index(drop=True)
+
+
+def resolve_data(cfg):
+    """(catalog_path, root, kind): real SEVIR where named or found, else the generated sample."""
+    catalog, root = Path(cfg.CATALOG_PATH), Path(cfg.SEVIR_ROOT)
+    at_defaults = cfg.CATALOG_PATH == DEFAULT_CATALOG and cfg.SEVIR_ROOT == DEFAULT_ROOT
+    if at_defaults and not catalog.exists():
+        sample_catalog = Path(SAMPLE_ROOT) / "CATALOG.csv"
+        if not sample_catalog.exists():
+            print(f"No SEVIR catalog at {catalog}: generating a sample dataset in {SAMPLE_ROOT} (once).")
+            make_sample_sevir(SAMPLE_ROOT)
+        print("Using GENERATED sample data, not real weather. For SEVIR: --catalog_path=.../CATALOG.csv "
+              "--sevir_root=...  (see README)")
+        catalog, root = sample_catalog, Path(SAMPLE_ROOT)
+    if not catalog.exists():
+        raise UserError(f"catalog not found: {catalog}")
+    if not root.is_dir():
+        raise UserError(f"SEVIR root folder not found: {root}")
+    kind = "sample" if (root / SAMPLE_MARKER).exists() else "sevir"
+    return catalog, root, kind
+
+
+def load_events(cfg, mods):
+    """Catalog -> usable events -> train / val by SPLIT_DATE, cut to MAX_TRAIN / MAX_VAL events.
+
+    Returns a namespace with train_events, val_events, root and kind ("sample" or "sevir").
+    """
+    from types import SimpleNamespace
+    catalog, root, kind = resolve_data(cfg)
+    events = load_catalog(catalog, root, mods=mods, max_pct_missing=getattr(cfg, "MAX_PCT_MISSING", 0.0))
+    train, val = split_events(events, cfg.SPLIT_DATE)
+    if cfg.MAX_TRAIN:
+        train = train.iloc[:cfg.MAX_TRAIN]
+    if cfg.MAX_VAL:
+        val = val.iloc[:cfg.MAX_VAL]
+    print(f"split at {cfg.SPLIT_DATE}: {len(train)} train events, {len(val)} validation events")
+    return SimpleNamespace(train_events=train, val_events=val, root=root, kind=kind)
+
+
+def lightning_to_grid(flashes, size=48):
+    """(n, 5) flash list -> (49, size, size) float32 flash counts per 5-minute frame.
+
+    Columns: [seconds from time_utc, lat, lon, raster x, raster y]. Frame k counts flashes with
+    edge_k <= t < edge_k+1 (edges every 5 min from -120 min); earlier flashes count in frame 0,
+    later ones in frame 48. Row is raster y, column raster x; points off the grid are dropped.
+    """
+    grid = np.zeros((N_FRAMES, size, size), dtype=np.float32)
+    if len(flashes) == 0:
+        return grid
+    t, x, y = flashes[:, 0], np.floor(flashes[:, 3]), np.floor(flashes[:, 4])
+    on = (x >= 0) & (x < size) & (y >= 0) & (y < size)
+    frame = np.clip(np.searchsorted(FRAME_EDGES_S, t[on], side="right") - 1, 0, N_FRAMES - 1)
+    np.add.at(grid, (frame, y[on].astype(np.int64), x[on].astype(np.int64)), 1.0)
+    return grid
+
+
+class _SEVIREvents(Dataset):
+    """Shared machinery: per-modality file/index arrays, lazy per-process HDF5 handles, windows.
+
+    Training items are events; each epoch an event gets a random window (the notebooks'
+    augmentation) drawn from (seed, epoch, item), so it does not depend on workers or device.
+    Validation items are (event, fixed start) pairs: windows every `val_stride` frames.
+    """
+
+    def __init__(self, events, root, mods, length, train, val_stride, ir_norm, seed):
+        if ir_norm not in IR_NORMS:
+            raise UserError(f"ir_norm={ir_norm!r}: one of {', '.join(IR_NORMS)}")
+        self.root, self.mods, self.length = Path(root), tuple(mods), length
+        self.train, self.ir_norm, self.seed, self.epoch = train, ir_norm, seed, 0
+        self.ids = events["id"].to_numpy().astype(str)
+        self.paths, self.file_idx, self.index = {}, {}, {}
+        for mod in self.mods:
+            names = events[f"{mod}_file"].to_numpy().astype(str)
+            uniq, inverse = np.unique(names, return_inverse=True)
+            self.paths[mod] = [str(self.root / n) for n in uniq]        # joined once, not per item
+            self.file_idx[mod] = inverse.astype(np.int64)
+            self.index[mod] = events[f"{mod}_index"].to_numpy().astype(np.int64)
+        n_starts = N_FRAMES - length + 1
+        if train:
+            self.items = np.arange(len(self.ids))
+        else:
+            starts = np.arange(0, n_starts, val_stride or length)
+            self.items = np.array([(e, s) for e in range(len(self.ids)) for s in starts], dtype=np.int64)
+        self._handles, self._pid = {}, None
+
+    def __len__(self):
+        return len(self.items)
+
+    def set_epoch(self, epoch):
+        """Training windows depend on the epoch; call before iterating a DataLoader."""
+        self.epoch = epoch
+
+    def __getstate__(self):                       # DataLoader workers open their own files
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = {}, None
+        return state
+
+    def _file(self, path):
+        if self._pid != os.getpid():              # forked into a worker: never share HDF5 handles
+            self._handles, self._pid = {}, os.getpid()
+        f = self._handles.get(path)
+        if f is None:
+            f = self._handles[path] = h5py.File(path, "r")
+        return f
+
+    def event_and_start(self, i):
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+            return int(self.items[i]), int(rng.integers(0, N_FRAMES - self.length + 1))
+        e, s = self.items[i]
+        return int(e), int(s)
+
+    def read(self, mod, e, start, stop, size):
+        """Frames start..stop-1 of modality `mod` of event e as float32 (T, size, size), normalised."""
+        path = self.paths[mod][self.file_idx[mod][e]]
+        if mod == "lght":
+            flashes = self._file(path)[self.ids[e]][()]
+            frames = torch.from_numpy(lightning_to_grid(flashes)[start:stop])
+        else:
+            raw = self._file(path)[mod][self.index[mod][e], :, :, start:stop]    # (H, W, T), time last
+            frames = torch.empty(raw.shape[2], raw.shape[0], raw.shape[1])
+            frames.copy_(torch.from_numpy(raw).permute(2, 0, 1))                  # one copy: -> (T, H, W) float
+        frames = normalize(mod, frames, self.ir_norm)
+        if size is not None and frames.shape[-1] != size:
+            frames = F.interpolate(frames[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        return frames
+
+
+def normalize(mod, frames, ir_norm="sevir"):
+    """VIL: stored code / 255. IR and lightning: SEVIR paper z-score, or per-sample min-max."""
+    if mod == "vil":
+        return frames.mul_(1 / 255)
+    if ir_norm == "minmax" and mod != "lght":
+        lo, hi = frames.min(), frames.max()
+        return frames.sub_(lo).div_(hi - lo + 1e-8)
+    shift, scale = SEVIR_ZSCORE[mod]
+    return frames.sub_(shift).div_(scale)
+
+
+class SEVIRVIL(_SEVIREvents):
+    """VIL -> VIL nowcasting (notebook 05). x: (1, t_in, S, S), y: (1, t_out, S, S), VIL code / 255."""
+
+    def __init__(self, events, root, t_in=12, t_out=1, target_size=None, train=True, val_stride=None, seed=0):
+        super().__init__(events, root, ("vil",), t_in + t_out, train, val_stride, "sevir", seed)
+        self.t_in, self.t_out, self.target_size = t_in, t_out, target_size
+
+    def __getitem__(self, i):
+        e, s = self.event_and_start(i)
+        vil = self.read("vil", e, s, s + self.t_in + self.t_out, self.target_size)   # (T, S, S)
+        return vil[None, :self.t_in], vil[None, self.t_in:]
+
+
+class SEVIRMultimodal(_SEVIREvents):
+    """Modalities stacked as channels -> VIL (notebook 06). x: (C, t_in, S, S), y: (1, t_out, S, S) VIL."""
+
+    def __init__(self, events, root, mods=("vil", "ir069", "ir107"), t_in=12, t_out=1, target_size=192,
+                 train=True, val_stride=None, ir_norm="sevir", seed=0):
+        if "vil" not in mods:
+            raise UserError("SEVIRMultimodal needs vil among its modalities (it is the target)")
+        super().__init__(events, root, mods, t_in + t_out, train, val_stride, ir_norm, seed)
+        self.t_in, self.t_out, self.target_size = t_in, t_out, target_size
+
+    def __getitem__(self, i):
+        e, s = self.event_and_start(i)
+        x = torch.empty(len(self.mods), self.t_in, self.target_size, self.target_size)
+        for c, mod in enumerate(self.mods):
+            if mod == "vil":                          # read VIL once: inputs and target
+                vil = self.read(mod, e, s, s + self.t_in + self.t_out, self.target_size)
+                x[c], y = vil[:self.t_in], vil[None, self.t_in:]
+            else:
+                x[c] = self.read(mod, e, s, s + self.t_in, self.target_size)
+        return x, y
+
+
+class SyntheticRadarDataset(_SEVIREvents):
+    """Satellite -> radar at the same time (notebook 07). x: (C, S, S), y: (1, S, S) VIL.
+
+    Training draws a random frame per event each epoch; validation uses frames 0, 12, 24, 36, 48.
+    """
+
+    def __init__(self, events, root, input_mods=("ir069", "ir107"), target_size=192, train=True,
+                 val_stride=12, ir_norm="sevir", seed=0):
+        super().__init__(events, root, tuple(input_mods) + ("vil",), 1, train, val_stride, ir_norm, seed)
+        self.input_mods, self.target_size = tuple(input_mods), target_size
+
+    def __getitem__(self, i):
+        e, t = self.event_and_start(i)
+        x = torch.cat([self.read(mod, e, t, t + 1, self.target_size) for mod in self.input_mods])
+        return x, self.read("vil", e, t, t + 1, self.target_size)
+
+
+def make_loader(dataset, cfg, device, shuffle):
+    """A DataLoader; shuffling order comes from a generator seeded per epoch (see loader_epoch)."""
+    return DataLoader(dataset, batch_size=cfg.BATCH_SIZE, shuffle=shuffle, num_workers=cfg.NUM_WORKERS,
+                      pin_memory=device.type == "cuda", generator=torch.Generator() if shuffle else None,
+                      drop_last=False)
+
+
+def loader_epoch(loader, seed, epoch):
+    """Fix this epoch's shuffle and windows from (seed, epoch): a resumed run sees the same batches."""
+    loader.dataset.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 100_003 + epoch)
+    return loader
+
+
+# ======================================================================================
+# 3. Models (the notebooks' architectures, under their names)
+# ======================================================================================
+
+class NowcastNet(nn.Module):
+    """Conv3D encoder-decoder at full resolution (notebooks 05 and 06).
+
+    x: (B, C, T_in, H, W) -> (B, 1, T_out, H, W). Five 3x3x3 convolutions keep every frame;
+    the output is average-pooled over time down to T_out frames, as the notebooks had it.
+    """
+
+    def __init__(self, in_channels=1, t_out=1, base=32):
+        super().__init__()
+        self.enc1 = nn.Conv3d(in_channels, base, 3, padding=1)
+        self.enc2 = nn.Conv3d(base, base * 2, 3, padding=1)
+        self.enc3 = nn.Conv3d(base * 2, base * 4, 3, padding=1)
+        self.dec1 = nn.Conv3d(base * 4, base * 2, 3, padding=1)
+        self.dec2 = nn.Conv3d(base * 2, base, 3, padding=1)
+        self.out = nn.Conv3d(base, 1, 1)
+        self.pool = nn.AdaptiveAvgPool3d((t_out, None, None))
+
+    def forward(self, x):
+        for conv in (self.enc1, self.enc2, self.enc3, self.dec1, self.dec2):
+            x = F.relu(conv(x))                                   # (B, ch, T_in, H, W)
+        return self.pool(self.out(x))                             # (B, 1, T_out, H, W)
+
+
+MultimodalNowcastNet = NowcastNet      # notebook 06's network is NowcastNet with C = len(MODALITIES) inputs
+
+
+class UNetBlock(nn.Module):
+    """Two 3x3 convolutions, each with BatchNorm and ReLU (notebook 07)."""
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input, then ReLU (notebook 07A)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + x)
+
+
+class UNet(nn.Module):
+    """U-Net: `levels` encoder stages that halve the grid, a bottleneck, decoders with skips, sigmoid out.
+
+    Widths base, 2 base, ... 2^levels base. With residual=True each encoder stage adds a
+    ResidualBlock and the bottleneck adds `bottleneck_blocks` more (notebook 07A).
+    x: (B, in_channels, H, W) -> (B, out_channels, H, W) in [0, 1]; H, W divisible by 2^levels.
+    """
+
+    def __init__(self, in_channels, out_channels, base, levels, residual=False, bottleneck_blocks=0):
+        super().__init__()
+        widths = [base * 2 ** i for i in range(levels + 1)]
+        ins = [in_channels] + widths[:levels - 1]
+        self.encoders = nn.ModuleList(
+            nn.Sequential(UNetBlock(i, w), ResidualBlock(w)) if residual else UNetBlock(i, w)
+            for i, w in zip(ins, widths[:levels]))
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = nn.Sequential(UNetBlock(widths[-2], widths[-1]),
+                                        *[ResidualBlock(widths[-1]) for _ in range(bottleneck_blocks)])
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                 for i in reversed(range(levels)))
+        self.decoders = nn.ModuleList(UNetBlock(2 * widths[i], widths[i]) for i in reversed(range(levels)))
+        self.out = nn.Conv2d(base, out_channels, 1)
+        # Most of the sky has no rain: start the sigmoid near VIL 0.02 (code ~5), not 0.5, so
+        # training does not spend its first epochs learning that (only the initial value changes).
+        nn.init.constant_(self.out.bias, -4.0)
+
+    def forward(self, x):
+        skips = []
+        for enc in self.encoders:
+            x = enc(x)
+            skips.append(x)                     # (B, w_i, H / 2^i, W / 2^i)
+            x = self.pool(x)
+        x = self.bottleneck(x)                  # (B, w_L, H / 2^L, W / 2^L)
+        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return torch.sigmoid(self.out(x))
+
+
+class SyntheticRadarUNet(UNet):
+    """Notebook 07's U-Net: 4 levels (192 -> 96 -> 48 -> 24 -> 12), about 7.8 M parameters at base=32."""
+
+    def __init__(self, in_channels=2, out_channels=1, base=32):
+        super().__init__(in_channels, out_channels, base, levels=4)
+
+
+class AdvancedUNet(UNet):
+    """Notebook 07A's deep residual U-Net: 5 levels, 3 extra residual blocks in the bottleneck.
+
+    About 94 M parameters at base=32 (the notebook said 2.2 M; it is 94 M).
+    """
+
+    def __init__(self, in_channels=2, out_channels=1, base=32):
+        super().__init__(in_channels, out_channels, base, levels=5, residual=True, bottleneck_blocks=3)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ======================================================================================
+# 4. Losses
+# ======================================================================================
+
+# VGG16's `features` up to relu4_3 (torchvision's indices 0..22): numbers are 3x3 conv widths, M max-pool.
+VGG16_TO_RELU4_3 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512]
+VGG16_IMAGENET_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"   # torchvision IMAGENET1K_V1
+
+
+def _imagenet_vgg16_features(n_layers):
+    """torchvision's ImageNet VGG16 weights for features[:n_layers] from the torch hub cache (or a
+    download); (state_dict, None), or (None, reason) when they cannot be had."""
+    try:
+        state = torch.hub.load_state_dict_from_url(VGG16_IMAGENET_URL, progress=False, map_location="cpu")
+    except Exception as e:                     # offline, blocked, corrupt cache: all mean "no weights"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    keep = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[0] == "features" and int(parts[1]) < n_layers:
+            keep[".".join(parts[1:])] = v
+    return keep, None
+
+
+class VGGPerceptualLoss(nn.Module):
+    """Mean of feature MSEs at VGG16's relu1_2, relu2_2, relu3_3 and relu4_3 (notebook 07A).
+
+    Uses ImageNet weights when they can be had (torch hub cache or download); otherwise it
+    says so once and uses the same layers untrained. `self.backbone` records which.
+    Inputs: (B, 1, H, W) in [0, 1], repeated to RGB and ImageNet-normalised.
+    """
+
+    def __init__(self, weights="imagenet"):
+        super().__init__()
+        layers, ch = [], 3
+        for v in VGG16_TO_RELU4_3:
+            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(ch, v, 3, padding=1), nn.ReLU(inplace=True)]
+            ch = ch if v == "M" else v
+        features = nn.Sequential(*layers)
+        self.backbone = "untrained"
+        if weights == "imagenet":
+            state, why = _imagenet_vgg16_features(len(layers))
+            if state is None:
+                print(f"note: VGG16 ImageNet weights unavailable ({why}); the perceptual loss uses "
+                      "untrained VGG16 layers. Put vgg16-397923af.pth in the torch hub cache to use them.")
+            else:
+                features.load_state_dict(state)
+                self.backbone = "imagenet"
+        self.slices = nn.ModuleList([features[:4], features[4:9], features[9:16], features[16:23]])
+        self.requires_grad_(False)
+        self.eval()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):                # the backbone stays in eval mode
+        return super().train(False)
+
+    def forward(self, pred, target):
+        pred = (pred.expand(-1, 3, -1, -1) - self.mean) / self.std
+        target = (target.expand(-1, 3, -1, -1) - self.mean) / self.std
+        loss = 0.0
+        for block in self.slices:
+            pred, target = block(pred), block(target)
+            loss = loss + F.mse_loss(pred, target)
+        return loss / len(self.slices)
+
+
+# ======================================================================================
+# 5. Metrics and reference forecasts
+# ======================================================================================
+
+SEVIR_THRESHOLDS = (16, 74, 133, 160, 181, 219)   # VIL codes: ~0.15, 0.78, 3.5, 7.1, 12.1, 32 kg/m^2
+
+
+class SkillScore:
+    """CSI, POD, success ratio (SUCR) and BIAS at SEVIR's VIL thresholds, with MSE and MAE.
+
+    update(pred, target): tensors of equal shape, values in [0, 1] (VIL code / 255). A 5-D
+    (B, C, T, H, W) input also gets per-lead scores over T. Hits (pred >= t and truth >= t),
+    misses and false alarms are summed over every pixel, sample and lead time, counting
+    255 * value >= t. Counts accumulate on the tensors' device; compute() moves them to the CPU.
+    Pooled CSI (csi_pool4_m, csi_pool16_m) max-pools both fields over k x k tiles first.
+
+    0/0 (a threshold reached by neither forecast nor truth) gives NaN: skill there is undefined,
+    not zero. CSI-M is the mean over the thresholds where CSI is defined (NaN if none is).
+    """
+
+    def __init__(self, thresholds=SEVIR_THRESHOLDS, pools=(4, 16)):
+        self.thresholds, self.pools = tuple(thresholds), tuple(pools)
+        self.counts = None                # dict of tensors: name -> (n_leads,) or (n_leads, n_thresholds)
+
+    def _contingency(self, p, y, sum_dims):
+        """(hits, misses, false alarms), each (n_leads, n_thresholds), for VIL codes p, y."""
+        h, m, f = [], [], []
+        for t in self.thresholds:
+            pe, ye = p >= t, y >= t
+            h.append((pe & ye).sum(sum_dims))
+            m.append((~pe & ye).sum(sum_dims))
+            f.append((pe & ~ye).sum(sum_dims))
+        return torch.stack(h, 1), torch.stack(m, 1), torch.stack(f, 1)
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        if pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        p, y = pred.detach().float() * 255, target.detach().float() * 255
+        if p.ndim == 5:                        # (B, C, T, H, W): lead time on axis 2
+            p, y = p.transpose(1, 2), y.transpose(1, 2)            # (B, T, C, H, W)
+        else:
+            p, y = p.unsqueeze(1), y.unsqueeze(1)                  # one lead
+        sum_dims = [d for d in range(p.ndim) if d != 1]
+        err = (p - y) / 255
+        new = {"sse": (err.double() ** 2).sum(sum_dims), "sae": err.double().abs().sum(sum_dims),
+               "n": torch.tensor(p[:, 0].numel(), device=p.device, dtype=torch.float64).expand(p.shape[1]).clone()}
+        new["hits"], new["misses"], new["fas"] = self._contingency(p, y, sum_dims)
+        for k in self.pools:
+            # max-pool over H, W in k x k tiles: fold leads into channels for max_pool2d
+            pp = F.max_pool2d(p.flatten(1, 2), k, k)
+            yp = F.max_pool2d(y.flatten(1, 2), k, k)
+            pp = pp.view(p.shape[0], p.shape[1], p.shape[2], *pp.shape[-2:])
+            yp = yp.view(p.shape[0], p.shape[1], p.shape[2], *yp.shape[-2:])
+            h, m, f = self._contingency(pp, yp, sum_dims)
+            new[f"hits_pool{k}"], new[f"misses_pool{k}"], new[f"fas_pool{k}"] = h, m, f
+        if self.counts is None:
+            self.counts = {k: v.clone() for k, v in new.items()}
+        else:
+            for k, v in new.items():
+                self.counts[k] += v
+
+    @staticmethod
+    def _ratio(a, b):
+        return np.where(b > 0, a / np.maximum(b, 1), np.nan)
+
+    def _csi(self, h, m, f):
+        return self._ratio(h, h + m + f)
+
+    def compute(self):
+        """{'mse', 'mae', 'csi_<t>', 'pod_<t>', 'sucr_<t>', 'bias_<t>', 'csi_m', 'csi_pool4_m', ...}."""
+        if self.counts is None:
+            raise ValueError("SkillScore.compute() before any update()")
+        c = {k: v.cpu().double().numpy() for k, v in self.counts.items()}
+        h, m, f = c["hits"].sum(0), c["misses"].sum(0), c["fas"].sum(0)     # over leads
+        out = {"mse": float(c["sse"].sum() / c["n"].sum()), "mae": float(c["sae"].sum() / c["n"].sum())}
+        csi, pod, sucr, bias = self._csi(h, m, f), self._ratio(h, h + m), self._ratio(h, h + f), self._ratio(h + f, h + m)
+        for i, t in enumerate(self.thresholds):
+            out.update({f"csi_{t}": csi[i], f"pod_{t}": pod[i], f"sucr_{t}": sucr[i], f"bias_{t}": bias[i]})
+        out["csi_m"] = _nanmean(csi)
+        for k in self.pools:
+            out[f"csi_pool{k}_m"] = _nanmean(self._csi(c[f"hits_pool{k}"].sum(0), c[f"misses_pool{k}"].sum(0),
+                                                       c[f"fas_pool{k}"].sum(0)))
+        if len(c["n"]) > 1:                    # per lead time
+            out["csi_m_per_lead"] = [_nanmean(row) for row in self._csi(c["hits"], c["misses"], c["fas"])]
+            out["mse_per_lead"] = [float(v) for v in c["sse"] / c["n"]]
+        return {k: (float(v) if not isinstance(v, list) else v) for k, v in out.items()}
+
+
+def _nanmean(values):
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+class Persistence:
+    """Reference nowcast: the last observed VIL frame, repeated. x (B, C, T_in, H, W) -> (B, 1, T_out, H, W)."""
+    name = "persistence"
+
+    def __init__(self, vil_channel=0, t_out=1):
+        self.vil_channel, self.t_out = vil_channel, t_out
+
+    def __call__(self, x):
+        last = x[:, self.vil_channel:self.vil_channel + 1, -1:]
+        return last.expand(-1, -1, self.t_out, -1, -1)
+
+
+class IRLookup:
+    """Reference synthetic radar: mean VIL for each IR107 brightness-temperature bin, fitted on training data.
+
+    Bins are 2.5 C wide from -100 C to +60 C (in the dataset's normalised units); a bin never seen
+    in training predicts the overall mean. x (B, C, H, W) -> (B, 1, H, W).
+    """
+    name = "ir_lookup"
+
+    def __init__(self, channel, ir_norm="sevir", bins=64):
+        if ir_norm == "minmax":
+            self.lo, self.hi = 0.0, 1.0
+        else:
+            shift, scale = SEVIR_ZSCORE["ir107"]
+            self.lo, self.hi = (-10000 - shift) / scale, (6000 - shift) / scale
+        self.channel, self.bins = channel, bins
+        self.table = torch.zeros(bins)
+
+    def _bin(self, ir):
+        return ((ir - self.lo) / (self.hi - self.lo) * self.bins).long().clamp_(0, self.bins - 1)
+
+    def fit(self, loader):
+        sums, counts = torch.zeros(self.bins, dtype=torch.float64), torch.zeros(self.bins, dtype=torch.float64)
+        for x, y in loader:
+            b = self._bin(x[:, self.channel]).flatten()
+            sums += torch.bincount(b, weights=y[:, 0].flatten().double(), minlength=self.bins)
+            counts += torch.bincount(b, minlength=self.bins).double()
+        overall = sums.sum() / counts.sum().clamp(min=1)
+        self.table = torch.where(counts > 0, sums / counts.clamp(min=1), overall).float()
+        return self
+
+    def __call__(self, x):
+        return self.table.to(x.device)[self._bin(x[:, self.channel:self.channel + 1])]
+
+
+# ======================================================================================
+# 6. Training loop
+# ======================================================================================
+
+def amp_dtype(device):
+    """Mixed precision on CUDA only: bf16 where supported, else fp16 (with a GradScaler)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None):
+    """One pass over the training data; returns the mean loss per sample."""
+    from tqdm import tqdm
+    model.train()
+    amp = amp_dtype(device)
+    total, n = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    for batch, (x, y) in enumerate(bar, start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise RunError(f"loss is {loss.item()} at epoch {epoch}, batch {batch}: stopped; "
+                           f"checkpoints are as they were (try a lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += loss.item() * len(x)
+        n += len(x)
+        bar.set_postfix(loss=f"{total / n:.5f}")
+    return total / n
+
+
+@torch.inference_mode()
+def evaluate(forecast, loader, device, loss_fn=None):
+    """Score a model or a reference forecast on a loader: (mean loss or None, SkillScore dict).
+
+    Forecasts are clamped to [0, 1] before scoring; the loss uses them as they are.
+    """
+    if isinstance(forecast, nn.Module):
+        forecast.eval()
+    amp = amp_dtype(device) if isinstance(forecast, nn.Module) else None
+    skill, total, n = SkillScore(), 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            pred = forecast(x)
+            if loss_fn is not None:
+                total += loss_fn(pred, y).item() * len(x)
+        n += len(x)
+        skill.update(pred.float().clamp(0, 1), y)
+    return (total / n if loss_fn is not None else None), skill.compute()
+
+
+# Config keys that may change when a run is resumed; every other key must match the checkpoint.
+RESUMABLE_KEYS = {"EPOCHS", "RESUME", "OVERWRITE", "NUM_WORKERS", "DEVICE", "OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}
+
+
+def prepare_out_dir(cfg):
+    """Create OUT_DIR, check it is writable, refuse to replace an earlier run unless asked. Before any data."""
+    out = Path(cfg.OUT_DIR)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to OUT_DIR {out}: {e.strerror or e}") from None
+    has_run = (out / "last.pt").exists()
+    if cfg.RESUME and not has_run:
+        raise UserError(f"--resume=true but there is no checkpoint {out / 'last.pt'}")
+    if has_run and not cfg.RESUME and not cfg.OVERWRITE:
+        raise UserError(f"{out} already holds a run (last.pt): --resume=true continues it, "
+                        f"--overwrite=true replaces it, --out_dir=... starts elsewhere")
+    if not cfg.RESUME:
+        write_json(out / "config.json", config_dict(cfg))
+    return out
+
+
+def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler=None, extra=None):
+    """Train for cfg.EPOCHS epochs with validation, history.csv, last.pt / best.pt and resume.
+
+    `extra` (a small dict, e.g. which perceptual backbone was used) is stored in every checkpoint.
+    Ctrl-C keeps the last finished epoch in last.pt and exits with status 130.
+    Returns the history: one dict per epoch.
+    """
+    out = Path(cfg.OUT_DIR)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
+    start, best_val, history = 1, float("inf"), []
+    if cfg.RESUME:
+        ckpt = load_checkpoint(out / "last.pt")
+        check_same_config(ckpt["config"], config_dict(cfg), out / "last.pt")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler"):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        start, best_val, history = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["history"]
+        print(f"resumed from {out / 'last.pt'} after epoch {ckpt['epoch']} (best val {best_val:.5f})")
+    else:
+        save_checkpoint(_checkpoint(model, optimizer, scheduler, cfg, 0, best_val, {}, history, extra), out / "last.pt")
+
+    epoch = start
+    try:
+        for epoch in range(start, cfg.EPOCHS + 1):
+            t0 = time.time()
+            train_loss = train_epoch(model, loader_epoch(train_loader, cfg.SEED, epoch), loss_fn, optimizer,
+                                     device, epoch, scaler)
+            val_loss, metrics = evaluate(model, val_loader, device, loss_fn)
+            if scheduler is not None:
+                scheduler.step(val_loss) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) \
+                    else scheduler.step()
+            improved = val_loss < best_val
+            best_val = min(best_val, val_loss)
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
+            write_history(out / "history.csv", history)
+            ckpt = _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra)
+            save_checkpoint(ckpt, out / "last.pt")
+            if improved:
+                save_checkpoint(ckpt, out / "best.pt")
+            print(f"epoch {epoch}/{cfg.EPOCHS}  train {train_loss:.5f}  val {val_loss:.5f}  "
+                  f"CSI-M {metrics['csi_m']:.3f}  {history[-1]['seconds']:.0f}s" + ("  * best" if improved else ""))
+    except KeyboardInterrupt:
+        done = epoch - 1
+        script = Path(sys.argv[0]).name or "train_X.py"
+        print(f"\ninterrupted during epoch {epoch}: {out / 'last.pt'} holds epoch {done}. Resume with:\n"
+              f"  python {script} {' '.join(a for a in sys.argv[1:] if not a.lower().startswith('--resume'))}"
+              f" --resume=true".replace("  --", " --"), file=sys.stderr)
+        sys.exit(130)
+    return history
+
+
+def _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra=None):
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise RunError(f"model weight {name} is not finite after epoch {epoch}: not saved; "
+                           f"checkpoints are as they were")
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "config": config_dict(cfg), "epoch": epoch, "best_val": best_val, "metrics": metrics,
+            "history": history, "extra": extra or {}, "script": Path(inspect.getfile(type(cfg))).stem,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+
+def check_same_config(saved, current, path):
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
+    if differ:
+        detail = ", ".join(f"{k.lower()}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differ)
+        raise UserError(f"cannot resume {path}: it was made with another configuration ({detail})")
+
+
+def write_history(path, history):
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "val_loss", "lr", "seconds"])
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+
+# ======================================================================================
+# 7. Checkpoints and outputs (written atomically: a temporary file, then a rename)
+# ======================================================================================
+
+def save_checkpoint(obj, path):
+    """torch.save to path.tmp, fsync, then rename: an interruption leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"could not save {path} ({e.strerror or e}); the previous {path.name} is kept") from None
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint holding code is refused, not run."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{path} holds more than tensors and plain values; refused "
+                            f"(loaded with weights_only=True)") from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+
+
+def write_json(path, obj):
+    """JSON with NaN written as null, atomically."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ======================================================================================
+# 8. Plots and the final report
+# ======================================================================================
+
+# The SEVIR VIL colour map (SEVIR tutorial): boundaries in VIL codes, grey below 16, magenta above 219.
+VIL_BOUNDS = [0, 16, 31, 59, 74, 100, 133, 160, 181, 219, 255]
+VIL_COLORS = [(0.302, 0.302, 0.302), (0.157, 0.745, 0.157), (0.098, 0.588, 0.098), (0.039, 0.412, 0.039),
+              (0.039, 0.294, 0.039), (0.961, 0.961, 0.0), (0.929, 0.675, 0.0), (0.941, 0.431, 0.0),
+              (0.627, 0.0, 0.0), (0.906, 0.0, 1.0)]
+
+
+def vil_to_kgm2(code):
+    """SEVIR's decoding of a VIL code (0..254) to kg/m^2."""
+    code = np.asarray(code, dtype=np.float64)
+    return np.where(code <= 5, 0.0, np.where(code <= 18, (code - 2) / 90.66, np.exp((code - 83.9) / 38.9)))
+
+
+def _plt():
+    import matplotlib
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")                 # headless: files only
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _show_if_notebook(path):
+    if "ipykernel" in sys.modules:
+        from IPython.display import Image, display
+        display(Image(filename=str(path)))
+
+
+def _vil_style(cmap):
+    """imshow keyword arguments for VIL codes 0..255: the SEVIR map (default) or turbo."""
+    if cmap == "turbo":
+        return {"cmap": "turbo", "vmin": 0, "vmax": 255}
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    cm = ListedColormap(VIL_COLORS).with_extremes(over=(0, 0, 0))     # 255: missing, in black
+    return {"cmap": cm, "norm": BoundaryNorm(VIL_BOUNDS, cm.N)}
+
+
+def _vil_colorbar(fig, im, axes, cmap):
+    cb = fig.colorbar(im, ax=axes, fraction=0.025, pad=0.02)
+    ticks = VIL_BOUNDS[1:-1]
+    cb.set_ticks(ticks)
+    cb.set_ticklabels([f"{v:.2g}" for v in vil_to_kgm2(ticks)])
+    cb.set_label("VIL (kg/m$^2$)")
+
+
+def _samples(dataset, num_samples):
+    """Indices spread over the validation set, so the rows show different events."""
+    return np.unique(np.linspace(0, len(dataset) - 1, min(num_samples, len(dataset))).astype(int))
+
+
+@torch.inference_mode()
+def _predict(model, val_dataset, i, device):
+    """(x, y, prediction) of validation item i, as NumPy arrays for plotting."""
+    model.eval()
+    x, y = val_dataset[i]
+    pred = model(x[None].to(device)).float().clamp(0, 1).cpu()[0]
+    return x.numpy(), y.numpy(), pred.numpy()
+
+
+def visualize_predictions(model, val_dataset, device, num_samples=3, path="predictions.png", cmap="sevir"):
+    """Rows of [last input | ground truth | prediction] (notebooks 05 and 07), VIL in the SEVIR colours.
+
+    Nowcasting shows the last input VIL frame and the last lead time; synthetic radar shows IR107 (or
+    the first input channel) as input, in deg C.
+    """
+    plt = _plt()
+    idx = _samples(val_dataset, num_samples)
+    fig, axes = plt.subplots(len(idx), 3, figsize=(12, 4 * len(idx)), squeeze=False)
+    style = _vil_style(cmap)
+    for row, i in enumerate(idx):
+        x, y, pred = _predict(model, val_dataset, i, device)
+        if x.ndim == 4:                                     # nowcast: (C, T, H, W)
+            lead = 5 * y.shape[1]
+            first = axes[row, 0].imshow(x[0, -1] * 255, **style)
+            axes[row, 0].set_title("last input VIL (t = 0)")
+            truth, guess = y[0, -1], pred[0, -1]
+            when = f"t = +{lead} min"
+        else:                                               # synthetic: (C, H, W)
+            mods = getattr(val_dataset, "input_mods", ())
+            c = mods.index("ir107") if "ir107" in mods else 0
+            first = axes[row, 0].imshow(x[c], cmap="gray_r")
+            axes[row, 0].set_title(f"input {mods[c] if mods else 'channel 0'} (normalised)")
+            fig.colorbar(first, ax=axes[row, 0], fraction=0.046, pad=0.02)
+            truth, guess = y[0], pred[0]
+            when = "same time"
+        axes[row, 1].imshow(truth * 255, **style)
+        axes[row, 1].set_title(f"ground truth VIL ({when})")
+        im = axes[row, 2].imshow(guess * 255, **style)
+        axes[row, 2].set_title(f"prediction ({when})")
+        axes[row, 0].set_ylabel(f"sample {i}")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _vil_colorbar(fig, im, axes, cmap)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    _show_if_notebook(path)
+
+
+def visualize_multimodal(model, val_dataset, device, num_samples=2, path="predictions.png", cmap="sevir"):
+    """Rows of [VIL input | IR input | ground truth | prediction] (notebook 06)."""
+    plt = _plt()
+    idx = _samples(val_dataset, num_samples)
+    mods = val_dataset.mods
+    v = mods.index("vil")
+    ir = next((i for i, m in enumerate(mods) if m != "vil"), None)
+    fig, axes = plt.subplots(len(idx), 4, figsize=(16, 4 * len(idx)), squeeze=False)
+    style = _vil_style(cmap)
+    for row, i in enumerate(idx):
+        x, y, pred = _predict(model, val_dataset, i, device)
+        lead = 5 * y.shape[1]
+        axes[row, 0].imshow(x[v, -1] * 255, **style)
+        axes[row, 0].set_title("VIL input (t = 0)")
+        if ir is not None:
+            im_ir = axes[row, 1].imshow(x[ir, -1], cmap="gray_r")
+            axes[row, 1].set_title(f"{mods[ir].upper()} input (t = 0, normalised)")
+            fig.colorbar(im_ir, ax=axes[row, 1], fraction=0.046, pad=0.02)
+        else:
+            axes[row, 1].text(0.5, 0.5, "no IR input", ha="center", va="center", transform=axes[row, 1].transAxes)
+        axes[row, 2].imshow(y[0, -1] * 255, **style)
+        axes[row, 2].set_title(f"ground truth VIL (+{lead} min)")
+        im = axes[row, 3].imshow(pred[0, -1] * 255, **style)
+        axes[row, 3].set_title(f"predicted VIL (+{lead} min)")
+        axes[row, 0].set_ylabel(f"sample {i}")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"Multimodal nowcasting: {' + '.join(m.upper() for m in mods)} -> VIL")
+    _vil_colorbar(fig, im, axes, cmap)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    _show_if_notebook(path)
+
+
+def plot_loss(history, path):
+    """Train and validation loss per epoch (the rows of history.csv)."""
+    plt = _plt()
+    h = history
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["epoch"] for r in h], [r["train_loss"] for r in h], "o-", label="train")
+    ax.plot([r["epoch"] for r in h], [r["val_loss"] for r in h], "s-", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    _show_if_notebook(path)
+
+
+def plot_skill(metrics, path):
+    """CSI, POD and success ratio per threshold, model against reference; CSI-M per lead if any."""
+    plt = _plt()
+    ref = next(k for k in ("persistence", "ir_lookup") if k in metrics)
+    per_lead = "csi_m_per_lead" in metrics["model"]
+    fig, axes = plt.subplots(1, 4 if per_lead else 3, figsize=(16 if per_lead else 12, 3.6))
+    t = SEVIR_THRESHOLDS
+    for ax, score in zip(axes, ("csi", "pod", "sucr")):
+        for name, style in (("model", "o-"), (ref, "s--")):
+            ax.plot(range(len(t)), [metrics[name][f"{score}_{v}"] for v in t], style, label=name)
+        ax.set_xticks(range(len(t)), [str(v) for v in t])
+        ax.set_xlabel("VIL threshold (code)")
+        ax.set_title({"csi": "CSI", "pod": "POD", "sucr": "success ratio"}[score])
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    if per_lead:
+        ax = axes[3]
+        for name, style in (("model", "o-"), (ref, "s--")):
+            lead = metrics[name]["csi_m_per_lead"]
+            ax.plot([5 * (i + 1) for i in range(len(lead))], lead, style, label=name)
+        ax.set_xlabel("lead time (min)")
+        ax.set_title("CSI-M per lead")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    _show_if_notebook(path)
+
+
+def forecast_gif(model, val_dataset, device, path, cmap="sevir", index=None):
+    """Animated GIF: the input VIL frames, then ground truth beside prediction, frame by frame."""
+    plt = _plt()
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    i = int(index if index is not None else _samples(val_dataset, 3)[-1])
+    x, y, pred = _predict(model, val_dataset, i, device)
+    v = val_dataset.mods.index("vil")
+    frames = [(x[v, k], None, f"input  t = {5 * (k - x.shape[1] + 1)} min") for k in range(x.shape[1])]
+    frames += [(y[0, k], pred[0, k], f"forecast  t = +{5 * (k + 1)} min") for k in range(y.shape[1])]
+    style = _vil_style(cmap)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
+    left = axes[0].imshow(frames[0][0] * 255, **style)
+    right = axes[1].imshow(np.zeros_like(frames[0][0]), **style)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    title = fig.suptitle("")
+
+    def draw(k):
+        obs, fc, label = frames[k]
+        left.set_data(obs * 255)
+        right.set_data((fc if fc is not None else np.full_like(obs, np.nan)) * 255)
+        axes[0].set_title("observed" if fc is None else "ground truth")
+        axes[1].set_title("" if fc is None else "prediction")
+        title.set_text(f"sample {i}: {label}")
+        return left, right, title
+
+    FuncAnimation(fig, draw, frames=len(frames)).save(path, writer=PillowWriter(fps=3), dpi=60)
+    plt.close(fig)
+    _show_if_notebook(path)
+
+
+def print_table(metrics):
+    """Model beside its reference forecast, one score a row."""
+    ref = next(k for k in ("persistence", "ir_lookup") if k in metrics)
+    rows = ["mse", "mae", "csi_m", "csi_pool4_m", "csi_pool16_m"] + [f"csi_{t}" for t in SEVIR_THRESHOLDS] \
+        + [f"pod_{t}" for t in SEVIR_THRESHOLDS] + [f"sucr_{t}" for t in SEVIR_THRESHOLDS] \
+        + [f"bias_{t}" for t in SEVIR_THRESHOLDS]
+
+    def fmt(v):
+        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+    print(f"\nvalidation, {metrics['n_samples']} samples ({metrics['data']} data); higher is better except mse/mae, "
+          f"bias best at 1")
+    print(f"  {'score':<14}{'model':>10}{ref:>14}")
+    for r in rows:
+        print(f"  {r:<14}{fmt(metrics['model'][r]):>10}{fmt(metrics[ref][r]):>14}")
+    if "csi_m_per_lead" in metrics["model"]:
+        print("  CSI-M per lead (min): " + "  ".join(
+            f"+{5 * (k + 1)}: {fmt(m)}/{fmt(r)}" for k, (m, r) in
+            enumerate(zip(metrics["model"]["csi_m_per_lead"], metrics[ref]["csi_m_per_lead"]))))
+
+
+def report(model, reference, val_dataset, cfg, device, data_kind, history=(), extra=None, num_samples=3):
+    """Score model and reference on the same validation windows; write metrics.json and every figure."""
+    out = Path(cfg.OUT_DIR)
+    loader = make_loader(val_dataset, cfg, device, shuffle=False)
+    _, model_scores = evaluate(model, loader, device)
+    _, ref_scores = evaluate(reference, loader, device)
+    metrics = {"model": model_scores, reference.name: ref_scores, "n_samples": len(val_dataset),
+               "data": data_kind, **(extra or {})}
+    write_json(out / "metrics.json", metrics)
+    print_table(metrics)
+    multimodal = len(getattr(val_dataset, "mods", ())) > 1 and not hasattr(val_dataset, "input_mods")
+    plot = visualize_multimodal if multimodal else visualize_predictions
+    plot(model, val_dataset, device, num_samples=num_samples, path=out / "predictions.png",
+         cmap=getattr(cfg, "CMAP", "sevir"))
+    if history:
+        plot_loss(history, out / "loss.png")
+    plot_skill(metrics, out / "skill.png")
+    if getattr(cfg, "T_OUT", 1) > 1:
+        forecast_gif(model, val_dataset, device, out / "forecast.gif", cmap=getattr(cfg, "CMAP", "sevir"))
+    print(f"outputs in {out}: metrics.json, predictions.png, loss.png, skill.png"
+          + (", forecast.gif" if getattr(cfg, "T_OUT", 1) > 1 else ""))
+    return metrics
+
+
+# ======================================================================================
+# 9. Sample data: SEVIR's exact format, generated weather
+# ======================================================================================
+
+SEVIR_PROJ = "+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere "
+STORM_TYPES = ("Thunderstorm Wind", "Hail", "Flash Flood", "Heavy Rain", "Tornado")
+
+
+def _smooth_noise(rng, size, scale):
+    """Periodic Gaussian-filtered noise with unit standard deviation; `scale` is the blob size in pixels."""
+    k = np.fft.fftfreq(size)
+    filt = np.exp(-0.5 * (k[:, None] ** 2 + k[None, :] ** 2) * (2 * np.pi * scale) ** 2)
+    field = np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * filt).real
+    return (field / field.std()).astype(np.float32)
+
+
+def _cells_field(cells, t, n, px_km, widen=1.0):
+    """Sum of Gaussian cells at frame t on an n x n grid of `px_km` km pixels. (n, n) float32."""
+    axis = (np.arange(n, dtype=np.float32) + 0.5) * px_km
+    field = np.zeros((n, n), np.float32)
+    for c in cells:
+        env = c["amp"] * np.exp(-((t - c["t_peak"]) / c["life"]) ** 2)      # growth and decay
+        if env < 0.5:
+            continue
+        x, y, s = c["x"] + c["u"] * t, c["y"] + c["v"] * t, c["sigma"] * widen
+        gx = np.exp(-0.5 * ((axis - x) / s) ** 2)
+        gy = np.exp(-0.5 * ((axis - y) / s) ** 2)
+        field += env * np.outer(gy, gx)
+    return field
+
+
+def _make_event(rng, storm, lat0, lon0):
+    """One event: vil (49, 384, 384) uint8 codes, ir069 / ir107 (49, 192, 192) int16 deg C x 100,
+    flashes (n, 5) float32. Cells move with a per-event wind, grow and decay."""
+    speed, heading = rng.uniform(1.0, 4.0), rng.uniform(0, 2 * np.pi)       # km per 5-min frame
+    u, v = speed * np.cos(heading), speed * np.sin(heading)
+    n_cells = rng.integers(3, 8) if storm else rng.integers(0, 3)
+    cells = [{"x": rng.uniform(-40, 424) - u * 24, "y": rng.uniform(-40, 424) - v * 24,
+              "u": u + rng.normal(0, 0.3), "v": v + rng.normal(0, 0.3),
+              "sigma": rng.uniform(5, 16), "amp": rng.uniform(60, 260) if storm else rng.uniform(10, 70),
+              "t_peak": rng.uniform(0, 48), "life": rng.uniform(10, 30)} for _ in range(n_cells)]
+    cells.append({"x": rng.uniform(100, 284), "y": rng.uniform(100, 284), "u": u, "v": v,   # stratiform shield
+                  "sigma": rng.uniform(40, 70), "amp": rng.uniform(15, 35) if storm else rng.uniform(0, 15),
+                  "t_peak": 24, "life": 60})
+    texture = _smooth_noise(rng, 512, 4.0)
+    warm = 18 + 4 * _smooth_noise(rng, 192, 20.0)                             # clear-sky IR107, deg C
+    wv = -30 + 3 * _smooth_noise(rng, 192, 30.0)                              # clear-sky IR069
+    vil = np.empty((N_FRAMES, 384, 384), np.uint8)
+    ir069 = np.empty((N_FRAMES, 192, 192), np.int16)
+    ir107 = np.empty((N_FRAMES, 192, 192), np.int16)
+    flashes = []
+    for t in range(N_FRAMES):
+        dx, dy = int(round(u * t)), int(round(v * t))                        # texture moves with the wind
+        tex = np.roll(texture, (dy, dx), axis=(0, 1))[:384, :384]
+        code = _cells_field(cells, t, 384, 1.0) * np.exp(0.35 * tex)
+        code[code < 3] = 0
+        vil[t] = np.clip(code, 0, 254).astype(np.uint8)
+        cloud = 1 - np.exp(-_cells_field(cells, t, 192, 2.0, widen=1.8) / 40)   # anvils wider than the rain
+        ir107[t] = np.round(100 * (warm - (warm + 70) * cloud + rng.normal(0, 0.4, (192, 192))))
+        cloud_wv = 1 - np.exp(-_cells_field(cells, t, 192, 2.0, widen=2.4) / 40)
+        ir069[t] = np.round(100 * (wv - (wv + 72) * cloud_wv))
+        rows, cols = np.nonzero(vil[t] >= 160)                                 # lightning where VIL is intense
+        n = rng.poisson(0.01 * len(rows))
+        if n:
+            pick = rng.integers(0, len(rows), n)
+            r, c = rows[pick] + rng.uniform(0, 1, n), cols[pick] + rng.uniform(0, 1, n)
+            secs = FRAME_EDGES_S[t] + rng.uniform(0, 300, n)
+            flashes.append(np.stack([secs, lat0 + 3.45 * (1 - r / 384), lon0 + 4.2 * c / 384, c / 8, r / 8], 1))
+    flashes = np.concatenate(flashes).astype(np.float32) if flashes else np.zeros((0, 5), np.float32)
+    return vil, ir069, ir107, flashes
+
+
+def make_sample_sevir(root, n_events=20, seed=0):
+    """Write a small SEVIR-format dataset in `root`; return the path of its CATALOG.csv.
+
+    Same layout, file names, dataset names, dtypes and grids as SEVIR: vil uint8 (N, 384, 384, 49),
+    ir069 / ir107 int16 (N, 192, 192, 49) in deg C x 100, `id` datasets, lght files with one
+    (n, 5) flash list per event id, and a 21-column catalog. About 70% of the events fall
+    before 2019-06-01, the rest after. The weather is generated, not real. Same seed, same bytes.
+    """
+    if n_events < 2:
+        raise UserError("a sample needs at least 2 events (one each side of 2019-06-01)")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    n_val = max(1, round(0.3 * n_events))
+    days = np.concatenate([np.sort(rng.choice(np.arange(5, 150), n_events - n_val, replace=False)),
+                           np.sort(rng.choice(np.arange(152, 240), n_val, replace=False))])
+    events = []
+    for i, day in enumerate(days):
+        time = dt.datetime(2019, 1, 1) + dt.timedelta(days=int(day), minutes=int(rng.integers(0, 288)) * 5)
+        storm = i % 5 != 4                                        # every fifth event is a random one
+        eid = f"S{830000 + 37 * i}" if storm else f"R{time:%y%m%d%H%M}{rng.integers(0, 10000):04d}"
+        half = "0101_0630" if time.month <= 6 else "0701_1231"
+        kind = "STORMEVENTS" if storm else "RANDOMEVENTS"
+        lat0, lon0 = rng.uniform(28, 45), rng.uniform(-105, -82)
+        events.append({"id": eid, "time": time, "storm": storm, "lat0": lat0, "lon0": lon0,
+                       "files": {m: f"{m}/2019/SEVIR_{m.upper()}_{kind}_2019_{half}.h5" for m in ("vil", "ir069", "ir107")}
+                       | {"lght": f"lght/2019/SEVIR_LGHT_ALLEVENTS_2019_{time.month:02d}01_{time.month + 1:02d}01.h5"},
+                       "missing": storm and i == 3 and n_events >= 10})   # one event with missing radar pixels
+    layout = {}                                                   # file -> list of event numbers
+    for i, e in enumerate(events):
+        for m, f in e["files"].items():
+            layout.setdefault(f, []).append(i)
+
+    rows, handles = [], {}
+    try:
+        for f in layout:
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            handles[f] = h5py.File(root / (f + ".tmp"), "w")
+        for f, members in layout.items():
+            mod = f.split("/")[0]
+            if mod != "lght":
+                n, size = len(members), NATIVE_SIZE[mod]
+                ids = [events[i]["id"].encode() for i in members]
+                handles[f].create_dataset("id", data=np.array(ids, dtype=f"S{max(map(len, ids))}"))
+                handles[f].create_dataset(mod, shape=(n, size, size, N_FRAMES),
+                                          dtype=np.uint8 if mod == "vil" else np.int16)
+        offsets = ":".join(str(m) for m in range(-120, 125, 5))
+        for i, e in enumerate(events):
+            vil, ir069, ir107, flashes = _make_event(rng, e["storm"], e["lat0"], e["lon0"])
+            pct = {"vil": 0.0, "ir069": 0.0, "ir107": 0.0, "lght": 0.0}
+            if e["missing"]:
+                vil[30:, :48, :] = 255                            # a radar outage: 255 = missing
+                pct["vil"] = float((vil == 255).mean())
+            for mod, arr in (("vil", vil), ("ir069", ir069), ("ir107", ir107)):
+                f = e["files"][mod]
+                handles[f][mod][layout[f].index(i)] = arr.transpose(1, 2, 0)        # stored (H, W, T)
+            handles[e["files"]["lght"]].create_dataset(e["id"], data=flashes)
+            for mod in ("vil", "ir069", "ir107", "lght"):
+                f = e["files"][mod]
+                if mod == "vil":
+                    lo, hi = int(vil.min()), int(vil.max())
+                elif mod == "lght":
+                    lo, hi = 0, len(flashes)
+                else:
+                    arr = ir069 if mod == "ir069" else ir107
+                    lo, hi = float(arr.min()) / 100, float(arr.max()) / 100
+                rows.append({
+                    "id": e["id"], "file_name": f, "file_index": 0 if mod == "lght" else layout[f].index(i),
+                    "img_type": mod, "time_utc": f"{e['time']:%Y-%m-%d %H:%M:%S}",
+                    "minute_offsets": "" if mod == "lght" else offsets,
+                    "episode_id": 100000 + i if e["storm"] else "", "event_id": e["id"][1:] if e["storm"] else "",
+                    "event_type": STORM_TYPES[i % len(STORM_TYPES)] if e["storm"] else "",
+                    "llcrnrlat": round(e["lat0"], 6), "llcrnrlon": round(e["lon0"], 6),
+                    "urcrnrlat": round(e["lat0"] + 3.45, 6), "urcrnrlon": round(e["lon0"] + 4.2, 6),
+                    "proj": SEVIR_PROJ, "size_x": NATIVE_SIZE[mod], "size_y": NATIVE_SIZE[mod],
+                    "height_m": 384000, "width_m": 384000, "data_min": lo, "data_max": hi,
+                    "pct_missing": pct[mod]})
+    except BaseException:
+        for f, h in handles.items():
+            h.close()
+            (root / (f + ".tmp")).unlink(missing_ok=True)
+        raise
+    for f, h in handles.items():
+        h.close()
+        os.replace(root / (f + ".tmp"), root / f)
+    (root / SAMPLE_MARKER).write_text(
+        "Generated by common.make_sample_sevir: SEVIR's file format with synthetic weather, not real data.\n")
+    catalog = root / "CATALOG.csv"
+    tmp = root / "CATALOG.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CATALOG_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, catalog)
+    return str(catalog)
+
+
+# ======================================================================================
+# Command line: python common.py sample ...
+# ======================================================================================
+
+def _cli(argv=None):
+    parser = argparse.ArgumentParser(prog="common.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sample", help="write a generated SEVIR-format sample dataset")
+    s.add_argument("--out", default=SAMPLE_ROOT, help=f"folder to write (default {SAMPLE_ROOT})")
+    s.add_argument("--events", type=int, default=20, help="number of events (default 20)")
+    s.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "sample":
+        t0 = time.time()
+        path = make_sample_sevir(args.out, n_events=args.events, seed=args.seed)
+        print(f"wrote {path} and its HDF5 files in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    run(_cli)

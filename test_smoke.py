@@ -1,0 +1,469 @@
+"""Smoke tests: tiny generated SEVIR data in temporary folders, no network, no GPU.
+
+    pytest test_smoke.py
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import common
+
+HERE = Path(__file__).resolve().parent
+TINY = ["--target_size=32", "--base=4", "--epochs=1", "--batch_size=2", "--max_train=2", "--max_val=1"]
+
+# Genuine rows of SEVIR's CATALOG.csv (from the 2019 H1 excerpt in shared/data): one event with
+# vil, ir069 and ir107, and a vil row with pct_missing > 0.
+REAL_ROWS = """\
+id,file_name,file_index,img_type,time_utc,minute_offsets,episode_id,event_id,event_type,llcrnrlat,llcrnrlon,urcrnrlat,urcrnrlon,proj,size_x,size_y,height_m,width_m,data_min,data_max,pct_missing
+S834603,vil/2019/SEVIR_VIL_STORMEVENTS_2019_0101_0630.h5,0,vil,2019-05-12 18:30:00,-120:-115:-110:-105:-100:-95:-90:-85:-80:-75:-70:-65:-60:-55:-50:-45:-40:-35:-30:-25:-20:-15:-10:-5:0:5:10:15:20:25:30:35:40:45:50:55:60:65:70:75:80:85:90:95:100:105:110:115:120,138793,834603,Flood,29.86291091,-100.8555301,33.35231856,-96.83814671,+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere ,384,384,384000,384000,0,112,0
+S821019,vil/2019/SEVIR_VIL_STORMEVENTS_2019_0101_0630.h5,2,vil,2019-06-17 01:00:00,-120:-115:-110:-105:-100:-95:-90:-85:-80:-75:-70:-65:-60:-55:-50:-45:-40:-35:-30:-25:-20:-15:-10:-5:0:5:10:15:20:25:30:35:40:45:50:55:60:65:70:75:80:85:90:95:100:105:110:115:120,136841,821019,Thunderstorm Wind,28.83119954,-91.9161975,31.98198081,-87.61673625,+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere ,384,384,384000,384000,0,254,0.249134712
+S834603,ir107/2019/SEVIR_IR107_STORMEVENTS_2019_0101_0630.h5,0,ir107,2019-05-12 18:30:00,-121:-116:-111:-106:-101:-96:-91:-86:-81:-76:-71:-66:-61:-56:-51:-46:-41:-36:-31:-26:-21:-16:-11:-6:-1:4:9:14:19:24:29:34:39:44:49:54:59:64:69:74:79:84:89:94:99:104:109:114:119,138793,834603,Flood,29.86291091,-100.8555301,33.35231856,-96.83814671,+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere ,192,192,384000,384000,-26.26375961,32.82101059,0
+S834603,ir069/2019/SEVIR_IR069_STORMEVENTS_2019_0101_0630.h5,0,ir069,2019-05-12 18:30:00,-121:-116:-111:-106:-101:-96:-91:-86:-81:-76:-71:-66:-61:-56:-51:-46:-41:-36:-31:-26:-21:-16:-11:-6:-1:4:9:14:19:24:29:34:39:44:49:54:59:64:69:74:79:84:89:94:99:104:109:114:119,138793,834603,Flood,29.86291091,-100.8555301,33.35231856,-96.83814671,+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere ,192,192,384000,384000,-34.65353394,-16.16814232,0
+"""
+VIL_FILE = "vil/2019/SEVIR_VIL_STORMEVENTS_2019_0101_0630.h5"
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """A 5-event generated sample (3 before 2019-06-01, 2 after): (catalog, root)."""
+    root = tmp_path_factory.mktemp("sample")
+    return common.make_sample_sevir(root, n_events=5, seed=0), root
+
+
+def run_script(script, *args, cwd):
+    return subprocess.run([sys.executable, str(HERE / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def data_args(sample):
+    catalog, root = sample
+    return [f"--catalog_path={catalog}", f"--sevir_root={root}"]
+
+
+# --------------------------------------------------------------------------------------
+# Config and command line
+# --------------------------------------------------------------------------------------
+
+class Cfg:
+    EPOCHS = 3             # passes
+    LR = 1e-3              # learning rate
+    RESUME = False         # continue
+    MODALITIES = ("vil", "ir069")  # inputs
+    T_IN = 12              # frames in
+    T_OUT = 1              # frames out
+    TARGET_SIZE = 128      # grid
+    BATCH_SIZE = 4         # batch
+
+
+def test_overrides_are_typed_and_case_insensitive():
+    cfg = common.parse_config(Cfg, ["--EPOCHS=5", "--lr=1", "--resume=TRUE", "--modalities=vil,ir107",
+                                    "-f", "/root/kernel-1.json"])
+    assert (cfg.EPOCHS, cfg.LR, cfg.RESUME, cfg.MODALITIES) == (5, 1.0, True, ("vil", "ir107"))
+    assert isinstance(cfg.LR, float)
+    assert Cfg.EPOCHS == 3                               # the class keeps its defaults
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--epochs=2.5"], "--epochs=2.5: expected int"),
+    (["--resume=maybe"], "expected true or false"),
+    (["--nope=1"], "unknown key --nope"),
+    (["epochs=1"], "expected --key=value"),
+    (["--epochs=0"], "--epochs=0: must be > 0"),
+    (["--batch_size=-1"], "must be > 0"),
+    (["--t_in=40", "--t_out=10"], "T_IN + T_OUT must be <= 49"),
+    (["--modalities=vil,radar"], "--modalities=('vil', 'radar')"),
+    (["--modalities=ir069"], "must include vil"),
+])
+def test_bad_overrides_are_one_line_errors(args, words):
+    with pytest.raises(common.UserError, match=None) as e:
+        common.parse_config(Cfg, args)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_target_size_must_halve():
+    with pytest.raises(common.UserError, match="multiple of 32"):
+        common.parse_config(Cfg, ["--target_size=48"], size_multiple=32)
+    assert common.parse_config(Cfg, ["--target_size=64"], size_multiple=32).TARGET_SIZE == 64
+
+
+def test_help_and_cli_error_exit_status(tmp_path):
+    r = run_script("train_synthetic.py", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--input_mods" in r.stdout and "satellite inputs" in r.stdout
+    r = run_script("train_synthetic.py", "--epochz=3", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown key --epochz" in r.stderr
+    r = run_script("train_synthetic.py", "--catalog_path=/nowhere/CATALOG.csv", cwd=tmp_path)
+    assert r.returncode == 2 and "catalog not found: /nowhere/CATALOG.csv" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Catalog: usable events, drop reasons, split
+# --------------------------------------------------------------------------------------
+
+def write_vil_file(path, n, frame_fn=None):
+    """A SEVIR-layout VIL file: `vil` (n, 384, 384, 49) uint8, `id` byte strings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f["id"] = np.array([f"S{i}".encode() for i in range(n)])
+        d = f.create_dataset("vil", (n, 384, 384, 49), dtype=np.uint8)
+        if frame_fn is not None:
+            for i in range(n):
+                d[i] = frame_fn(i)
+
+
+def test_load_catalog_drop_reasons(tmp_path, capsys):
+    base = pd.read_csv(pd.io.common.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
+    vil = base[(base["img_type"] == "vil")]
+    good, pct = vil.iloc[0], vil.iloc[1]
+
+    def row(src, **changes):
+        r = src.copy()
+        for k, v in changes.items():
+            r[k] = v
+        return r
+    rows = [good, pct,
+            row(good, id="S900001"), row(good, id="S900001", file_index="1"),      # duplicated id
+            row(good, id="S900002", file_index="7"),                                # index past the end
+            row(good, id="S900003", file_name="vil/2019/NOPE.h5"),                  # missing file
+            row(good, id="S900004", file_name="vil/2019/BROKEN.h5"),                # not HDF5
+            row(good, id="S900005", file_name="vil/2019/EMPTY.h5"),                 # no vil dataset
+            row(good, id="S900006", time_utc="not a time"),
+            row(good, id="S900007", file_index="1"),
+            row(good, id="S900008", file_name="vil/2019/BROKEN.h5", file_index="1")]  # same bad file again
+    catalog = tmp_path / "CATALOG.csv"
+    pd.DataFrame(rows).to_csv(catalog, index=False)
+    write_vil_file(tmp_path / VIL_FILE, 3)
+    (tmp_path / "vil/2019/BROKEN.h5").write_bytes(b"this is not HDF5" * 100)
+    with h5py.File(tmp_path / "vil/2019/EMPTY.h5", "w") as f:
+        f["id"] = np.array([b"S1"])
+
+    events = common.load_catalog(catalog, tmp_path, mods=("vil",))
+    captured = capsys.readouterr()
+    assert set(events["id"]) == {"S834603", "S900007"}
+    summary = captured.out.strip().splitlines()[-1]
+    for reason in ("duplicated id: 1", "pct_missing > 0: 1", "file_index out of range: 1", "missing file: 1",
+                   "unreadable file: 2", "no dataset in file: 1", "bad time_utc: 1"):
+        assert reason in summary, summary
+    assert captured.err.count("BROKEN.h5") == 1                      # each unreadable file named once
+    assert list(events.columns[:2]) == ["id", "time_utc"] and events["vil_index"].tolist() == [0, 1]
+
+    # pct_missing is a fraction: allowing 0.3 keeps the event with 0.249
+    assert "S821019" in set(common.load_catalog(catalog, tmp_path, mods=("vil",), max_pct_missing=0.3)["id"])
+    # an event lacking a requested modality is dropped; lght and vis rows are ignored unless asked for
+    with pytest.raises(common.UserError, match="missing modality"):
+        common.load_catalog(catalog, tmp_path, mods=("vil", "ir069"))
+
+
+def test_catalog_saved_by_a_spreadsheet_reads_the_same(tmp_path):
+    text = REAL_ROWS.replace("2019-05-12 18:30:00", "5/12/2019 18:30").replace(
+        "+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere ", "#NAME?")
+    (tmp_path / "CATALOG.csv").write_text(text)
+    write_vil_file(tmp_path / VIL_FILE, 3)
+    events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",))
+    assert events["time_utc"].tolist() == [pd.Timestamp("2019-05-12 18:30")]
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "catalog not found"),
+    ("", "not a CSV catalog"),
+    ("id,file_name,img_type\nS1,a.h5,vil\n", "lacks SEVIR catalog columns: file_index, time_utc, pct_missing"),
+    (REAL_ROWS.splitlines()[0] + "\n", "has no rows"),
+])
+def test_bad_catalogs_are_user_errors(tmp_path, content, words):
+    path = tmp_path / "CATALOG.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(common.UserError, match=words):
+        common.load_catalog(path, tmp_path)
+
+
+def test_split_by_time_and_empty_side(sample):
+    events = common.load_catalog(sample[0], sample[1])
+    train, val = common.split_events(events, "2019-06-01")
+    assert len(train) == 3 and len(val) == 2
+    assert train["time_utc"].max() < pd.Timestamp("2019-06-01") <= val["time_utc"].min()
+    assert not set(train["id"]) & set(val["id"])
+    with pytest.raises(common.UserError, match="SPLIT_DATE=2030-01-01"):
+        common.split_events(events, "2030-01-01")
+
+
+# --------------------------------------------------------------------------------------
+# Datasets: time axis, orientation, windows
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def indexed_files(tmp_path):
+    """Files whose every frame encodes its own time index; the top half of each image is marked.
+
+    vil code = 2 t + 1 (top rows) or 2 t (bottom rows); ir = 100 t + 50 (top) or 100 t (bottom).
+    """
+    rows = np.arange(384)[:, None, None] < 192                       # (H, 1, 1)
+    t = np.arange(49)[None, None, :]                                 # (1, 1, T)
+    write_vil_file(tmp_path / VIL_FILE, 2, lambda i: np.broadcast_to(2 * t + rows, (384, 384, 49)))
+    base = pd.read_csv(pd.io.common.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
+    for mod in ("ir069", "ir107"):
+        path = tmp_path / f"{mod}/2019/SEVIR_{mod.upper()}_STORMEVENTS_2019_0101_0630.h5"
+        path.parent.mkdir(parents=True)
+        top = np.arange(192)[:, None, None] < 96
+        with h5py.File(path, "w") as f:
+            f["id"] = np.array([b"S834603"])
+            f[mod] = np.broadcast_to(100 * t + 50 * top, (1, 192, 192, 49)).astype(np.int16)
+    base.to_csv(tmp_path / "CATALOG.csv", index=False)
+    return common.load_catalog(tmp_path / "CATALOG.csv", tmp_path), tmp_path
+
+
+def test_sevirvil_returns_true_time_order_and_image_rows(indexed_files):
+    events, root = indexed_files
+    ds = common.SEVIRVIL(events, root, t_in=12, t_out=3, target_size=None, train=False)
+    assert len(ds) == 3                                              # windows start at 0, 15, 30
+    for i, start in enumerate([0, 15, 30]):
+        x, y = ds[i]
+        assert x.shape == (1, 12, 384, 384) and y.shape == (1, 3, 384, 384)
+        codes = torch.cat([x, y], 1)[0] * 255                       # (T, H, W)
+        for k in range(15):
+            assert torch.allclose(codes[k, :192], torch.tensor(2.0 * (start + k) + 1))   # top rows
+            assert torch.allclose(codes[k, 192:], torch.tensor(2.0 * (start + k)))       # bottom rows
+
+
+def test_training_windows_are_random_but_reproducible(indexed_files):
+    events, root = indexed_files
+    ds = common.SEVIRVIL(events, root, t_in=4, t_out=1, target_size=48, train=True, seed=0)
+    starts = []
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        x, y = ds[0]
+        t0 = round(float(x[0, 0, -1, 0]) * 255 / 2)                   # bottom row: 2 t
+        assert round(float(y[0, 0, -1, 0]) * 255 / 2) == t0 + 4
+        starts.append(t0)
+    assert len(set(starts)) > 1
+    ds.set_epoch(2)
+    again = round(float(ds[0][0][0, 0, -1, 0]) * 255 / 2)
+    assert again == starts[2]
+
+
+def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
+    events, root = indexed_files
+    shift, scale = common.SEVIR_ZSCORE["ir107"]
+    mm = common.SEVIRMultimodal(events, root, mods=("vil", "ir069", "ir107"), t_in=12, t_out=1,
+                                target_size=192, train=False)
+    x, y = mm[1]                                                     # window starting at frame 13
+    assert x.shape == (3, 12, 192, 192) and y.shape == (1, 1, 192, 192)
+    raw_ir = x[2] * scale + shift                                    # back to deg C x 100
+    for k in range(12):
+        assert abs(float(raw_ir[k, 0, 0]) - (100 * (13 + k) + 50)) < 0.5      # top row
+        assert abs(float(raw_ir[k, -1, 0]) - 100 * (13 + k)) < 0.5           # bottom row
+        assert abs(float(x[0, k, -1, 0]) * 255 - 2 * (13 + k)) < 1e-3        # VIL resized 384 -> 192
+    assert abs(float(y[0, 0, -1, 0]) * 255 - 2 * 25) < 1e-3
+
+    syn = common.SyntheticRadarDataset(events, root, input_mods=("ir069", "ir107"), target_size=96, train=False)
+    assert [syn.event_and_start(i)[1] for i in range(len(syn))] == [0, 12, 24, 36, 48]
+    x, y = syn[2]                                                     # frame 24
+    assert x.shape == (2, 96, 96) and y.shape == (1, 96, 96)
+    assert abs(float(x[1, -1, 0]) * scale + shift - 2400) < 0.5
+    assert abs(float(y[0, -1, 0]) * 255 - 48) < 1e-3
+    minmax = common.SEVIRMultimodal(events, root, mods=("vil", "ir107"), t_in=2, t_out=1, target_size=96,
+                                    train=False, ir_norm="minmax")
+    assert float(minmax[0][0][1].min()) == 0.0 and float(minmax[0][0][1].max()) == pytest.approx(1.0)
+
+
+def test_lightning_rasterisation():
+    edge0 = -120 * 60
+    flashes = np.array([
+        # t (s),       lat, lon,  x,    y
+        [edge0 - 600, 0, 0, 3.5, 2.2],     # before the first edge: frame 0
+        [edge0, 0, 0, 3.9, 2.0],           # on the first edge: frame 0
+        [edge0 + 300, 0, 0, 0.0, 47.99],   # second edge: frame 1, bottom-left corner
+        [7200, 0, 0, 47.5, 0.0],           # +120 min: the last frame, top-right corner
+        [0, 0, 0, 48.0, 5.0],              # off the grid (x = 48)
+        [0, 0, 0, -0.5, 5.0],              # off the grid (x < 0)
+    ], dtype=np.float32)
+    grid = common.lightning_to_grid(flashes)
+    assert grid.shape == (49, 48, 48) and grid.sum() == 4
+    assert grid[0, 2, 3] == 2 and grid[1, 47, 0] == 1 and grid[48, 0, 47] == 1
+    assert common.lightning_to_grid(np.zeros((0, 5))).sum() == 0
+
+
+# --------------------------------------------------------------------------------------
+# Sample data
+# --------------------------------------------------------------------------------------
+
+def test_sample_has_sevir_layout_and_is_reproducible(tmp_path, sample):
+    catalog, root = sample
+    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    assert list(df.columns) == common.CATALOG_COLUMNS
+    assert set(df["img_type"]) == {"vil", "ir069", "ir107", "lght"}
+    with h5py.File(Path(root) / df[df.img_type == "vil"].iloc[0]["file_name"]) as f:
+        assert f["vil"].dtype == np.uint8 and f["vil"].shape[1:] == (384, 384, 49)
+        assert f["id"][0].decode() == df[df.img_type == "vil"].iloc[0]["id"]
+    with h5py.File(Path(root) / df[df.img_type == "ir107"].iloc[0]["file_name"]) as f:
+        assert f["ir107"].dtype == np.int16 and f["ir107"].shape[1:] == (192, 192, 49)
+    lght = df[df.img_type == "lght"].iloc[0]
+    with h5py.File(Path(root) / lght["file_name"]) as f:
+        assert f[lght["id"]].shape[1] == 5
+    times = pd.to_datetime(df["time_utc"])
+    assert (times < "2019-06-01").any() and (times >= "2019-06-01").any()
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common.make_sample_sevir(a, n_events=2, seed=3)
+    common.make_sample_sevir(b, n_events=2, seed=3)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) >= 7                                           # catalog, marker, 3 image files, lght
+    assert all((a / p).read_bytes() == (b / p).read_bytes() for p in files)
+
+
+# --------------------------------------------------------------------------------------
+# Metrics and reference forecasts
+# --------------------------------------------------------------------------------------
+
+def test_skill_score_against_hand_counts():
+    # codes: truth and forecast on 4 pixels; threshold 74: truth >= 74 at px 0, 1; forecast at px 0, 2
+    truth = torch.tensor([100.0, 80.0, 10.0, 0.0]).view(1, 1, 2, 2) / 255
+    pred = torch.tensor([200.0, 20.0, 74.0, 0.0]).view(1, 1, 2, 2) / 255
+    s = common.SkillScore(thresholds=(16, 74, 133), pools=())
+    s.update(pred, truth)
+    m = s.compute()
+    # t=74: H=1 (px0), M=1 (px1), F=1 (px2)
+    assert m["csi_74"] == pytest.approx(1 / 3) and m["pod_74"] == pytest.approx(0.5)
+    assert m["sucr_74"] == pytest.approx(0.5) and m["bias_74"] == pytest.approx(1.0)
+    # t=16: truth px0, px1; forecast px0, px1? no: 20 >= 16 yes -> px0, px1, px2 -> H=2, M=0, F=1
+    assert m["csi_16"] == pytest.approx(2 / 3) and m["bias_16"] == pytest.approx(1.5)
+    # t=133: truth none; forecast px0 -> H=0, M=0, F=1: CSI 0, POD 0/0 undefined
+    assert m["csi_133"] == 0 and np.isnan(m["pod_133"]) and m["sucr_133"] == 0
+    assert m["csi_m"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    err = (pred - truth).flatten()
+    assert m["mse"] == pytest.approx(float((err ** 2).mean())) and m["mae"] == pytest.approx(float(err.abs().mean()))
+
+
+def test_skill_score_perfect_never_reached_and_leads():
+    truth = torch.zeros(2, 1, 3, 16, 16)
+    truth[:, :, :, 4:8, 4:8] = 150 / 255                           # reaches 16, 74, 133, never 160+
+    s = common.SkillScore()
+    s.update(truth.clone(), truth)
+    m = s.compute()
+    assert m["mse"] == 0 and m["csi_16"] == 1 and m["csi_133"] == 1 and m["bias_74"] == 1
+    assert np.isnan(m["csi_160"]) and np.isnan(m["csi_219"])          # 0/0: undefined, not 0
+    assert m["csi_m"] == 1 and m["csi_pool4_m"] == 1 and m["csi_pool16_m"] == 1
+    assert len(m["csi_m_per_lead"]) == 3 and m["mse_per_lead"] == [0, 0, 0]
+    s.update(torch.zeros_like(truth), truth)                           # counts accumulate
+    m = s.compute()
+    assert m["csi_16"] == pytest.approx(0.5) and m["pod_16"] == pytest.approx(0.5) and m["sucr_16"] == 1
+
+
+def test_persistence_on_a_steady_field_scores_csi_1():
+    field = torch.rand(1, 1, 1, 32, 32)
+    x, y = field.expand(2, 1, 12, 32, 32), field.expand(2, 1, 3, 32, 32)
+    s = common.SkillScore()
+    s.update(common.Persistence(0, t_out=3)(x), y)
+    m = s.compute()
+    assert m["mse"] == 0 and all(m[f"csi_{t}"] == 1 for t in common.SEVIR_THRESHOLDS if (field * 255 >= t).any())
+
+
+def test_ir_lookup_learns_a_monotone_relation():
+    shift, scale = common.SEVIR_ZSCORE["ir107"]
+    temps = torch.linspace(-7000, 2000, 64)                            # deg C x 100
+    x = ((temps - shift) / scale).view(1, 1, 8, 8).repeat(4, 2, 1, 1)
+    y = ((2000 - temps) / 9000).clamp(0, 1).view(1, 1, 8, 8).repeat(4, 1, 1, 1)   # colder, more VIL
+    lookup = common.IRLookup(channel=1).fit([(x, y)])
+    pred = lookup(x)
+    assert pred.shape == y.shape and (pred - y).abs().max() < 0.03
+
+
+# --------------------------------------------------------------------------------------
+# The scripts end to end, through their command line
+# --------------------------------------------------------------------------------------
+
+REFERENCE = {"train_baseline.py": "persistence", "train_multimodal.py": "persistence",
+             "train_synthetic.py": "ir_lookup", "train_advanced.py": "ir_lookup"}
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("train_baseline.py", ["--t_in=4", "--t_out=2"]),
+    ("train_multimodal.py", ["--t_in=3", "--modalities=vil,ir107,lght"]),
+    ("train_synthetic.py", []),
+    ("train_advanced.py", ["--vgg_weights=none"]),
+])
+def test_script_end_to_end(tmp_path, sample, script, extra):
+    out = tmp_path / "out"
+    r = run_script(script, *TINY, *extra, *data_args(sample), f"--out_dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("config.json", "history.csv", "last.pt", "best.pt", "metrics.json", "predictions.png",
+                 "loss.png", "skill.png"):
+        assert (out / name).stat().st_size > 0, name
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "config", "epoch", "best_val", "metrics"} and ckpt["epoch"] == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    ref = REFERENCE[script]
+    keys = {"mse", "mae", "csi_m", "csi_pool4_m", "csi_pool16_m"} | {
+        f"{s}_{t}" for s in ("csi", "pod", "sucr", "bias") for t in common.SEVIR_THRESHOLDS}
+    assert keys <= set(metrics["model"]) and keys <= set(metrics[ref])
+    assert metrics["data"] == "sample" and metrics["n_samples"] > 0
+    assert "model" in r.stdout and ref in r.stdout                   # the table printed at the end
+    if script == "train_advanced.py":
+        assert metrics["perceptual_backbone"] == "untrained"
+    if "--t_out=2" in extra:
+        assert (out / "forecast.gif").stat().st_size > 0 and len(metrics["model"]["csi_m_per_lead"]) == 2
+
+
+def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sample):
+    import train_synthetic
+    args = TINY[:-3] + ["--batch_size=2", "--max_train=3", "--max_val=1"] + data_args(sample)
+    train_synthetic.main(args + ["--epochs=2", f"--out_dir={tmp_path / 'straight'}"])
+    train_synthetic.main(args + ["--epochs=1", f"--out_dir={tmp_path / 'split'}"])
+    train_synthetic.main(args + ["--epochs=2", f"--out_dir={tmp_path / 'split'}", "--resume=true"])
+    straight = json.loads((tmp_path / "straight/metrics.json").read_text())
+    split = json.loads((tmp_path / "split/metrics.json").read_text())
+    assert split["model"] == straight["model"]
+    last = torch.load(tmp_path / "split/last.pt", weights_only=True)
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+    assert len((tmp_path / "split/history.csv").read_text().strip().splitlines()) == 3
+
+    with pytest.raises(common.UserError, match="already holds a run"):
+        train_synthetic.main(args + ["--epochs=1", f"--out_dir={tmp_path / 'split'}"])
+    with pytest.raises(common.UserError, match="base: 4 there, 8 now"):
+        train_synthetic.main(args + ["--epochs=3", "--base=8", f"--out_dir={tmp_path / 'split'}", "--resume=true"])
+    with pytest.raises(common.UserError, match="no checkpoint"):
+        train_synthetic.main(args + [f"--out_dir={tmp_path / 'fresh'}", "--resume=true"])
+
+    for name in ("metrics.json", "predictions.png", "skill.png", "loss.png"):
+        (tmp_path / "straight" / name).unlink()
+    r = run_script("visualize.py", str(tmp_path / "straight"), "--num_samples=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "straight/metrics.json").read_text())
+    assert again["model"] == straight["model"] and again["ir_lookup"] == straight["ir_lookup"]
+    assert all((tmp_path / "straight" / n).exists() for n in ("predictions.png", "skill.png", "loss.png"))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "hook": print}, path)                    # a pickled callable
+    with pytest.raises(common.UserError, match="refused"):
+        common.load_checkpoint(path)
+    r = run_script("visualize.py", str(path), cwd=tmp_path)
+    assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_models_shapes_and_parameter_counts():
+    assert common.NowcastNet(1, t_out=3, base=4)(torch.rand(2, 1, 6, 16, 16)).shape == (2, 1, 3, 16, 16)
+    assert common.MultimodalNowcastNet(3, t_out=1, base=4)(torch.rand(1, 3, 6, 16, 16)).shape == (1, 1, 1, 16, 16)
+    assert common.SyntheticRadarUNet(2, 1, base=4)(torch.rand(1, 2, 32, 32)).shape == (1, 1, 32, 32)
+    assert common.AdvancedUNet(3, 1, base=4)(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert common.count_parameters(common.SyntheticRadarUNet(2, 1, 32)) == pytest.approx(7.77e6, rel=0.01)
+    assert common.count_parameters(common.AdvancedUNet(2, 1, 32)) == pytest.approx(94.0e6, rel=0.01)
+    assert common.count_parameters(common.NowcastNet(1, 1, 32)) == pytest.approx(555e3, rel=0.01)
+
+
+def test_vgg_perceptual_loss_without_weights():
+    loss = common.VGGPerceptualLoss(weights="none")
+    assert loss.backbone == "untrained" and len(loss.slices) == 4
+    assert sum(p.numel() for p in loss.parameters()) == 7_635_264          # VGG16 conv1_1 .. conv4_3
+    a = torch.rand(1, 1, 32, 32, requires_grad=True)
+    value = loss(a, torch.rand(1, 1, 32, 32))
+    value.backward()
+    assert value.item() > 0 and a.grad is not None and loss(a, a).item() == 0

@@ -1,0 +1,76 @@
+"""Sharper synthetic radar (notebook 07A): a deep residual U-Net with a perceptual loss.
+
+    IR069 + IR107 (+ optional lightning)  ->  VIL,   AdvancedUNet (5 levels, residual blocks),
+    loss = MSE + 0.1 x VGG16 perceptual, ReduceLROnPlateau, best-model saving.
+
+Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
+Run `python train_advanced.py --help` for every setting; override any with --key=value.
+"""
+import torch
+import torch.nn.functional as F
+
+import common
+from common import AdvancedUNet, VGGPerceptualLoss
+from train_synthetic import build_data, build_reference   # same data and reference as notebook 07
+
+
+class Config:
+    CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; at the default, a generated sample is used if absent
+    SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ir107/, lght/
+    OUT_DIR = "outputs/train_advanced"       # checkpoints, history, metrics and figures
+    INPUT_MODS = ("ir069", "ir107")          # satellite inputs; add lght for lightning (as the SEVIR paper)
+    TARGET_SIZE = 128                        # common grid in pixels (notebook: 384); a multiple of 32
+    BASE = 8                                 # U-Net width (notebook: 32 = 94 M parameters, too slow for a laptop CPU)
+    PERCEPTUAL_WEIGHT = 0.1                  # loss = MSE + PERCEPTUAL_WEIGHT x VGG perceptual loss
+    VGG_WEIGHTS = "imagenet"                 # imagenet (torch hub cache or download), or none: untrained layers
+    EPOCHS = 60                              # passes over the training events (one random frame each)
+    BATCH_SIZE = 4                           # samples per optimizer step
+    LR = 1e-3                                # Adam learning rate (notebook: 1e-4, slower to converge on the sample)
+    LR_PATIENCE = 2                          # ReduceLROnPlateau: halve LR after this many epochs without improvement
+    MAX_TRAIN = 0                            # training events to use, 0 = all
+    MAX_VAL = 0                              # validation events to use, 0 = all
+    SPLIT_DATE = "2019-06-01"                # train before, validate from this date (the SEVIR paper's split)
+    IR_NORM = "sevir"                        # sevir: fixed z-score in deg C; minmax: the notebooks' per-sample scaling
+    SEED = 0                                 # seeds weights, shuffling and training frames
+    DEVICE = "auto"                          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    NUM_WORKERS = 0                          # DataLoader worker processes
+    RESUME = False                           # continue from OUT_DIR/last.pt
+    OVERWRITE = False                        # replace a previous run in OUT_DIR
+
+
+def build_model(cfg):
+    return AdvancedUNet(in_channels=len(cfg.INPUT_MODS), out_channels=1, base=cfg.BASE)
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, size_multiple=2 ** 5)   # 5 U-Net levels
+    if cfg.VGG_WEIGHTS not in ("imagenet", "none"):
+        raise common.UserError(f"--vgg_weights={cfg.VGG_WEIGHTS!r}: one of imagenet, none")
+    common.seed_everything(cfg.SEED)
+    device = common.pick_device(cfg.DEVICE)
+    out = common.prepare_out_dir(cfg)
+    data = build_data(cfg)
+    model = build_model(cfg).to(device)
+    print(f"AdvancedUNet: {common.count_parameters(model):,} parameters, "
+          f"{'+'.join(cfg.INPUT_MODS)} -> vil at {cfg.TARGET_SIZE}x{cfg.TARGET_SIZE}, device {device}")
+
+    perceptual = VGGPerceptualLoss(weights=cfg.VGG_WEIGHTS).to(device)
+    print(f"perceptual loss: VGG16 to relu4_3, {perceptual.backbone} weights")
+
+    def loss_fn(pred, y):                                    # (B, 1, S, S) each
+        return F.mse_loss(pred, y) + cfg.PERCEPTUAL_WEIGHT * perceptual(pred, y)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
+                                                           patience=cfg.LR_PATIENCE)
+    train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
+    val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
+    extra = {"perceptual_backbone": perceptual.backbone}
+    history = common.fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler, extra=extra)
+
+    model.load_state_dict(common.load_checkpoint(out / "best.pt")["model"])      # report the best epoch
+    common.report(model, build_reference(cfg, data), data.val, cfg, device, data.kind, history, extra)
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,78 @@
+"""Multimodal nowcasting (notebook 06): the next VIL frames from radar plus satellite infrared.
+
+    VIL + IR069 + IR107, T_IN frames  ->  VIL, T_OUT frames,
+    MultimodalNowcastNet (NowcastNet with one input channel per modality), MSE loss.
+
+Reference forecast: persistence (the last observed VIL frame, repeated).
+Run `python train_multimodal.py --help` for every setting; override any with --key=value.
+"""
+import torch
+import torch.nn as nn
+
+import common
+from common import MultimodalNowcastNet, Persistence, SEVIRMultimodal
+
+
+class Config:
+    CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; at the default, a generated sample is used if absent
+    SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ir107/, lght/
+    OUT_DIR = "outputs/train_multimodal"     # checkpoints, history, metrics and figures
+    MODALITIES = ("vil", "ir069", "ir107")   # input channels, in order; vil is required (it is the target)
+    T_IN = 12                                # input frames (5 min apart): 12 = the last hour
+    T_OUT = 1                                # VIL frames to forecast: 1 = the next 5 minutes
+    TARGET_SIZE = 96                         # common grid in pixels (VIL 384, IR 192 are resized to it)
+    BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
+    EPOCHS = 60                              # passes over the training events (one random window each)
+    BATCH_SIZE = 4                           # samples per optimizer step
+    LR = 1e-3                                # Adam learning rate
+    MAX_TRAIN = 0                            # training events to use, 0 = all
+    MAX_VAL = 0                              # validation events to use, 0 = all
+    SPLIT_DATE = "2019-06-01"                # train before, validate from this date (the SEVIR paper's split)
+    IR_NORM = "sevir"                        # sevir: fixed z-score in deg C; minmax: the notebooks' per-sample scaling
+    SEED = 0                                 # seeds weights, shuffling and training windows
+    DEVICE = "auto"                          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    NUM_WORKERS = 0                          # DataLoader worker processes
+    RESUME = False                           # continue from OUT_DIR/last.pt
+    OVERWRITE = False                        # replace a previous run in OUT_DIR
+
+
+def build_data(cfg):
+    """Events with every modality, split by date; all modalities resized to TARGET_SIZE and stacked."""
+    data = common.load_events(cfg, mods=cfg.MODALITIES)
+    kw = dict(mods=cfg.MODALITIES, t_in=cfg.T_IN, t_out=cfg.T_OUT, target_size=cfg.TARGET_SIZE,
+              ir_norm=cfg.IR_NORM, seed=cfg.SEED)
+    data.train = SEVIRMultimodal(data.train_events, data.root, train=True, **kw)  # x (C, T_IN, S, S), y (1, T_OUT, S, S)
+    data.val = SEVIRMultimodal(data.val_events, data.root, train=False, **kw)
+    return data
+
+
+def build_model(cfg):
+    return MultimodalNowcastNet(in_channels=len(cfg.MODALITIES), t_out=cfg.T_OUT, base=cfg.BASE)
+
+
+def build_reference(cfg, data):
+    return Persistence(vil_channel=cfg.MODALITIES.index("vil"), t_out=cfg.T_OUT)
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv)
+    common.seed_everything(cfg.SEED)
+    device = common.pick_device(cfg.DEVICE)
+    out = common.prepare_out_dir(cfg)
+    data = build_data(cfg)
+    model = build_model(cfg).to(device)
+    print(f"MultimodalNowcastNet: {common.count_parameters(model):,} parameters, "
+          f"{'+'.join(cfg.MODALITIES)} x {cfg.T_IN} -> {cfg.T_OUT} VIL frames at {cfg.TARGET_SIZE}x{cfg.TARGET_SIZE}, "
+          f"device {device}")
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
+    train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
+    val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
+    history = common.fit(model, train_loader, val_loader, nn.MSELoss(), optimizer, cfg, device)
+
+    model.load_state_dict(common.load_checkpoint(out / "best.pt")["model"])      # report the best epoch
+    common.report(model, build_reference(cfg, data), data.val, cfg, device, data.kind, history)
+
+
+if __name__ == "__main__":
+    common.run(main)

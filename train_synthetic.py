@@ -1,0 +1,79 @@
+"""Synthetic radar (notebook 07): VIL where no radar exists, from satellite infrared at the same time.
+
+    IR069 + IR107 (+ optional lightning)  ->  VIL,   SyntheticRadarUNet (4-level U-Net), MSE loss.
+
+Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
+Run `python train_synthetic.py --help` for every setting; override any with --key=value.
+"""
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import common
+from common import IRLookup, SyntheticRadarDataset, SyntheticRadarUNet
+
+
+class Config:
+    CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; at the default, a generated sample is used if absent
+    SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ir107/, lght/
+    OUT_DIR = "outputs/train_synthetic"      # checkpoints, history, metrics and figures
+    INPUT_MODS = ("ir069", "ir107")          # satellite inputs; add lght for lightning (as the SEVIR paper)
+    TARGET_SIZE = 128                        # common grid in pixels (VIL is 384, IR 192); a multiple of 16
+    BASE = 32                                # U-Net width (channels of the first level), as notebook 07
+    EPOCHS = 60                              # passes over the training events (one random frame each)
+    BATCH_SIZE = 4                           # samples per optimizer step
+    LR = 1e-3                                # Adam learning rate
+    MAX_TRAIN = 0                            # training events to use, 0 = all
+    MAX_VAL = 0                              # validation events to use, 0 = all
+    SPLIT_DATE = "2019-06-01"                # train before, validate from this date (the SEVIR paper's split)
+    IR_NORM = "sevir"                        # sevir: fixed z-score in deg C; minmax: the notebooks' per-sample scaling
+    SEED = 0                                 # seeds weights, shuffling and training frames
+    DEVICE = "auto"                          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    NUM_WORKERS = 0                          # DataLoader worker processes
+    RESUME = False                           # continue from OUT_DIR/last.pt
+    OVERWRITE = False                        # replace a previous run in OUT_DIR
+
+
+def build_data(cfg):
+    """Usable events split by date; datasets of single frames resized to TARGET_SIZE."""
+    data = common.load_events(cfg, mods=cfg.INPUT_MODS + ("vil",))
+    kw = dict(input_mods=cfg.INPUT_MODS, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM, seed=cfg.SEED)
+    data.train = SyntheticRadarDataset(data.train_events, data.root, train=True, **kw)       # x (C, S, S), y (1, S, S)
+    data.val = SyntheticRadarDataset(data.val_events, data.root, train=False, **kw)
+    return data
+
+
+def build_model(cfg):
+    return SyntheticRadarUNet(in_channels=len(cfg.INPUT_MODS), out_channels=1, base=cfg.BASE)
+
+
+def build_reference(cfg, data):
+    """IR107 -> VIL lookup table fitted on frames 0, 12, 24, 36, 48 of every training event."""
+    mods = cfg.INPUT_MODS
+    fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, target_size=cfg.TARGET_SIZE,
+                                   train=False, ir_norm=cfg.IR_NORM)
+    channel = mods.index("ir107") if "ir107" in mods else 0
+    return IRLookup(channel, cfg.IR_NORM).fit(DataLoader(fit_on, batch_size=16))
+
+
+def main(argv=None):
+    cfg = common.parse_config(Config, argv, size_multiple=2 ** 4)   # 4 U-Net levels
+    common.seed_everything(cfg.SEED)
+    device = common.pick_device(cfg.DEVICE)
+    out = common.prepare_out_dir(cfg)
+    data = build_data(cfg)
+    model = build_model(cfg).to(device)
+    print(f"SyntheticRadarUNet: {common.count_parameters(model):,} parameters, "
+          f"{'+'.join(cfg.INPUT_MODS)} -> vil at {cfg.TARGET_SIZE}x{cfg.TARGET_SIZE}, device {device}")
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
+    train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
+    val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
+    history = common.fit(model, train_loader, val_loader, nn.MSELoss(), optimizer, cfg, device)
+
+    model.load_state_dict(common.load_checkpoint(out / "best.pt")["model"])      # report the best epoch
+    common.report(model, build_reference(cfg, data), data.val, cfg, device, data.kind, history)
+
+
+if __name__ == "__main__":
+    common.run(main)
