@@ -90,6 +90,8 @@ def test_bad_overrides_are_one_line_errors(args, words):
 def test_target_size_must_halve():
     with pytest.raises(common.UserError, match="multiple of 32"):
         common.parse_config(Cfg, ["--target_size=48"], size_multiple=32)
+    with pytest.raises(common.UserError, match="at least 64"):
+        common.parse_config(Cfg, ["--target_size=32"], size_multiple=32)
     assert common.parse_config(Cfg, ["--target_size=64"], size_multiple=32).TARGET_SIZE == 64
 
 
@@ -387,7 +389,7 @@ REFERENCE = {"train_baseline.py": "persistence", "train_multimodal.py": "persist
     ("train_baseline.py", ["--t_in=4", "--t_out=2"]),
     ("train_multimodal.py", ["--t_in=3", "--modalities=vil,ir107,lght"]),
     ("train_synthetic.py", []),
-    ("train_advanced.py", ["--vgg_weights=none"]),
+    ("train_advanced.py", ["--vgg_weights=none", "--target_size=64"]),
 ])
 def test_script_end_to_end(tmp_path, sample, script, extra):
     out = tmp_path / "out"
@@ -467,3 +469,118 @@ def test_vgg_perceptual_loss_without_weights():
     value = loss(a, torch.rand(1, 1, 32, 32))
     value.backward()
     assert value.item() > 0 and a.grad is not None and loss(a, a).item() == 0
+
+
+# --------------------------------------------------------------------------------------
+# Reliability: unreadable files, non-finite loss, interruption, saving
+# --------------------------------------------------------------------------------------
+
+def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(tmp_path, capsys):
+    root = tmp_path / "s"
+    catalog = common.make_sample_sevir(root, n_events=5, seed=1)
+    events = common.load_catalog(catalog, root, mods=("vil",))
+    ds = common.SEVIRVIL(events, root, t_in=2, t_out=1, target_size=16, train=True)
+    random_event = int(np.flatnonzero(ds.ids == next(i for i in ds.ids if i.startswith("R")))[0])
+    broken = Path(ds.paths["vil"][ds.file_idx["vil"][random_event]])
+    broken.write_bytes(b"truncated" * 10)                         # valid at indexing, bad now
+    assert ds[random_event] is None and ds[0] is not None
+    assert "skipped event R" in capsys.readouterr().err
+
+    def loader(items):
+        return torch.utils.data.DataLoader(items, batch_size=4, collate_fn=common.collate_skipping)
+    good = (torch.zeros(1), torch.zeros(1))
+    got = list(common.batches(loader([good] * 19 + [None]), "training"))     # 5%: goes on
+    assert sum(len(x) for x, _ in got) == 19
+    with pytest.raises(common.RunError, match="3 of 20 training samples could not be read"):
+        list(common.batches(loader([None] * 3 + [good] * 17), "training"))
+
+
+class FitCfg:
+    EPOCHS, BATCH_SIZE, NUM_WORKERS, SEED, RESUME, OVERWRITE = 3, 2, 0, 0, False, False
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, sample):
+    events = common.load_catalog(sample[0], sample[1])
+    train = common.SyntheticRadarDataset(events.iloc[:3], sample[1], target_size=32, train=True)
+    val = common.SyntheticRadarDataset(events.iloc[3:], sample[1], target_size=32, train=False)
+    cfg = FitCfg()
+    cfg.OUT_DIR = str(tmp_path)
+    model = common.SyntheticRadarUNet(2, 1, base=2)
+    train_loader = common.make_loader(train, cfg, torch.device("cpu"), shuffle=True)
+    val_loader = common.make_loader(val, cfg, torch.device("cpu"), shuffle=False)
+    calls = []
+
+    def loss_fn(pred, y):                              # finite for epoch 1, NaN from epoch 2's first batch
+        calls.append(1)
+        loss = torch.nn.functional.mse_loss(pred, y)
+        return loss * float("nan") if len(calls) > len(train_loader) + len(val_loader) else loss
+    with pytest.raises(common.RunError, match="loss is nan at epoch 2, batch 1"):
+        common.fit(model, train_loader, val_loader, loss_fn, torch.optim.Adam(model.parameters()), cfg,
+                   torch.device("cpu"))
+    for name in ("last.pt", "best.pt"):
+        ckpt = common.load_checkpoint(tmp_path / name)
+        assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                          if v.is_floating_point())
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    common.save_checkpoint({"epoch": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(common.RunError, match="No space left on device.*previous last.pt is kept"):
+        common.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert common.load_checkpoint(path) == {"epoch": 1} and list(tmp_path.iterdir()) == [path]
+
+
+def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
+    path = tmp_path / "last.pt"
+    writer = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); import common\n"
+              f"common.save_checkpoint({{'epoch': 0, 'w': torch.zeros(1)}}, {str(path)!r}); print('ready', flush=True)\n"
+              f"for e in range(1, 10**6): common.save_checkpoint({{'epoch': e, 'w': torch.rand(4_000_000)}}, {str(path)!r})\n")
+    for delay in (0.3, 0.7):
+        p = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        import time
+        time.sleep(delay)
+        p.kill()                                                  # SIGKILL, most likely mid-write
+        p.wait()
+        assert common.load_checkpoint(path)["epoch"] >= 0
+
+
+def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, sample):
+    import signal
+    out = tmp_path / "out"
+    args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
+            "--max_val=1", *data_args(sample), f"--out_dir={out}"]
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("epoch 2/500"):
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert "--resume=true" in err and "Traceback" not in err
+    assert common.load_checkpoint(out / "last.pt")["epoch"] >= 2
+
+
+def test_unwritable_out_dir_is_found_before_any_data(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    r = run_script("train_baseline.py", f"--out_dir={blocker / 'run'}", "--catalog_path=/nowhere.csv",
+                   cwd=tmp_path)
+    assert r.returncode == 2 and "cannot write to OUT_DIR" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_workers_give_the_same_metrics(tmp_path, sample):
+    import train_baseline
+    args = TINY + ["--t_in=3", "--t_out=2"] + data_args(sample)
+    train_baseline.main(args + [f"--out_dir={tmp_path / 'w0'}"])
+    train_baseline.main(args + [f"--out_dir={tmp_path / 'w2'}", "--num_workers=2"])
+    w0 = json.loads((tmp_path / "w0/metrics.json").read_text())
+    w2 = json.loads((tmp_path / "w2/metrics.json").read_text())
+    assert w0["model"] == w2["model"] and w0["persistence"] == w2["persistence"]

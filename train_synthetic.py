@@ -53,7 +53,8 @@ def build_reference(cfg, data):
     fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, target_size=cfg.TARGET_SIZE,
                                    train=False, ir_norm=cfg.IR_NORM)
     channel = mods.index("ir107") if "ir107" in mods else 0
-    return IRLookup(channel, cfg.IR_NORM).fit(DataLoader(fit_on, batch_size=16))
+    loader = DataLoader(fit_on, batch_size=16, collate_fn=common.collate_skipping)
+    return IRLookup(channel, cfg.IR_NORM).fit(common.batches(loader, "reference"))
 
 
 def main(argv=None):
