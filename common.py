@@ -103,12 +103,14 @@ def parse_config(config_cls, argv=None, size_multiple=1):
 
     Keys are case-insensitive. Jupyter's own `-f kernel.json` is ignored, so `%run script.py --epochs=1`
     works in a notebook. `--help` prints every key with its default and meaning. TARGET_SIZE
-    must be a multiple of `size_multiple` (a U-Net of L levels halves it L times: 2^L).
+    must be a multiple of `size_multiple` (a U-Net of L levels halves it L times: 2^L), or of
+    size_multiple[MODEL] when it is a dict. PROTOCOL="sevir" sets SEVIR_PROTOCOL's values, except
+    those given on the command line.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = config_cls()
     keys = {k for k in dir(config_cls) if k.isupper()}
-    skip_next = False
+    skip_next, given = False, set()
     for arg in argv:
         if skip_next:
             skip_next = False
@@ -132,12 +134,21 @@ def parse_config(config_cls, argv=None, size_multiple=1):
             raise UserError(f"unknown key --{key.lower()}; known keys: "
                             + ", ".join(sorted(k.lower() for k in keys)))
         setattr(cfg, key, _parse_value(key, value, getattr(config_cls, key)))
+        given.add(key)
+    if getattr(cfg, "PROTOCOL", None) == "sevir":
+        for key, value in SEVIR_PROTOCOL.items():
+            if key not in given:
+                setattr(cfg, key, value)
     check_config(cfg, size_multiple)
     return cfg
 
 
 KNOWN_MODS = ("vil", "ir069", "ir107", "lght")
 N_FRAMES = 49                                     # frames per SEVIR event, 5 minutes apart
+# The SEVIR nowcasting benchmark (SEVIR paper, Earthformer): 13 frames in, 12 out, 384 x 384, windows at
+# frames 0, 12, 24 (the default validation stride), Earthformer's split: train < 2019-01-01 <= val < 2019-06-01 <= test.
+SEVIR_PROTOCOL = {"T_IN": 13, "T_OUT": 12, "TARGET_SIZE": 384}
+PROTOCOL_SPLIT = ("2019-01-01", "2019-06-01")
 
 
 def check_config(cfg, size_multiple=1):
@@ -145,6 +156,13 @@ def check_config(cfg, size_multiple=1):
     def need(ok, key, allowed):
         if not ok:
             raise UserError(f"--{key.lower()}={getattr(cfg, key)!r}: {allowed}")
+    if isinstance(size_multiple, dict):
+        need(cfg.MODEL in size_multiple, "MODEL", f"one of {', '.join(size_multiple)}")
+        size_multiple = size_multiple[cfg.MODEL]
+    if hasattr(cfg, "LOSS"):
+        need(cfg.LOSS in LOSSES, "LOSS", f"one of {', '.join(LOSSES)}")
+    if hasattr(cfg, "PROTOCOL"):
+        need(cfg.PROTOCOL in ("none", "sevir"), "PROTOCOL", "none or sevir")
     for key in ("EPOCHS", "BATCH_SIZE"):
         if hasattr(cfg, key):
             need(getattr(cfg, key) > 0, key, "must be > 0")
@@ -385,20 +403,39 @@ def resolve_data(cfg):
 
 
 def load_events(cfg, mods):
-    """Catalog -> usable events -> train / val by SPLIT_DATE, cut to MAX_TRAIN / MAX_VAL events.
+    """Catalog -> usable events -> train / val (/ test) events, cut to MAX_TRAIN / MAX_VAL events.
 
-    Returns a namespace with train_events, val_events, root and kind ("sample" or "sevir").
+    Split by SPLIT_DATE, or with PROTOCOL="sevir" by Earthformer's dates into three. Returns a
+    namespace with train_events, val_events, test_events (None without a protocol), root and kind
+    ("sample" or "sevir").
     """
     from types import SimpleNamespace
     catalog, root, kind = resolve_data(cfg)
     events = load_catalog(catalog, root, mods=mods, max_pct_missing=getattr(cfg, "MAX_PCT_MISSING", 0.0))
-    train, val = split_events(events, cfg.SPLIT_DATE)
+    if getattr(cfg, "PROTOCOL", "none") == "sevir":
+        rest, test = split_events(events, PROTOCOL_SPLIT[1])
+        train, val = split_events(rest, PROTOCOL_SPLIT[0])
+        where = f"SEVIR protocol: train < {PROTOCOL_SPLIT[0]} <= val < {PROTOCOL_SPLIT[1]} <= test"
+    else:
+        (train, val), test = split_events(events, cfg.SPLIT_DATE), None
+        where = f"split at {cfg.SPLIT_DATE}"
     if cfg.MAX_TRAIN:
         train = train.iloc[:cfg.MAX_TRAIN]
     if cfg.MAX_VAL:
         val = val.iloc[:cfg.MAX_VAL]
-    print(f"split at {cfg.SPLIT_DATE}: {len(train)} train events, {len(val)} validation events")
-    return SimpleNamespace(train_events=train, val_events=val, root=root, kind=kind)
+        test = test.iloc[:cfg.MAX_VAL] if test is not None else None
+    print(f"{where}: {len(train)} train, {len(val)} validation"
+          + (f", {len(test)} test" if test is not None else "") + " events")
+    return SimpleNamespace(train_events=train, val_events=val, test_events=test, root=root, kind=kind)
+
+
+def held_out(data, split):
+    """The events of split "val" or "test" (test exists with PROTOCOL=sevir)."""
+    if split not in ("val", "test"):
+        raise UserError(f"--split={split!r}: val or test")
+    if split == "test" and data.test_events is None:
+        raise UserError("this run has no test split: only PROTOCOL=sevir defines one")
+    return data.val_events if split == "val" else data.test_events
 
 
 def lightning_to_grid(flashes, size=48):
@@ -423,7 +460,8 @@ class _SEVIREvents(Dataset):
 
     Training items are events; each epoch an event gets a random window (the notebooks'
     augmentation) drawn from (seed, epoch, item), so it does not depend on workers or device.
-    Validation items are (event, fixed start) pairs: windows every `val_stride` frames.
+    Validation items are (event, fixed start) pairs: windows starting every `val_stride` frames
+    (12, an hour, as Earthformer: frames 0-24, 12-36, 24-48 for 13 -> 12).
     """
 
     def __init__(self, events, root, mods, length, train, val_stride, ir_norm, seed):
@@ -443,7 +481,7 @@ class _SEVIREvents(Dataset):
         if train:
             self.items = np.arange(len(self.ids))
         else:
-            starts = np.arange(0, n_starts, val_stride or length)
+            starts = np.arange(0, n_starts, val_stride)
             self.items = np.array([(e, s) for e in range(len(self.ids)) for s in starts], dtype=np.int64)
         self._handles, self._pid = {}, None
 
@@ -520,7 +558,7 @@ def normalize(mod, frames, ir_norm="sevir"):
 class SEVIRVIL(_SEVIREvents):
     """VIL -> VIL nowcasting (notebook 05). x: (1, t_in, S, S), y: (1, t_out, S, S), VIL code / 255."""
 
-    def __init__(self, events, root, t_in=12, t_out=1, target_size=None, train=True, val_stride=None, seed=0):
+    def __init__(self, events, root, t_in=12, t_out=1, target_size=None, train=True, val_stride=12, seed=0):
         super().__init__(events, root, ("vil",), t_in + t_out, train, val_stride, "sevir", seed)
         self.t_in, self.t_out, self.target_size = t_in, t_out, target_size
 
@@ -533,7 +571,7 @@ class SEVIRMultimodal(_SEVIREvents):
     """Modalities stacked as channels -> VIL (notebook 06). x: (C, t_in, S, S), y: (1, t_out, S, S) VIL."""
 
     def __init__(self, events, root, mods=("vil", "ir069", "ir107"), t_in=12, t_out=1, target_size=192,
-                 train=True, val_stride=None, ir_norm="sevir", seed=0):
+                 train=True, val_stride=12, ir_norm="sevir", seed=0):
         if "vil" not in mods:
             raise UserError("SEVIRMultimodal needs vil among its modalities (it is the target)")
         super().__init__(events, root, mods, t_in + t_out, train, val_stride, ir_norm, seed)
@@ -717,6 +755,77 @@ class AdvancedUNet(UNet):
         super().__init__(in_channels, out_channels, base, levels=5, residual=True, bottleneck_blocks=3)
 
 
+class NowcastUNet(nn.Module):
+    """The SEVIR paper's nowcast baseline: a 2-D U-Net over the input frames stacked as channels.
+
+    x: (B, C, T_in, H, W) -> (B, 1, T_out, H, W) in [0, 1]; H, W divisible by 16.
+    """
+
+    def __init__(self, in_channels=1, t_in=13, t_out=12, base=32):
+        super().__init__()
+        self.unet = UNet(in_channels * t_in, t_out, base, levels=4)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        return self.unet(x.reshape(b, c * t, h, w)).unsqueeze(1)       # (B, 1, T_out, H, W)
+
+
+class ConvLSTMCell(nn.Module):
+    """LSTM gates from one convolution over [input, hidden] (Shi et al. 2015)."""
+
+    def __init__(self, in_ch, hidden):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch + hidden, 4 * hidden, 3, padding=1)
+
+    def forward(self, x, state):
+        h, c = state
+        i, f, g, o = self.conv(torch.cat([x, h], 1)).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class ConvLSTMNet(nn.Module):
+    """Encoder-forecaster ConvLSTM: frames are encoded to 1/4 resolution, one ConvLSTM reads the T_in
+    inputs, a second one starts from its state and rolls out T_out steps, each decoded to VIL.
+
+    x: (B, C, T_in, H, W) -> (B, 1, T_out, H, W) in [0, 1]; H, W divisible by 4.
+    """
+
+    def __init__(self, in_channels=1, t_out=12, base=32):
+        super().__init__()
+        hidden, self.t_out = 2 * base, t_out
+        self.encode = nn.Sequential(nn.Conv2d(in_channels, base, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+                                    nn.Conv2d(base, hidden, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.encoder, self.forecaster = ConvLSTMCell(hidden, hidden), ConvLSTMCell(hidden, hidden)
+        self.decode = nn.Sequential(nn.ConvTranspose2d(hidden, base, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+                                    nn.ConvTranspose2d(base, base, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+                                    nn.Conv2d(base, 1, 1))
+        nn.init.constant_(self.decode[-1].bias, -4.0)          # start near clear sky, as the U-Nets
+
+    def forward(self, x):
+        b, _, t_in, h, w = x.shape
+        state = (x.new_zeros(b, self.encoder.conv.out_channels // 4, h // 4, w // 4),) * 2
+        for t in range(t_in):
+            state = self.encoder(self.encode(x[:, :, t]), state)   # (B, hidden, H/4, W/4)
+        frames = []
+        for _ in range(self.t_out):
+            state = self.forecaster(state[0], state)
+            frames.append(torch.sigmoid(self.decode(state[0])))      # (B, 1, H, W)
+        return torch.stack(frames, 2)                                # (B, 1, T_out, H, W)
+
+
+# MODEL in train_baseline / train_multimodal: name -> (constructor, what TARGET_SIZE must divide by)
+NOWCASTERS = {
+    "nowcastnet": (lambda c, t_in, t_out, base: NowcastNet(c, t_out, base), 1),
+    "unet": (lambda c, t_in, t_out, base: NowcastUNet(c, t_in, t_out, base), 16),
+    "convlstm": (lambda c, t_in, t_out, base: ConvLSTMNet(c, t_out, base), 4),
+}
+
+
+def build_nowcaster(name, in_channels, t_in, t_out, base):
+    return NOWCASTERS[name][0](in_channels, t_in, t_out, base)
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -786,6 +895,29 @@ class VGGPerceptualLoss(nn.Module):
             pred, target = block(pred), block(target)
             loss = loss + F.mse_loss(pred, target)
         return loss / len(self.slices)
+
+
+# Balanced MSE (after Shi et al. 2017): squared errors weighted by the true intensity, so the rare intense
+# cells are not washed out. Weights 1, 2, 5, 10, 30 below 16, from 16, 74, 133 and 181 (VIL codes:
+# about 0.15, 0.78, 3.5 and 12.1 kg/m^2).
+BMSE_THRESHOLDS = (16, 74, 133, 181)
+BMSE_WEIGHTS = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def bmse_weights(y):
+    """Per-pixel weights of balanced MSE for targets y in [0, 1]."""
+    codes = y * 255
+    w = torch.full_like(y, BMSE_WEIGHTS[0])
+    for t, weight in zip(BMSE_THRESHOLDS, BMSE_WEIGHTS[1:]):
+        w = torch.where(codes >= t, torch.full_like(y, weight), w)
+    return w
+
+
+def balanced_mse(pred, y):
+    return (bmse_weights(y) * (pred - y) ** 2).mean()
+
+
+LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "bmse": balanced_mse}
 
 
 # ======================================================================================
@@ -933,6 +1065,35 @@ class IRLookup:
 # 6. Training loop
 # ======================================================================================
 
+def prepare_model(model, cfg, device):
+    """Move to the device; on CUDA use channels_last for 2-D networks, and torch.compile if TORCH_COMPILE."""
+    model = model.to(device)
+    if device.type == "cuda" and not any(isinstance(m, nn.Conv3d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    if getattr(cfg, "TORCH_COMPILE", False):
+        model = torch.compile(model)
+    return model
+
+
+def unwrap(model):
+    """The plain module under torch.compile (and DistributedDataParallel) wrappers."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def load_weights(model, path):
+    """Load a checkpoint's model weights into a (possibly wrapped) model; returns the checkpoint."""
+    ckpt = load_checkpoint(path)
+    unwrap(model).load_state_dict(ckpt["model"])
+    return ckpt
+
+
+def to_device(t, device):
+    t = t.to(device, non_blocking=True)
+    return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 and device.type == "cuda" else t
+
+
 def amp_dtype(device):
     """Mixed precision on CUDA only: bf16 where supported, else fp16 (with a GradScaler)."""
     if device.type != "cuda":
@@ -949,7 +1110,7 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None):
     bar = tqdm(batches(loader, "training"), total=len(loader), desc=f"epoch {epoch}", leave=False,
                dynamic_ncols=True)
     for batch, (x, y) in enumerate(bar, start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), to_device(y, device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
@@ -980,7 +1141,7 @@ def evaluate(forecast, loader, device, loss_fn=None):
     amp = amp_dtype(device) if isinstance(forecast, nn.Module) else None
     skill, total, n = SkillScore(), 0.0, 0
     for x, y in batches(loader, "validation"):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), to_device(y, device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             pred = forecast(x)
             if loss_fn is not None:
@@ -1028,7 +1189,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
     if cfg.RESUME:
         ckpt = load_checkpoint(out / "last.pt")
         check_same_config(ckpt["config"], config_dict(cfg), out / "last.pt")
-        model.load_state_dict(ckpt["model"])
+        unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt.get("scheduler"):
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -1072,11 +1233,12 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
 
 
 def _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra=None):
-    for name, p in model.state_dict().items():
+    weights = unwrap(model).state_dict()
+    for name, p in weights.items():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise RunError(f"model weight {name} is not finite after epoch {epoch}: not saved; "
                            f"checkpoints are as they were")
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    return {"model": weights, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "config": config_dict(cfg), "epoch": epoch, "best_val": best_val, "metrics": metrics,
             "history": history, "extra": extra or {}, "script": Path(inspect.getfile(type(cfg))).stem,
@@ -1399,28 +1561,36 @@ def print_table(metrics):
             enumerate(zip(metrics["model"]["csi_m_per_lead"], metrics[ref]["csi_m_per_lead"]))))
 
 
-def report(model, reference, val_dataset, cfg, device, data_kind, history=(), extra=None, num_samples=3):
-    """Score model and reference on the same validation windows; write metrics.json and every figure."""
+def report(model, reference, val_dataset, cfg, device, data_kind, history=(), extra=None, num_samples=3,
+           split="val"):
+    """Score model and reference on the same held-out windows; write metrics.json and every figure.
+
+    For split="test" the files are metrics_test.json, predictions_test.png, skill_test.png, ...
+    """
     out = Path(cfg.OUT_DIR)
+    tag = "" if split == "val" else f"_{split}"
     loader = make_loader(val_dataset, cfg, device, shuffle=False)
     _, model_scores = evaluate(model, loader, device)
     _, ref_scores = evaluate(reference, loader, device)
     _, no_rain = evaluate(lambda x: torch.zeros_like(reference(x)), loader, device)     # the trivial forecast
     metrics = {"model": model_scores, reference.name: ref_scores, "n_samples": len(val_dataset),
-               "data": data_kind, "no_rain": {"mse": no_rain["mse"], "mae": no_rain["mae"]}, **(extra or {})}
-    write_json(out / "metrics.json", metrics)
+               "data": data_kind, "split": split, "no_rain": {"mse": no_rain["mse"], "mae": no_rain["mae"]},
+               **(extra or {})}
+    write_json(out / f"metrics{tag}.json", metrics)
     print_table(metrics)
     multimodal = len(getattr(val_dataset, "mods", ())) > 1 and not hasattr(val_dataset, "input_mods")
     plot = visualize_multimodal if multimodal else visualize_predictions
-    plot(model, val_dataset, device, num_samples=num_samples, path=out / "predictions.png",
-         cmap=getattr(cfg, "CMAP", "sevir"))
+    cmap = getattr(cfg, "CMAP", "sevir")
+    written = [f"metrics{tag}.json", f"predictions{tag}.png", f"skill{tag}.png"]
+    plot(model, val_dataset, device, num_samples=num_samples, path=out / written[1], cmap=cmap)
+    plot_skill(metrics, out / written[2])
     if history:
         plot_loss(history, out / "loss.png")
-    plot_skill(metrics, out / "skill.png")
+        written.append("loss.png")
     if getattr(cfg, "T_OUT", 1) > 1:
-        forecast_gif(model, val_dataset, device, out / "forecast.gif", cmap=getattr(cfg, "CMAP", "sevir"))
-    print(f"outputs in {out}: metrics.json, predictions.png, loss.png, skill.png"
-          + (", forecast.gif" if getattr(cfg, "T_OUT", 1) > 1 else ""))
+        forecast_gif(model, val_dataset, device, out / f"forecast{tag}.gif", cmap=cmap)
+        written.append(f"forecast{tag}.gif")
+    print(f"outputs in {out}: {', '.join(written)}")
     return metrics
 
 

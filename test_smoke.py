@@ -224,8 +224,8 @@ def indexed_files(tmp_path):
 def test_sevirvil_returns_true_time_order_and_image_rows(indexed_files):
     events, root = indexed_files
     ds = common.SEVIRVIL(events, root, t_in=12, t_out=3, target_size=None, train=False)
-    assert len(ds) == 3                                              # windows start at 0, 15, 30
-    for i, start in enumerate([0, 15, 30]):
+    assert len(ds) == 3                                              # windows start at 0, 12, 24
+    for i, start in enumerate([0, 12, 24]):
         x, y = ds[i]
         assert x.shape == (1, 12, 384, 384) and y.shape == (1, 3, 384, 384)
         codes = torch.cat([x, y], 1)[0] * 255                       # (T, H, W)
@@ -255,14 +255,14 @@ def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
     shift, scale = common.SEVIR_ZSCORE["ir107"]
     mm = common.SEVIRMultimodal(events, root, mods=("vil", "ir069", "ir107"), t_in=12, t_out=1,
                                 target_size=192, train=False)
-    x, y = mm[1]                                                     # window starting at frame 13
+    x, y = mm[1]                                                     # window starting at frame 12
     assert x.shape == (3, 12, 192, 192) and y.shape == (1, 1, 192, 192)
     raw_ir = x[2] * scale + shift                                    # back to deg C x 100
     for k in range(12):
-        assert abs(float(raw_ir[k, 0, 0]) - (100 * (13 + k) + 50)) < 0.5      # top row
-        assert abs(float(raw_ir[k, -1, 0]) - 100 * (13 + k)) < 0.5           # bottom row
-        assert abs(float(x[0, k, -1, 0]) * 255 - 2 * (13 + k)) < 1e-3        # VIL resized 384 -> 192
-    assert abs(float(y[0, 0, -1, 0]) * 255 - 2 * 25) < 1e-3
+        assert abs(float(raw_ir[k, 0, 0]) - (100 * (12 + k) + 50)) < 0.5      # top row
+        assert abs(float(raw_ir[k, -1, 0]) - 100 * (12 + k)) < 0.5           # bottom row
+        assert abs(float(x[0, k, -1, 0]) * 255 - 2 * (12 + k)) < 1e-3        # VIL resized 384 -> 192
+    assert abs(float(y[0, 0, -1, 0]) * 255 - 2 * 24) < 1e-3
 
     syn = common.SyntheticRadarDataset(events, root, input_mods=("ir069", "ir107"), target_size=96, train=False)
     assert [syn.event_and_start(i)[1] for i in range(len(syn))] == [0, 12, 24, 36, 48]
@@ -388,7 +388,7 @@ REFERENCE = {"train_baseline.py": "persistence", "train_multimodal.py": "persist
 @pytest.mark.parametrize("script, extra", [
     ("train_baseline.py", ["--t_in=4", "--t_out=2"]),
     ("train_multimodal.py", ["--t_in=3", "--modalities=vil,ir107,lght"]),
-    ("train_synthetic.py", []),
+    ("train_synthetic.py", ["--input_mods=ir069,ir107,lght"]),
     ("train_advanced.py", ["--vgg_weights=none", "--target_size=64"]),
 ])
 def test_script_end_to_end(tmp_path, sample, script, extra):
@@ -584,3 +584,61 @@ def test_workers_give_the_same_metrics(tmp_path, sample):
     w0 = json.loads((tmp_path / "w0/metrics.json").read_text())
     w2 = json.loads((tmp_path / "w2/metrics.json").read_text())
     assert w0["model"] == w2["model"] and w0["persistence"] == w2["persistence"]
+
+
+# --------------------------------------------------------------------------------------
+# The SEVIR benchmark protocol, nowcasting models, losses
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["nowcastnet", "unet", "convlstm"])
+def test_nowcasters_forecast_twelve_frames(name):
+    model = common.build_nowcaster(name, 2, 13, 12, base=4)
+    x = torch.rand(2, 2, 13, 32, 32)
+    y = model(x)
+    assert y.shape == (2, 1, 12, 32, 32)
+    y.mean().backward()                                              # trains end to end
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_protocol_sets_the_benchmark_and_its_windows_and_split(sample):
+    import train_baseline
+    cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--model=unet"],
+                              size_multiple={k: v[1] for k, v in common.NOWCASTERS.items()})
+    assert (cfg.T_IN, cfg.T_OUT, cfg.TARGET_SIZE) == (13, 12, 384)
+    cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--target_size=64"])
+    assert cfg.TARGET_SIZE == 64 and cfg.T_OUT == 12                 # an explicit flag wins
+    with pytest.raises(common.UserError, match="multiple of 16"):
+        common.parse_config(train_baseline.Config, ["--model=unet", "--target_size=40"],
+                            size_multiple={k: v[1] for k, v in common.NOWCASTERS.items()})
+
+    cfg.CATALOG_PATH, cfg.SEVIR_ROOT = sample[0], str(sample[1])
+    data = common.load_events(cfg, mods=("vil",))
+    t = lambda d: d["time_utc"]
+    assert t(data.train_events).max() < pd.Timestamp("2019-01-01") <= t(data.val_events).min()
+    assert t(data.val_events).max() < pd.Timestamp("2019-06-01") <= t(data.test_events).min()
+    ds = common.SEVIRVIL(data.test_events, data.root, t_in=13, t_out=12, target_size=32, train=False)
+    assert [ds.event_and_start(i)[1] for i in range(3)] == [0, 12, 24]       # frames 0-24, 12-36, 24-48
+    assert len(ds) == 3 * len(data.test_events)
+
+
+def test_balanced_mse_weights_rise_with_intensity():
+    codes = torch.tensor([0.0, 15.9, 16.0, 73.0, 74.0, 133.0, 180.0, 181.0, 254.0])
+    assert common.bmse_weights(codes / 255).tolist() == [1, 1, 2, 2, 5, 10, 10, 30, 30]
+    y, pred = torch.tensor([0.0, 200 / 255]), torch.tensor([0.1, 200 / 255 - 0.1])
+    assert common.balanced_mse(pred, y).item() == pytest.approx((1 * 0.01 + 30 * 0.01) / 2)
+    assert common.LOSSES["mae"](pred, y).item() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("model", ["unet", "convlstm"])
+def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_test_split(tmp_path, sample, model):
+    out = tmp_path / "out"
+    r = run_script("train_baseline.py", "--protocol=sevir", f"--model={model}", "--max_train=2", "--max_val=1",
+                   "--epochs=1", *data_args(sample), f"--out_dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["model"]["csi_m_per_lead"]) == 12 and len(metrics["persistence"]["mse_per_lead"]) == 12
+    assert metrics["n_samples"] == 3 and (out / "forecast.gif").stat().st_size > 0
+    r = run_script("visualize.py", str(out), "--split=test", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    test = json.loads((out / "metrics_test.json").read_text())
+    assert test["split"] == "test" and (out / "forecast_test.gif").exists() and (out / "skill_test.png").exists()

@@ -23,7 +23,7 @@ class Config:
     BASE = 8                                 # U-Net width (notebook: 32 = 94 M parameters, too slow for a laptop CPU)
     PERCEPTUAL_WEIGHT = 0.1                  # loss = MSE + PERCEPTUAL_WEIGHT x VGG perceptual loss
     VGG_WEIGHTS = "imagenet"                 # imagenet (torch hub cache or download), or none: untrained layers
-    EPOCHS = 60                              # passes over the training events (one random frame each)
+    EPOCHS = 100                             # passes over the training events (one random frame each)
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 1e-3                                # Adam learning rate (notebook: 1e-4, slower to converge on the sample)
     LR_PATIENCE = 2                          # ReduceLROnPlateau: halve LR after this many epochs without improvement
@@ -36,6 +36,7 @@ class Config:
     NUM_WORKERS = 0                          # DataLoader worker processes
     RESUME = False                           # continue from OUT_DIR/last.pt
     OVERWRITE = False                        # replace a previous run in OUT_DIR
+    TORCH_COMPILE = False                    # torch.compile the model (CUDA; slower start, faster steps)
 
 
 def build_model(cfg):
@@ -50,7 +51,7 @@ def main(argv=None):
     device = common.pick_device(cfg.DEVICE)
     out = common.prepare_out_dir(cfg)
     data = build_data(cfg)
-    model = build_model(cfg).to(device)
+    model = common.prepare_model(build_model(cfg), cfg, device)
     print(f"AdvancedUNet: {common.count_parameters(model):,} parameters, "
           f"{'+'.join(cfg.INPUT_MODS)} -> vil at {cfg.TARGET_SIZE}x{cfg.TARGET_SIZE}, device {device}")
 
@@ -68,7 +69,7 @@ def main(argv=None):
     extra = {"perceptual_backbone": perceptual.backbone}
     history = common.fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler, extra=extra)
 
-    model.load_state_dict(common.load_checkpoint(out / "best.pt")["model"])      # report the best epoch
+    common.load_weights(model, out / "best.pt")                                  # report the best epoch
     common.report(model, build_reference(cfg, data), data.val, cfg, device, data.kind, history, extra)
 
 

@@ -1,25 +1,29 @@
 """Baseline radar nowcasting (notebook 05): the next VIL frames from the last ones.
 
-    VIL, T_IN frames  ->  VIL, T_OUT frames,   NowcastNet (Conv3D encoder-decoder), MSE loss.
+    VIL, T_IN frames  ->  VIL, T_OUT frames,   MODEL: NowcastNet (the notebook's Conv3D), a U-Net over
+    time stacked as channels (the SEVIR paper's baseline) or an encoder-forecaster ConvLSTM; LOSS: MSE.
 
 Reference forecast: persistence (the last observed frame, repeated).
+--protocol=sevir sets the SEVIR benchmark: 13 -> 12 frames at 384 x 384, Earthformer's split and windows.
 Run `python train_baseline.py --help` for every setting; override any with --key=value.
 """
 import torch
-import torch.nn as nn
 
 import common
-from common import NowcastNet, Persistence, SEVIRVIL
+from common import Persistence, SEVIRVIL
 
 
 class Config:
     CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; at the default, a generated sample is used if absent
     SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/ (and the other types)
     OUT_DIR = "outputs/train_baseline"       # checkpoints, history, metrics and figures
+    MODEL = "nowcastnet"                     # nowcastnet (notebook 05), unet (SEVIR paper baseline), convlstm
+    LOSS = "mse"                             # mse, mae, or bmse (balanced MSE: weights rise with VIL intensity)
+    PROTOCOL = "none"                        # sevir: T_IN=13, T_OUT=12, TARGET_SIZE=384, Earthformer's split
     T_IN = 12                                # input frames (5 min apart): 12 = the last hour
     T_OUT = 1                                # frames to forecast: 1 = the next 5 minutes
     TARGET_SIZE = 96                         # grid in pixels; VIL is 384 (1 km), 96 = 4 km pixels
-    BASE = 8                                 # NowcastNet width (notebook: 32, too slow for a laptop CPU)
+    BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
     EPOCHS = 60                              # passes over the training events (one random window each)
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 1e-3                                # Adam learning rate
@@ -31,19 +35,21 @@ class Config:
     NUM_WORKERS = 0                          # DataLoader worker processes
     RESUME = False                           # continue from OUT_DIR/last.pt
     OVERWRITE = False                        # replace a previous run in OUT_DIR
+    TORCH_COMPILE = False                    # torch.compile the model (CUDA; slower start, faster steps)
 
 
-def build_data(cfg):
-    """Usable VIL events split by date; windows of T_IN + T_OUT frames resized to TARGET_SIZE."""
+def build_data(cfg, split="val"):
+    """Usable VIL events split by date; windows of T_IN + T_OUT frames resized to TARGET_SIZE.
+    data.val holds the `split` events ("test" exists with PROTOCOL=sevir)."""
     data = common.load_events(cfg, mods=("vil",))
     kw = dict(t_in=cfg.T_IN, t_out=cfg.T_OUT, target_size=cfg.TARGET_SIZE, seed=cfg.SEED)
     data.train = SEVIRVIL(data.train_events, data.root, train=True, **kw)     # x (1, T_IN, S, S), y (1, T_OUT, S, S)
-    data.val = SEVIRVIL(data.val_events, data.root, train=False, **kw)
+    data.val = SEVIRVIL(common.held_out(data, split), data.root, train=False, **kw)
     return data
 
 
 def build_model(cfg):
-    return NowcastNet(in_channels=1, t_out=cfg.T_OUT, base=cfg.BASE)
+    return common.build_nowcaster(cfg.MODEL, 1, cfg.T_IN, cfg.T_OUT, cfg.BASE)
 
 
 def build_reference(cfg, data):
@@ -51,21 +57,21 @@ def build_reference(cfg, data):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv)
+    cfg = common.parse_config(Config, argv, size_multiple={k: v[1] for k, v in common.NOWCASTERS.items()})
     common.seed_everything(cfg.SEED)
     device = common.pick_device(cfg.DEVICE)
     out = common.prepare_out_dir(cfg)
     data = build_data(cfg)
-    model = build_model(cfg).to(device)
-    print(f"NowcastNet: {common.count_parameters(model):,} parameters, {cfg.T_IN} -> {cfg.T_OUT} VIL frames "
-          f"at {cfg.TARGET_SIZE}x{cfg.TARGET_SIZE}, device {device}")
+    model = common.prepare_model(build_model(cfg), cfg, device)
+    print(f"{type(common.unwrap(model)).__name__}: {common.count_parameters(model):,} parameters, "
+          f"{cfg.T_IN} -> {cfg.T_OUT} VIL frames at {cfg.TARGET_SIZE}x{cfg.TARGET_SIZE}, device {device}")
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
-    history = common.fit(model, train_loader, val_loader, nn.MSELoss(), optimizer, cfg, device)
+    history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
 
-    model.load_state_dict(common.load_checkpoint(out / "best.pt")["model"])      # report the best epoch
+    common.load_weights(model, out / "best.pt")                                  # report the best epoch
     common.report(model, build_reference(cfg, data), data.val, cfg, device, data.kind, history)
 
 

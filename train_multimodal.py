@@ -1,23 +1,26 @@
 """Multimodal nowcasting (notebook 06): the next VIL frames from radar plus satellite infrared.
 
-    VIL + IR069 + IR107, T_IN frames  ->  VIL, T_OUT frames,
-    MultimodalNowcastNet (NowcastNet with one input channel per modality), MSE loss.
+    VIL + IR069 + IR107, T_IN frames  ->  VIL, T_OUT frames,   MODEL: MultimodalNowcastNet (NowcastNet
+    with one input channel per modality), a U-Net over time stacked as channels, or a ConvLSTM; LOSS: MSE.
 
 Reference forecast: persistence (the last observed VIL frame, repeated).
+--protocol=sevir sets the SEVIR benchmark: 13 -> 12 frames at 384 x 384, Earthformer's split and windows.
 Run `python train_multimodal.py --help` for every setting; override any with --key=value.
 """
 import torch
-import torch.nn as nn
 
 import common
-from common import MultimodalNowcastNet, Persistence, SEVIRMultimodal
+from common import Persistence, SEVIRMultimodal
 
 
 class Config:
     CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; at the default, a generated sample is used if absent
     SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ir107/, lght/
     OUT_DIR = "outputs/train_multimodal"     # checkpoints, history, metrics and figures
-    MODALITIES = ("vil", "ir069", "ir107")   # input channels, in order; vil is required (it is the target)
+    MODALITIES = ("vil", "ir069", "ir107")   # input channels, in order; vil is required (it is the target); lght too
+    MODEL = "nowcastnet"                     # nowcastnet (notebook 06), unet (SEVIR paper baseline), convlstm
+    LOSS = "mse"                             # mse, mae, or bmse (balanced MSE: weights rise with VIL intensity)
+    PROTOCOL = "none"                        # sevir: T_IN=13, T_OUT=12, TARGET_SIZE=384, Earthformer's split
     T_IN = 12                                # input frames (5 min apart): 12 = the last hour
     T_OUT = 1                                # VIL frames to forecast: 1 = the next 5 minutes
     TARGET_SIZE = 96                         # common grid in pixels (VIL 384, IR 192 are resized to it)
@@ -34,20 +37,23 @@ class Config:
     NUM_WORKERS = 0                          # DataLoader worker processes
     RESUME = False                           # continue from OUT_DIR/last.pt
     OVERWRITE = False                        # replace a previous run in OUT_DIR
+    TORCH_COMPILE = False                    # torch.compile the model (CUDA; slower start, faster steps)
 
 
-def build_data(cfg):
-    """Events with every modality, split by date; all modalities resized to TARGET_SIZE and stacked."""
+def build_data(cfg, split="val"):
+    """Events with every modality, split by date; all modalities resized to TARGET_SIZE and stacked.
+    data.val holds the `split` events ("test" exists with PROTOCOL=sevir)."""
     data = common.load_events(cfg, mods=cfg.MODALITIES)
     kw = dict(mods=cfg.MODALITIES, t_in=cfg.T_IN, t_out=cfg.T_OUT, target_size=cfg.TARGET_SIZE,
               ir_norm=cfg.IR_NORM, seed=cfg.SEED)
     data.train = SEVIRMultimodal(data.train_events, data.root, train=True, **kw)  # x (C, T_IN, S, S), y (1, T_OUT, S, S)
-    data.val = SEVIRMultimodal(data.val_events, data.root, train=False, **kw)
+    data.val = SEVIRMultimodal(common.held_out(data, split), data.root, train=False, **kw)
     return data
 
 
 def build_model(cfg):
-    return MultimodalNowcastNet(in_channels=len(cfg.MODALITIES), t_out=cfg.T_OUT, base=cfg.BASE)
+    """MultimodalNowcastNet, NowcastUNet or ConvLSTMNet with one input channel per modality."""
+    return common.build_nowcaster(cfg.MODEL, len(cfg.MODALITIES), cfg.T_IN, cfg.T_OUT, cfg.BASE)
 
 
 def build_reference(cfg, data):
@@ -55,22 +61,22 @@ def build_reference(cfg, data):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv)
+    cfg = common.parse_config(Config, argv, size_multiple={k: v[1] for k, v in common.NOWCASTERS.items()})
     common.seed_everything(cfg.SEED)
     device = common.pick_device(cfg.DEVICE)
     out = common.prepare_out_dir(cfg)
     data = build_data(cfg)
-    model = build_model(cfg).to(device)
-    print(f"MultimodalNowcastNet: {common.count_parameters(model):,} parameters, "
+    model = common.prepare_model(build_model(cfg), cfg, device)
+    print(f"{type(common.unwrap(model)).__name__}: {common.count_parameters(model):,} parameters, "
           f"{'+'.join(cfg.MODALITIES)} x {cfg.T_IN} -> {cfg.T_OUT} VIL frames at {cfg.TARGET_SIZE}x{cfg.TARGET_SIZE}, "
           f"device {device}")
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
-    history = common.fit(model, train_loader, val_loader, nn.MSELoss(), optimizer, cfg, device)
+    history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
 
-    model.load_state_dict(common.load_checkpoint(out / "best.pt")["model"])      # report the best epoch
+    common.load_weights(model, out / "best.pt")                                  # report the best epoch
     common.report(model, build_reference(cfg, data), data.val, cfg, device, data.kind, history)
 
 

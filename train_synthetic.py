@@ -1,12 +1,11 @@
 """Synthetic radar (notebook 07): VIL where no radar exists, from satellite infrared at the same time.
 
-    IR069 + IR107 (+ optional lightning)  ->  VIL,   SyntheticRadarUNet (4-level U-Net), MSE loss.
+    IR069 + IR107 (+ optional lightning)  ->  VIL,   SyntheticRadarUNet (4-level U-Net), LOSS: MSE.
 
 Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
 Run `python train_synthetic.py --help` for every setting; override any with --key=value.
 """
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader
 
 import common
@@ -20,7 +19,8 @@ class Config:
     INPUT_MODS = ("ir069", "ir107")          # satellite inputs; add lght for lightning (as the SEVIR paper)
     TARGET_SIZE = 128                        # common grid in pixels (VIL is 384, IR 192); a multiple of 16
     BASE = 32                                # U-Net width (channels of the first level), as notebook 07
-    EPOCHS = 60                              # passes over the training events (one random frame each)
+    LOSS = "mse"                             # mse, mae, or bmse (balanced MSE: weights rise with VIL intensity)
+    EPOCHS = 80                              # passes over the training events (one random frame each)
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 1e-3                                # Adam learning rate
     MAX_TRAIN = 0                            # training events to use, 0 = all
@@ -32,14 +32,16 @@ class Config:
     NUM_WORKERS = 0                          # DataLoader worker processes
     RESUME = False                           # continue from OUT_DIR/last.pt
     OVERWRITE = False                        # replace a previous run in OUT_DIR
+    TORCH_COMPILE = False                    # torch.compile the model (CUDA; slower start, faster steps)
 
 
-def build_data(cfg):
-    """Usable events split by date; datasets of single frames resized to TARGET_SIZE."""
+def build_data(cfg, split="val"):
+    """Usable events split by date; datasets of single frames resized to TARGET_SIZE.
+    data.val holds the `split` events (only "val" here: the test split belongs to PROTOCOL=sevir)."""
     data = common.load_events(cfg, mods=cfg.INPUT_MODS + ("vil",))
     kw = dict(input_mods=cfg.INPUT_MODS, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM, seed=cfg.SEED)
     data.train = SyntheticRadarDataset(data.train_events, data.root, train=True, **kw)       # x (C, S, S), y (1, S, S)
-    data.val = SyntheticRadarDataset(data.val_events, data.root, train=False, **kw)
+    data.val = SyntheticRadarDataset(common.held_out(data, split), data.root, train=False, **kw)
     return data
 
 
@@ -63,16 +65,16 @@ def main(argv=None):
     device = common.pick_device(cfg.DEVICE)
     out = common.prepare_out_dir(cfg)
     data = build_data(cfg)
-    model = build_model(cfg).to(device)
+    model = common.prepare_model(build_model(cfg), cfg, device)
     print(f"SyntheticRadarUNet: {common.count_parameters(model):,} parameters, "
           f"{'+'.join(cfg.INPUT_MODS)} -> vil at {cfg.TARGET_SIZE}x{cfg.TARGET_SIZE}, device {device}")
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
-    history = common.fit(model, train_loader, val_loader, nn.MSELoss(), optimizer, cfg, device)
+    history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
 
-    model.load_state_dict(common.load_checkpoint(out / "best.pt")["model"])      # report the best epoch
+    common.load_weights(model, out / "best.pt")                                  # report the best epoch
     common.report(model, build_reference(cfg, data), data.val, cfg, device, data.kind, history)
 
 

@@ -2,6 +2,7 @@
 
     python visualize.py outputs/train_synthetic              # best.pt in that folder
     python visualize.py outputs/train_baseline/last.pt --num_samples=5
+    python visualize.py outputs/train_baseline --split=test     # PROTOCOL=sevir runs: score the test events
 
 The checkpoint names its script and holds its Config; the script's build_data, build_model and
 build_reference rebuild the validation data, the network and the reference forecast. Outputs go
@@ -16,6 +17,7 @@ import common
 
 class Config:
     NUM_SAMPLES = 3       # rows in predictions.png
+    SPLIT = "val"         # val, or test (PROTOCOL=sevir runs): files get a _test suffix
     DEVICE = "auto"       # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     CATALOG_PATH = ""     # data location, if not where the checkpoint's run found it
     SEVIR_ROOT = ""       # (both empty: as recorded in the checkpoint)
@@ -40,12 +42,12 @@ def main(argv=None):
     cfg.SEVIR_ROOT = opts.SEVIR_ROOT or cfg.SEVIR_ROOT
     device = common.pick_device(opts.DEVICE)
 
-    data = script.build_data(cfg)
+    data = script.build_data(cfg, split=opts.SPLIT)
     model = script.build_model(cfg).to(device)
     model.load_state_dict(ckpt["model"])
-    print(f"{ckpt['script']}: epoch {ckpt['epoch']} of {ckpt_path}")
+    print(f"{ckpt['script']}: epoch {ckpt['epoch']} of {ckpt_path}, {opts.SPLIT} split")
     common.report(model, script.build_reference(cfg, data), data.val, cfg, device, data.kind,
-                  history=ckpt["history"], extra=ckpt.get("extra"), num_samples=opts.NUM_SAMPLES)
+                  history=ckpt["history"], extra=ckpt.get("extra"), num_samples=opts.NUM_SAMPLES, split=opts.SPLIT)
 
 
 if __name__ == "__main__":
