@@ -16,6 +16,7 @@ import argparse
 import csv
 import datetime as dt
 import inspect
+import io
 import json
 import math
 import os
@@ -207,6 +208,44 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def dist_info():
+    """(rank, world size): (0, 1) unless launched by torchrun."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def is_main():
+    """True in the process that writes checkpoints, figures and logs (rank 0)."""
+    return dist_info()[0] == 0
+
+
+def init_device(name):
+    """The device to run on. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) this also joins the
+    process group, nccl on CUDA and gloo on CPU, takes GPU LOCAL_RANK, and silences other ranks' stdout."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return pick_device(name)
+    import atexit
+    import torch.distributed as dist
+    device = pick_device(name)
+    if device.type == "cuda":
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over processes (a no-op in one process)."""
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t
 
 
 def pick_device(name):
@@ -613,20 +652,46 @@ def collate_skipping(batch):
     return x, y, len(batch) - len(good)
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """One epoch's indices: a permutation seeded by (seed, epoch) when shuffling, else in order.
+
+    With several processes, process `rank` takes every `world`-th index, so the processes' batches
+    together are exactly the one-process batches of the global batch size. Training shards only
+    whole global batches (DDP needs equal batch counts); validation shards everything, unpadded.
+    """
+
+    def __init__(self, n, shuffle, seed, batch_size, rank=0, world=1):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.rank, self.world = rank, world
+        self.used = n - n % batch_size if (shuffle and world > 1) else n
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+                 if self.shuffle else torch.arange(self.n))
+        return iter(order[:self.used][self.rank::self.world].tolist())
+
+    def __len__(self):
+        return len(range(self.rank, self.used, self.world))
+
+
 def make_loader(dataset, cfg, device, shuffle):
-    """A DataLoader of (x, y, n_skipped); the shuffle comes from a generator seeded per epoch (loader_epoch)."""
-    return DataLoader(dataset, batch_size=cfg.BATCH_SIZE, shuffle=shuffle, num_workers=cfg.NUM_WORKERS,
-                      pin_memory=device.type == "cuda", generator=torch.Generator() if shuffle else None,
-                      collate_fn=collate_skipping)
+    """A DataLoader of (x, y, n_skipped) batches; BATCH_SIZE is the global batch, split over processes."""
+    rank, world = dist_info()
+    sampler = EpochSampler(len(dataset), shuffle, cfg.SEED, cfg.BATCH_SIZE, rank, world)
+    return DataLoader(dataset, batch_size=cfg.BATCH_SIZE // world, sampler=sampler, num_workers=cfg.NUM_WORKERS,
+                      pin_memory=device.type == "cuda", collate_fn=collate_skipping)
 
 
 def batches(loader, what):
     """Yield the (x, y) batches of a loader, counting skipped items; stop past 10% of the dataset."""
-    skipped, limit = 0, 0.1 * len(loader.dataset)
+    skipped, total = 0, len(loader.sampler)
     for x, y, n in loader:
         skipped += n
-        if skipped > limit:
-            raise RunError(f"{skipped} of {len(loader.dataset)} {what} samples could not be read (over 10%): "
+        if skipped > 0.1 * total:
+            raise RunError(f"{skipped} of {total} {what} samples could not be read (over 10%): "
                            f"stopped; see the warnings above for the files")
         if x is not None:
             yield x, y
@@ -634,11 +699,10 @@ def batches(loader, what):
         print(f"warning: {skipped} {what} samples skipped (unreadable files)", file=sys.stderr)
 
 
-def loader_epoch(loader, seed, epoch):
-    """Fix this epoch's shuffle and windows from (seed, epoch): a resumed run sees the same batches."""
+def loader_epoch(loader, epoch):
+    """Fix this epoch's shuffle and windows from (SEED, epoch): a resumed run sees the same batches."""
     loader.dataset.set_epoch(epoch)
-    if loader.generator is not None:
-        loader.generator.manual_seed(seed * 100_003 + epoch)
+    loader.sampler.set_epoch(epoch)
     return loader
 
 
@@ -982,6 +1046,15 @@ class SkillScore:
             for k, v in new.items():
                 self.counts[k] += v
 
+    def all_reduce(self):
+        """Add up the counts of every process (torchrun); a no-op in one process."""
+        if dist_info()[1] > 1:
+            if self.counts is None:
+                raise RunError("a process had no validation samples: use fewer processes or more events")
+            for v in self.counts.values():
+                all_reduce_sum(v)
+        return self
+
     @staticmethod
     def _ratio(a, b):
         return np.where(b > 0, a / np.maximum(b, 1), np.nan)
@@ -1066,10 +1139,15 @@ class IRLookup:
 # ======================================================================================
 
 def prepare_model(model, cfg, device):
-    """Move to the device; on CUDA use channels_last for 2-D networks, and torch.compile if TORCH_COMPILE."""
+    """Move to the device; on CUDA use channels_last for 2-D networks; wrap in DistributedDataParallel under
+    torchrun; torch.compile if TORCH_COMPILE."""
     model = model.to(device)
     if device.type == "cuda" and not any(isinstance(m, nn.Conv3d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)
+    if dist_info()[1] > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)    # batch statistics over all GPUs
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if getattr(cfg, "TORCH_COMPILE", False):
         model = torch.compile(model)
     return model
@@ -1108,7 +1186,7 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None):
     amp = amp_dtype(device)
     total, n = 0.0, 0
     bar = tqdm(batches(loader, "training"), total=len(loader), desc=f"epoch {epoch}", leave=False,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not is_main())
     for batch, (x, y) in enumerate(bar, start=1):
         x, y = to_device(x, device), to_device(y, device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -1127,6 +1205,7 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None):
         total += loss.item() * len(x)
         n += len(x)
         bar.set_postfix(loss=f"{total / n:.5f}")
+    total, n = all_reduce_sum(torch.tensor([total, n], dtype=torch.float64)).tolist()   # over processes
     return total / n
 
 
@@ -1134,10 +1213,11 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None):
 def evaluate(forecast, loader, device, loss_fn=None):
     """Score a model or a reference forecast on a loader: (mean loss or None, SkillScore dict).
 
-    Forecasts are clamped to [0, 1] before scoring; the loss uses them as they are.
+    Forecasts are clamped to [0, 1] before scoring; the loss uses them as they are. Under torchrun each
+    process scores its share and the sums are added up, so every process gets the whole set's scores.
     """
     if isinstance(forecast, nn.Module):
-        forecast.eval()
+        forecast = unwrap(forecast).eval()                # DDP's forward would sync; plain forward here
     amp = amp_dtype(device) if isinstance(forecast, nn.Module) else None
     skill, total, n = SkillScore(), 0.0, 0
     for x, y in batches(loader, "validation"):
@@ -1148,7 +1228,8 @@ def evaluate(forecast, loader, device, loss_fn=None):
                 total += loss_fn(pred, y).item() * len(x)
         n += len(x)
         skill.update(pred.float().clamp(0, 1), y)
-    return (total / n if loss_fn is not None else None), skill.compute()
+    total, n = all_reduce_sum(torch.tensor([total, n], dtype=torch.float64, device=device)).tolist()
+    return (total / n if loss_fn is not None else None), skill.all_reduce().compute()
 
 
 # Config keys that may change when a run is resumed; every other key must match the checkpoint.
@@ -1158,6 +1239,8 @@ RESUMABLE_KEYS = {"EPOCHS", "RESUME", "OVERWRITE", "NUM_WORKERS", "DEVICE", "OUT
 def prepare_out_dir(cfg):
     """Create OUT_DIR, check it is writable, refuse to replace an earlier run unless asked. Before any data."""
     out = Path(cfg.OUT_DIR)
+    if not is_main():                             # rank 0 decides and writes
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_test_{os.getpid()}"
@@ -1198,14 +1281,14 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start, best_val, history = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["history"]
         print(f"resumed from {out / 'last.pt'} after epoch {ckpt['epoch']} (best val {best_val:.5f})")
-    else:
+    elif is_main():
         save_checkpoint(_checkpoint(model, optimizer, scheduler, cfg, 0, best_val, {}, history, extra), out / "last.pt")
 
     epoch = start
     try:
         for epoch in range(start, cfg.EPOCHS + 1):
             t0 = time.time()
-            train_loss = train_epoch(model, loader_epoch(train_loader, cfg.SEED, epoch), loss_fn, optimizer,
+            train_loss = train_epoch(model, loader_epoch(train_loader, epoch), loss_fn, optimizer,
                                      device, epoch, scaler)
             val_loss, metrics = evaluate(model, val_loader, device, loss_fn)
             if scheduler is not None:
@@ -1215,11 +1298,12 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
             best_val = min(best_val, val_loss)
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                             "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
-            write_history(out / "history.csv", history)
-            ckpt = _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra)
-            save_checkpoint(ckpt, out / "last.pt")
-            if improved:
-                save_checkpoint(ckpt, out / "best.pt")
+            if is_main():
+                write_history(out / "history.csv", history)
+                ckpt = _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra)
+                save_checkpoint(ckpt, out / "last.pt")
+                if improved:
+                    save_checkpoint(ckpt, out / "best.pt")
             print(f"epoch {epoch}/{cfg.EPOCHS}  train {train_loss:.5f}  val {val_loss:.5f}  "
                   f"CSI-M {metrics['csi_m']:.3f}  {history[-1]['seconds']:.0f}s" + ("  * best" if improved else ""))
     except KeyboardInterrupt:
@@ -1229,6 +1313,9 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
               f"  python {script} {' '.join(a for a in sys.argv[1:] if not a.lower().startswith('--resume'))}"
               f" --resume=true".replace("  --", " --"), file=sys.stderr)
         sys.exit(130)
+    if dist_info()[1] > 1:                         # the others read best.pt next: wait for rank 0's writes
+        import torch.distributed as dist
+        dist.barrier()
     return history
 
 
@@ -1576,6 +1663,8 @@ def report(model, reference, val_dataset, cfg, device, data_kind, history=(), ex
     metrics = {"model": model_scores, reference.name: ref_scores, "n_samples": len(val_dataset),
                "data": data_kind, "split": split, "no_rain": {"mse": no_rain["mse"], "mae": no_rain["mae"]},
                **(extra or {})}
+    if not is_main():                              # every process scored its share; rank 0 writes
+        return metrics
     write_json(out / f"metrics{tag}.json", metrics)
     print_table(metrics)
     multimodal = len(getattr(val_dataset, "mods", ())) > 1 and not hasattr(val_dataset, "input_mods")
@@ -1765,6 +1854,190 @@ def make_sample_sevir(root, n_events=20, seed=0):
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, catalog)
+    return str(catalog)
+
+
+# ======================================================================================
+# 10. Download: a SEVIR subset over HTTPS, reading only the chosen events' bytes
+# ======================================================================================
+
+SEVIR_URL = "https://sevir.s3.us-east-1.amazonaws.com"   # the public bucket s3://sevir: CATALOG.csv, data/<type>/...
+EVENT_BYTES = {"vil": 384 * 384 * 49, "ir069": 192 * 192 * 49 * 2, "ir107": 192 * 192 * 49 * 2, "lght": 0}
+EVENT_DTYPE = {"vil": np.uint8, "ir069": np.int16, "ir107": np.int16}
+
+
+def http_get(url, start=None, stop=None, tries=5, backoff=1.0):
+    """(body, total size) of GET url, bytes [start, stop) when given, with retries and backoff on
+    transient errors (5xx, 429, timeouts, dropped connections); UserError for 403, 404 and no network."""
+    import socket
+    import urllib.error
+    import urllib.request
+    headers = {"Range": f"bytes={start}-{stop - 1}"} if start is not None else {}
+    why = ""
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+                body = r.read()
+                total = r.headers.get("Content-Range", "").rpartition("/")[2] or r.headers.get("Content-Length")
+                if start is not None and r.status == 200:           # the server ignored Range
+                    total, body = len(body), body[start:stop]
+                return body, int(total) if total else len(body)
+        except urllib.error.HTTPError as e:
+            if e.code in (403, 404):
+                raise UserError(f"{url}: HTTP {e.code} ({'access denied' if e.code == 403 else 'no such file'})") from None
+            if e.code < 500 and e.code != 429:
+                raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
+            why = f"HTTP {e.code}"
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, socket.gaierror):
+                raise UserError(f"cannot reach {url.split('/')[2]}: no network or unknown host") from None
+            why = str(e.reason)
+        except (TimeoutError, ConnectionError, OSError) as e:
+            why = type(e).__name__
+        if attempt < tries - 1:
+            time.sleep(backoff * 2 ** attempt)
+    raise UserError(f"cannot fetch {url} after {tries} tries ({why})")
+
+
+class HTTPRangeFile(io.RawIOBase):
+    """A read-only file over HTTP range requests, for h5py.File: reads go by 256 KiB blocks, cached."""
+
+    def __init__(self, url, block=1 << 18, cache_blocks=64, backoff=1.0):
+        super().__init__()
+        self.url, self.block, self.cache_blocks, self.backoff, self.pos = url, block, cache_blocks, backoff, 0
+        self.cache = {}                                             # block number -> bytes, insertion-ordered
+        first, self.size = http_get(url, 0, block, backoff=backoff)
+        self.cache[0] = first
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def readinto(self, buffer):
+        n = max(0, min(len(buffer), self.size - self.pos))
+        if n == 0:
+            return 0
+        first, last = self.pos // self.block, (self.pos + n - 1) // self.block
+        missing = [k for k in range(first, last + 1) if k not in self.cache]
+        if missing:                                                 # one request for the whole gap
+            lo, hi = missing[0] * self.block, min((missing[-1] + 1) * self.block, self.size)
+            body, _ = http_get(self.url, lo, hi, backoff=self.backoff)
+            for k in range(missing[0], missing[-1] + 1):
+                self.cache[k] = body[(k - missing[0]) * self.block:(k - missing[0] + 1) * self.block]
+            while len(self.cache) > max(self.cache_blocks, last - first + 1):
+                self.cache.pop(next(iter(self.cache)))
+        data = b"".join(self.cache[k] for k in range(first, last + 1))
+        offset = self.pos - first * self.block
+        buffer[:n] = data[offset:offset + n]
+        self.pos += n
+        return n
+
+
+def choose_events(catalog, types, max_events=None, since=None, until=None, event_type=None):
+    """Ids of events with one row per type and pct_missing 0, in time order, filtered and cut."""
+    df = read_catalog(catalog)
+    df = df[df["img_type"].isin(types)]
+    per = df.groupby(["id", "img_type"]).size()
+    dup = set(per[per > 1].index.get_level_values("id"))
+    complete = df.drop_duplicates(["id", "img_type"]).groupby("id").size()
+    ok = set(complete[complete == len(types)].index) - dup - set(df.loc[df["pct_missing"] > 0, "id"])
+    events = df[df["id"].isin(ok)].drop_duplicates("id")
+    if since:
+        events = events[events["time_utc"] >= pd.Timestamp(since)]
+    if until:
+        events = events[events["time_utc"] < pd.Timestamp(until)]
+    if event_type:
+        events = events[events["event_type"].str.lower() == event_type.lower()]
+    ids = events.sort_values(["time_utc", "id"])["id"].tolist()
+    return ids[:max_events] if max_events else ids
+
+
+def _holds(path, wanted):
+    """Whether a local HDF5 file exists, opens, and was written for exactly these event ids."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("events") == wanted
+    except OSError:
+        return False
+
+
+def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, until=None, event_type=None,
+             base_url=SEVIR_URL, backoff=1.0):
+    """Write a local SEVIR subset in `out`: the chosen events' bytes only, same file names, `id`
+    datasets and a matching CATALOG.csv. Resumable: finished files are not fetched again and an
+    interrupted file continues from its last event. Returns the local catalog's path."""
+    from tqdm import tqdm
+    out, base_url = Path(out), base_url.rstrip("/")
+    unknown = [t for t in types if t not in EVENT_BYTES]
+    if unknown:
+        raise UserError(f"--types: unknown {', '.join(unknown)}; choose from {', '.join(EVENT_BYTES)}")
+    out.mkdir(parents=True, exist_ok=True)
+    remote_catalog = out / "CATALOG.remote.csv"                   # the full catalog, fetched once
+    if not remote_catalog.exists():
+        body, _ = http_get(f"{base_url}/CATALOG.csv", backoff=backoff)
+        Path(f"{remote_catalog}.tmp").write_bytes(body)
+        os.replace(f"{remote_catalog}.tmp", remote_catalog)
+    ids = choose_events(remote_catalog, types, max_events, since, until, event_type)
+    if not ids:
+        raise UserError("no event in the catalog matches --types, --since, --until and --event-type")
+    raw = pd.read_csv(remote_catalog, dtype=str, keep_default_na=False)
+    raw["img_type"] = raw["img_type"].str.lower()
+    rows = raw[raw["id"].isin(ids) & raw["img_type"].isin(types)].copy()
+    rows["order"] = rows["id"].map({e: i for i, e in enumerate(ids)})
+    rows = rows.sort_values(["file_name", "order"])
+    print(f"downloading {len(ids)} events ({', '.join(types)}) from {len(set(rows['file_name']))} files")
+    bar = tqdm(total=sum(EVENT_BYTES[t] for t in rows["img_type"]), unit="B", unit_scale=True, desc="download")
+    for file_name, group in rows.groupby("file_name", sort=False):
+        final, part = out / file_name, out / f"{file_name}.part"
+        mod, wanted = group["img_type"].iloc[0], ",".join(group["id"])
+        if _holds(final, wanted):                                   # finished earlier: not fetched again
+            bar.update(EVENT_BYTES[mod] * len(group))
+            continue
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not _holds(part, wanted):                                # absent, broken, or another selection
+            part.unlink(missing_ok=True)
+        with h5py.File(part, "a") as dst, HTTPRangeFile(f"{base_url}/data/{file_name}", backoff=backoff) as remote, \
+                h5py.File(remote, "r") as src:
+            dst.attrs["events"] = wanted
+            if mod == "lght":
+                for event in group["id"]:
+                    if event not in dst:
+                        flashes = src[event][()]
+                        if flashes.ndim != 2 or flashes.shape[1] != 5:
+                            raise RunError(f"{file_name}: {event} has shape {flashes.shape}, expected (n, 5)")
+                        dst.create_dataset(event, data=flashes)
+            else:
+                size, n = NATIVE_SIZE[mod], len(group)
+                images = dst.require_dataset(mod, (n, size, size, N_FRAMES), dtype=EVENT_DTYPE[mod])
+                id_ds = dst.require_dataset("id", (n,), dtype=src["id"].dtype)
+                done = dst.require_dataset("done", (n,), dtype=bool)
+                for k, index in enumerate(group["file_index"].astype(int)):
+                    if not done[k]:
+                        event = src[mod][index]                     # only this event's bytes travel
+                        if event.shape != (size, size, N_FRAMES) or event.dtype != EVENT_DTYPE[mod]:
+                            raise RunError(f"{file_name}[{index}]: {event.dtype} {event.shape}, expected "
+                                           f"{np.dtype(EVENT_DTYPE[mod])} {(size, size, N_FRAMES)}")
+                        images[k], id_ds[k], done[k] = event, src["id"][index], True
+                        dst.flush()
+                    bar.update(EVENT_BYTES[mod])
+                del dst["done"]
+        os.replace(part, final)
+    bar.close()
+    rows["file_index"] = np.where(rows["img_type"] == "lght", "0",
+                                  rows.groupby("file_name").cumcount().astype(str))
+    catalog = out / "CATALOG.csv"
+    rows.sort_values(["order", "img_type"]).drop(columns="order").to_csv(f"{catalog}.tmp", index=False)
+    os.replace(f"{catalog}.tmp", catalog)
+    print(f"wrote {catalog}: use --catalog_path={catalog} --sevir_root={out}")
     return str(catalog)
 
 
@@ -1977,6 +2250,14 @@ def _cli(argv=None):
     s.add_argument("--out", default=SAMPLE_ROOT, help=f"folder to write (default {SAMPLE_ROOT})")
     s.add_argument("--events", type=int, default=20, help="number of events (default 20)")
     s.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("download", help="fetch a SEVIR subset: only the chosen events' bytes")
+    d.add_argument("--out", required=True, help="local folder for CATALOG.csv and the HDF5 files")
+    d.add_argument("--types", default="vil,ir069,ir107", help="comma-separated: vil, ir069, ir107, lght")
+    d.add_argument("--max-events", type=int, default=None, help="at most this many events (earliest first)")
+    d.add_argument("--since", default=None, help="events with time_utc from this date (YYYY-MM-DD)")
+    d.add_argument("--until", default=None, help="events with time_utc before this date")
+    d.add_argument("--event-type", default=None, help='NWS event type, e.g. "Hail" or "Thunderstorm Wind"')
+    d.add_argument("--base-url", default=SEVIR_URL, help=f"bucket or mirror (default {SEVIR_URL})")
     b = sub.add_parser("bench", help="measure data loading, training steps and memory on this machine")
     b.add_argument("--root", default=SAMPLE_ROOT, help="sample folder (made if absent)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (one epoch per script)")
@@ -1985,6 +2266,9 @@ def _cli(argv=None):
         t0 = time.time()
         path = make_sample_sevir(args.out, n_events=args.events, seed=args.seed)
         print(f"wrote {path} and its HDF5 files in {time.time() - t0:.1f}s")
+    elif args.command == "download":
+        download(args.out, tuple(t.strip() for t in args.types.split(",") if t.strip()), args.max_events,
+                 args.since, args.until, args.event_type, args.base_url)
     elif args.command == "bench":
         bench(args.root, with_memory=not args.no_memory)
 

@@ -642,3 +642,113 @@ def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_test_split(tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     test = json.loads((out / "metrics_test.json").read_text())
     assert test["split"] == "test" and (out / "forecast_test.gif").exists() and (out / "skill_test.png").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Scale: torchrun
+# --------------------------------------------------------------------------------------
+
+def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
+    args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=2", "--max_train=2", "--max_val=1",
+            "--t_in=4", "--t_out=2", *data_args(sample)]
+    one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "train_baseline.py"), *args, f"--out_dir={tmp_path / 'two'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one/metrics.json").read_text())
+    b = json.loads((tmp_path / "two/metrics.json").read_text())
+    assert a["n_samples"] == b["n_samples"]
+    for key in ("mse", "mae", "csi_16", "csi_m"):
+        assert b["model"][key] == pytest.approx(a["model"][key], rel=1e-4, abs=1e-7), key
+    scalars = lambda d: {k: v for k, v in d.items() if not isinstance(v, list)}
+    assert scalars(b["persistence"]) == pytest.approx(scalars(a["persistence"]), rel=1e-9, nan_ok=True)
+    assert two.stdout.count("epoch 2/2") == 1                        # only rank 0 reports
+
+
+# --------------------------------------------------------------------------------------
+# Scale: python common.py download, against a local HTTP server that honours Range
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def bucket(tmp_path):
+    """A SEVIR-like bucket (CATALOG.csv, data/<type>/...) served on 127.0.0.1, counting bytes."""
+    import http.server
+    import threading
+    root = tmp_path / "bucket"
+    common.make_sample_sevir(root / "data", n_events=10, seed=2)
+    (root / "data" / "CATALOG.csv").rename(root / "CATALOG.csv")
+    state = {"served": 0, "fail_next": 0, "limit": None}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = root / self.path.lstrip("/")
+            if state["fail_next"] > 0:
+                state["fail_next"] -= 1
+                return self.send_error(503)
+            if not path.is_file():
+                return self.send_error(404)
+            size = path.stat().st_size
+            start, stop = 0, size
+            if "Range" in self.headers:
+                a, b = self.headers["Range"].split("=")[1].split("-")
+                start, stop = int(a), min(int(b) + 1, size)
+            if state["limit"] is not None and state["served"] + stop - start > state["limit"]:
+                return self.send_error(403)
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read(stop - start)
+            self.send_response(206 if "Range" in self.headers else 200)
+            if "Range" in self.headers:
+                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            state["served"] += len(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root, state
+    server.shutdown()
+
+
+def test_download_reads_only_the_chosen_events_and_resumes(tmp_path, bucket, capsys):
+    url, root, state = bucket
+    out = tmp_path / "subset"
+    vil_files = sum(p.stat().st_size for p in (root / "data" / "vil").rglob("*.h5"))
+    state["fail_next"] = 2                                        # transient errors: retried
+    catalog = common.download(out, types=("vil", "ir107"), max_events=2, since="2019-01-01", base_url=url,
+                              backoff=0.01)
+    catalog_bytes = (root / "CATALOG.csv").stat().st_size
+    assert state["served"] - catalog_bytes < 0.5 * vil_files     # 2 of 10 events: far less than the files
+    events = common.load_catalog(catalog, out, mods=("vil", "ir107"))
+    assert len(events) == 2 and (events["time_utc"] >= pd.Timestamp("2019-01-01")).all()
+    remote = pd.read_csv(root / "CATALOG.csv", dtype=str, keep_default_na=False)
+    for e in events.itertuples():                                  # same bytes as the source event
+        src = remote[(remote["id"] == e.id) & (remote["img_type"] == "vil")].iloc[0]
+        with h5py.File(root / "data" / src["file_name"]) as a, h5py.File(out / e.vil_file) as b:
+            assert np.array_equal(a["vil"][int(src["file_index"])], b["vil"][e.vil_index])
+            assert b["id"][e.vil_index].decode() == e.id
+    state["served"] = 0
+    common.download(out, types=("vil", "ir107"), max_events=2, since="2019-01-01", base_url=url)
+    assert state["served"] == 0                                   # finished files are not fetched again
+
+    out2 = tmp_path / "interrupted"
+    state.update(served=0, limit=int(8e6))                        # the connection is refused past 8 MB
+    with pytest.raises(common.UserError, match="HTTP 403"):
+        common.download(out2, types=("vil",), max_events=3, base_url=url, backoff=0.01)
+    assert list(out2.rglob("*.part"))
+    first = state["served"]
+    state.update(served=0, limit=None)
+    common.download(out2, types=("vil",), max_events=3, base_url=url, backoff=0.01)
+    assert state["served"] < 3 * 7_225_344 - 0.5 * first + 1e6     # went on from the events it had
+    assert not list(out2.rglob("*.part")) and len(common.load_catalog(out2 / "CATALOG.csv", out2, ("vil",))) == 3
+
+    with pytest.raises(common.UserError, match="HTTP 404"):
+        common.download(tmp_path / "x", base_url=url + "/nothing-here", backoff=0.01)
+    with pytest.raises(common.UserError, match="no network or unknown host"):
+        common.download(tmp_path / "y", base_url="http://sevir.invalid", backoff=0.01)

@@ -48,7 +48,7 @@ def main(argv=None):
     if cfg.VGG_WEIGHTS not in ("imagenet", "none"):
         raise common.UserError(f"--vgg_weights={cfg.VGG_WEIGHTS!r}: one of imagenet, none")
     common.seed_everything(cfg.SEED)
-    device = common.pick_device(cfg.DEVICE)
+    device = common.init_device(cfg.DEVICE)            # joins torchrun's process group if launched so
     out = common.prepare_out_dir(cfg)
     data = build_data(cfg)
     model = common.prepare_model(build_model(cfg), cfg, device)

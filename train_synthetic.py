@@ -62,7 +62,7 @@ def build_reference(cfg, data):
 def main(argv=None):
     cfg = common.parse_config(Config, argv, size_multiple=2 ** 4)   # 4 U-Net levels
     common.seed_everything(cfg.SEED)
-    device = common.pick_device(cfg.DEVICE)
+    device = common.init_device(cfg.DEVICE)            # joins torchrun's process group if launched so
     out = common.prepare_out_dir(cfg)
     data = build_data(cfg)
     model = common.prepare_model(build_model(cfg), cfg, device)
