@@ -1,16 +1,19 @@
 """Shared code for the StormFusion-SEVIR scripts, in the notebooks' order.
 
-    1. config       Config overrides from the command line, errors a user can fix
-    2. data         SEVIR catalog, splits, SEVIRVIL / SEVIRMultimodal / SyntheticRadarDataset
-    3. models       NowcastNet, UNetBlock, SyntheticRadarUNet, ResidualBlock, AdvancedUNet
-    4. losses       VGGPerceptualLoss
+    1. config       Config overrides from the command line, errors a user can fix, devices, torchrun
+    2. data         SEVIR catalog, splits, SEVIRVIL / SEVIRMultimodal / SyntheticRadarDataset, lightning
+    3. models       NowcastNet, UNetBlock, SyntheticRadarUNet, ResidualBlock, AdvancedUNet, NowcastUNet, ConvLSTMNet
+    4. losses       VGGPerceptualLoss, balanced MSE
     5. metrics      SkillScore (CSI, POD, SUCR, BIAS at SEVIR's thresholds) and reference forecasts
     6. loop         train_epoch(), evaluate(), fit()
     7. checkpoints  atomic save, weights_only load
     8. plots        visualize_predictions, visualize_multimodal, loss / skill curves, forecast.gif
     9. sample data  make_sample_sevir: a small generated dataset in SEVIR's exact format
+   10. download     a SEVIR subset over HTTP range requests
 
-`python common.py sample --out DIR [--events N]` writes a sample dataset.
+    python common.py sample --out DIR [--events N]       a generated sample dataset
+    python common.py download --out DIR [--max-events N] a subset of the real SEVIR
+    python common.py bench                               speed and memory on this machine
 """
 import argparse
 import csv
@@ -351,12 +354,13 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
     if df.empty:
         raise UserError(f"catalog {catalog_path} has no rows of type {', '.join(mods)}")
     all_ids = df["id"].unique()
-    dropped = {}                                            # reason -> set of ids
+    gone, dropped = set(), {}                               # ids left out; reason -> how many (first reason counts)
 
     def drop(reason, ids):
-        ids = set(ids) - set().union(*dropped.values()) if dropped else set(ids)
-        if ids:
-            dropped[reason] = dropped.get(reason, set()) | ids
+        new = set(ids) - gone
+        if new:
+            gone.update(new)
+            dropped[reason] = dropped.get(reason, 0) + len(new)
 
     rows_per = df.groupby(["id", "img_type"]).size()
     drop("duplicated id", rows_per[rows_per > 1].index.get_level_values("id"))
@@ -365,9 +369,8 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
     drop(f"pct_missing > {max_pct_missing:g}", df.loc[df["pct_missing"] > max_pct_missing, "id"])
     drop("bad time_utc", df.loc[df["time_utc"].isna(), "id"])
 
-    gone = set().union(*dropped.values()) if dropped else set()
     df = df[~df["id"].isin(gone)]
-    info = _check_files(df, root)
+    info = _check_files(df, root)                            # each file opened once
     err = df["file_name"].map(lambda f: info[f][0])
     drop("missing file", df.loc[err == "missing file", "id"])
     drop("unreadable file", df.loc[err == "unreadable file", "id"])
@@ -389,9 +392,8 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
     rng = np.array([in_range(r) for r in ok.itertuples()], dtype=bool)
     drop("file_index out of range", ok.loc[~rng, "id"])
 
-    gone = set().union(*dropped.values()) if dropped else set()
     df = df[~df["id"].isin(gone)]
-    reasons = ", ".join(f"{r}: {len(ids)}" for r, ids in dropped.items())
+    reasons = ", ".join(f"{r}: {n}" for r, n in dropped.items())
     print(f"catalog: {df['id'].nunique()} usable events of {len(all_ids)} with {'+'.join(mods)}"
           + (f" (dropped {reasons})" if reasons else ""))
     if df.empty:
@@ -450,7 +452,7 @@ def load_events(cfg, mods):
     """
     from types import SimpleNamespace
     catalog, root, kind = resolve_data(cfg)
-    events = load_catalog(catalog, root, mods=mods, max_pct_missing=getattr(cfg, "MAX_PCT_MISSING", 0.0))
+    events = load_catalog(catalog, root, mods=mods)               # pct_missing == 0, as the SEVIR paper
     if getattr(cfg, "PROTOCOL", "none") == "sevir":
         rest, test = split_events(events, PROTOCOL_SPLIT[1])
         train, val = split_events(rest, PROTOCOL_SPLIT[0])
@@ -651,6 +653,16 @@ class SyntheticRadarDataset(_SEVIREvents):
         return x, self.read("vil", e, t, t + 1, self.target_size)
 
 
+def synthetic_radar_data(cfg, split="val"):
+    """The data of train_synthetic.py and train_advanced.py: usable events split by date, single frames
+    of INPUT_MODS and VIL resized to TARGET_SIZE, x (C, S, S) and y (1, S, S). data.val holds `split`."""
+    data = load_events(cfg, mods=cfg.INPUT_MODS + ("vil",))
+    kw = dict(input_mods=cfg.INPUT_MODS, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM, seed=cfg.SEED)
+    data.train = SyntheticRadarDataset(data.train_events, data.root, train=True, **kw)
+    data.val = SyntheticRadarDataset(held_out(data, split), data.root, train=False, **kw)
+    return data
+
+
 def collate_skipping(batch):
     """Stack (x, y) items into (x, y, n_skipped), leaving out unreadable items (None); x, y None if all were."""
     good = [item for item in batch if item is not None]
@@ -743,7 +755,8 @@ class NowcastNet(nn.Module):
         return self.pool(self.out(x))                             # (B, 1, T_out, H, W)
 
 
-MultimodalNowcastNet = NowcastNet      # notebook 06's network is NowcastNet with C = len(MODALITIES) inputs
+class MultimodalNowcastNet(NowcastNet):
+    """Notebook 06's network: NowcastNet with one input channel per modality (VIL, IR069, IR107, ...)."""
 
 
 class UNetBlock(nn.Module):
@@ -888,16 +901,17 @@ class ConvLSTMNet(nn.Module):
         return torch.stack(frames, 2)                                # (B, 1, T_out, H, W)
 
 
-# MODEL in train_baseline / train_multimodal: name -> (constructor, what TARGET_SIZE must divide by)
-NOWCASTERS = {
-    "nowcastnet": (lambda c, t_in, t_out, base: NowcastNet(c, t_out, base), 1),
-    "unet": (lambda c, t_in, t_out, base: NowcastUNet(c, t_in, t_out, base), 16),
-    "convlstm": (lambda c, t_in, t_out, base: ConvLSTMNet(c, t_out, base), 4),
-}
+# MODEL in train_baseline / train_multimodal, and what TARGET_SIZE must divide by for it
+NOWCASTER_GRID = {"nowcastnet": 1, "unet": 16, "convlstm": 4}
 
 
 def build_nowcaster(name, in_channels, t_in, t_out, base):
-    return NOWCASTERS[name][0](in_channels, t_in, t_out, base)
+    """NowcastNet, NowcastUNet or ConvLSTMNet: (B, in_channels, t_in, H, W) -> (B, 1, t_out, H, W)."""
+    if name == "unet":
+        return NowcastUNet(in_channels, t_in, t_out, base)
+    if name == "convlstm":
+        return ConvLSTMNet(in_channels, t_out, base)
+    return (MultimodalNowcastNet if in_channels > 1 else NowcastNet)(in_channels, t_out, base)
 
 
 def count_parameters(model):
@@ -1004,7 +1018,7 @@ SEVIR_THRESHOLDS = (16, 74, 133, 160, 181, 219)   # VIL codes: ~0.15, 0.78, 3.5,
 class SkillScore:
     """CSI, POD, success ratio (SUCR) and BIAS at SEVIR's VIL thresholds, with MSE and MAE.
 
-    update(pred, target): tensors of equal shape, values in [0, 1] (VIL code / 255). A 5-D
+    update(pred, target): tensors of equal shape (..., H, W), values in [0, 1] (VIL code / 255). A 5-D
     (B, C, T, H, W) input also gets per-lead scores over T. Hits (pred >= t and truth >= t),
     misses and false alarms are summed over every pixel, sample and lead time, counting
     255 * value >= t. Counts accumulate on the tensors' device; compute() moves them to the CPU.
@@ -1026,7 +1040,7 @@ class SkillScore:
             h.append((pe & ye).sum(sum_dims))
             m.append((~pe & ye).sum(sum_dims))
             f.append((pe & ~ye).sum(sum_dims))
-        return torch.stack(h, 1), torch.stack(m, 1), torch.stack(f, 1)
+        return torch.stack(h, -1), torch.stack(m, -1), torch.stack(f, -1)
 
     @torch.no_grad()
     def update(self, pred, target):
@@ -1042,14 +1056,11 @@ class SkillScore:
         new = {"sse": (err.double() ** 2).sum(sum_dims), "sae": err.double().abs().sum(sum_dims),
                "n": torch.tensor(p[:, 0].numel(), device=p.device, dtype=torch.float64).expand(p.shape[1]).clone()}
         new["hits"], new["misses"], new["fas"] = self._contingency(p, y, sum_dims)
-        for k in self.pools:
-            # max-pool over H, W in k x k tiles: fold leads into channels for max_pool2d
-            pp = F.max_pool2d(p.flatten(1, 2), k, k)
-            yp = F.max_pool2d(y.flatten(1, 2), k, k)
-            pp = pp.view(p.shape[0], p.shape[1], p.shape[2], *pp.shape[-2:])
-            yp = yp.view(p.shape[0], p.shape[1], p.shape[2], *yp.shape[-2:])
-            h, m, f = self._contingency(pp, yp, sum_dims)
-            new[f"hits_pool{k}"], new[f"misses_pool{k}"], new[f"fas_pool{k}"] = h, m, f
+        for k in self.pools:                   # max-pool every (H, W) image in k x k tiles, then count
+            pp = F.max_pool2d(p.reshape(-1, 1, *p.shape[-2:]), k, k)
+            yp = F.max_pool2d(y.reshape(-1, 1, *y.shape[-2:]), k, k)
+            h, m, f = self._contingency(pp, yp, [0, 1, 2, 3])
+            new[f"hits_pool{k}"], new[f"misses_pool{k}"], new[f"fas_pool{k}"] = h[None], m[None], f[None]
         if self.counts is None:
             self.counts = {k: v.clone() for k, v in new.items()}
         else:
@@ -1142,6 +1153,16 @@ class IRLookup:
 
     def __call__(self, x):
         return self.table.to(x.device)[self._bin(x[:, self.channel:self.channel + 1])]
+
+
+def fit_ir_lookup(cfg, data):
+    """The synthetic-radar reference: IRLookup on IR107, fitted on frames 0, 12, 24, 36, 48 of every
+    training event (the same frames each run)."""
+    mods = cfg.INPUT_MODS
+    fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, target_size=cfg.TARGET_SIZE,
+                                   train=False, ir_norm=cfg.IR_NORM)
+    loader = DataLoader(fit_on, batch_size=16, collate_fn=collate_skipping)
+    return IRLookup(mods.index("ir107") if "ir107" in mods else 0, cfg.IR_NORM).fit(batches(loader, "reference"))
 
 
 # ======================================================================================
@@ -1375,9 +1396,11 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:                    # a full disk, or Ctrl-C mid-write: no half file left
         tmp.unlink(missing_ok=True)
-        raise RunError(f"could not save {path} ({e.strerror or e}); the previous {path.name} is kept") from None
+        if isinstance(e, OSError):
+            raise RunError(f"could not save {path} ({e.strerror or e}); the previous {path.name} is kept") from None
+        raise
 
 
 def load_checkpoint(path):
@@ -1659,7 +1682,7 @@ def print_table(metrics):
 
 
 def report(model, reference, val_dataset, cfg, device, data_kind, history=(), extra=None, num_samples=3,
-           split="val"):
+           split="val", cmap="sevir"):
     """Score model and reference on the same held-out windows; write metrics.json and every figure.
 
     For split="test" the files are metrics_test.json, predictions_test.png, skill_test.png, ...
@@ -1679,7 +1702,6 @@ def report(model, reference, val_dataset, cfg, device, data_kind, history=(), ex
     print_table(metrics)
     multimodal = len(getattr(val_dataset, "mods", ())) > 1 and not hasattr(val_dataset, "input_mods")
     plot = visualize_multimodal if multimodal else visualize_predictions
-    cmap = getattr(cfg, "CMAP", "sevir")
     written = [f"metrics{tag}.json", f"predictions{tag}.png", f"skill{tag}.png"]
     plot(model, val_dataset, device, num_samples=num_samples, path=out / written[1], cmap=cmap)
     plot_skill(metrics, out / written[2])

@@ -2,9 +2,13 @@
 
     pytest test_smoke.py
 """
+import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -121,7 +125,7 @@ def write_vil_file(path, n, frame_fn=None):
 
 
 def test_load_catalog_drop_reasons(tmp_path, capsys):
-    base = pd.read_csv(pd.io.common.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
+    base = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
     vil = base[(base["img_type"] == "vil")]
     good, pct = vil.iloc[0], vil.iloc[1]
 
@@ -209,7 +213,7 @@ def indexed_files(tmp_path):
     rows = np.arange(384)[:, None, None] < 192                       # (H, 1, 1)
     t = np.arange(49)[None, None, :]                                 # (1, 1, T)
     write_vil_file(tmp_path / VIL_FILE, 2, lambda i: np.broadcast_to(2 * t + rows, (384, 384, 49)))
-    base = pd.read_csv(pd.io.common.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
+    base = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
     for mod in ("ir069", "ir107"):
         path = tmp_path / f"{mod}/2019/SEVIR_{mod.upper()}_STORMEVENTS_2019_0101_0630.h5"
         path.parent.mkdir(parents=True)
@@ -392,8 +396,14 @@ REFERENCE = {"train_baseline.py": "persistence", "train_multimodal.py": "persist
     ("train_advanced.py", ["--vgg_weights=none", "--target_size=64"]),
 ])
 def test_script_end_to_end(tmp_path, sample, script, extra):
+    import shutil
+    alone = tmp_path / "colab"                                       # the script and common.py, nothing else
+    alone.mkdir()
+    for name in (script, "common.py"):
+        shutil.copy(HERE / name, alone / name)
     out = tmp_path / "out"
-    r = run_script(script, *TINY, *extra, *data_args(sample), f"--out_dir={out}", cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(alone / script), *TINY, *extra, *data_args(sample), f"--out_dir={out}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("config.json", "history.csv", "last.pt", "best.pt", "metrics.json", "predictions.png",
                  "loss.png", "skill.png"):
@@ -545,7 +555,6 @@ def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
     for delay in (0.3, 0.7):
         p = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "ready"
-        import time
         time.sleep(delay)
         p.kill()                                                  # SIGKILL, most likely mid-write
         p.wait()
@@ -553,7 +562,6 @@ def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
 
 
 def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, sample):
-    import signal
     out = tmp_path / "out"
     args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
             "--max_val=1", *data_args(sample), f"--out_dir={out}"]
@@ -603,13 +611,13 @@ def test_nowcasters_forecast_twelve_frames(name):
 def test_protocol_sets_the_benchmark_and_its_windows_and_split(sample):
     import train_baseline
     cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--model=unet"],
-                              size_multiple={k: v[1] for k, v in common.NOWCASTERS.items()})
+                              size_multiple=common.NOWCASTER_GRID)
     assert (cfg.T_IN, cfg.T_OUT, cfg.TARGET_SIZE) == (13, 12, 384)
     cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--target_size=64"])
     assert cfg.TARGET_SIZE == 64 and cfg.T_OUT == 12                 # an explicit flag wins
     with pytest.raises(common.UserError, match="multiple of 16"):
         common.parse_config(train_baseline.Config, ["--model=unet", "--target_size=40"],
-                            size_multiple={k: v[1] for k, v in common.NOWCASTERS.items()})
+                            size_multiple=common.NOWCASTER_GRID)
 
     cfg.CATALOG_PATH, cfg.SEVIR_ROOT = sample[0], str(sample[1])
     data = common.load_events(cfg, mods=("vil",))
@@ -656,7 +664,7 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(HERE / "train_baseline.py"), *args, f"--out_dir={tmp_path / 'two'}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one/metrics.json").read_text())
     b = json.loads((tmp_path / "two/metrics.json").read_text())
@@ -752,3 +760,30 @@ def test_download_reads_only_the_chosen_events_and_resumes(tmp_path, bucket, cap
         common.download(tmp_path / "x", base_url=url + "/nothing-here", backoff=0.01)
     with pytest.raises(common.UserError, match="no network or unknown host"):
         common.download(tmp_path / "y", base_url="http://sevir.invalid", backoff=0.01)
+
+
+def test_skill_score_any_leading_dims_and_pooling():
+    truth = torch.zeros(3, 2, 8, 8)
+    truth[..., 0, 0] = 1.0                                          # one intense pixel per image
+    shifted = torch.zeros_like(truth)
+    shifted[..., 1, 1] = 1.0                                        # one pixel off: a miss and a false alarm
+    s = common.SkillScore(pools=(4,))
+    s.update(shifted, truth)
+    m = s.compute()
+    assert m["csi_219"] == 0 and m["csi_pool4_m"] == 1                # pooled 4 x 4, the cells coincide
+
+
+def test_default_paths_make_the_sample_once(tmp_path, monkeypatch, capsys):
+    import train_synthetic
+    monkeypatch.chdir(tmp_path)
+    made = []
+    real = common.make_sample_sevir
+    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or real(root, n_events=2))
+    cfg = train_synthetic.Config()
+    for _ in range(2):
+        catalog, root, kind = common.resolve_data(cfg)
+    assert made == [common.SAMPLE_ROOT] and kind == "sample" and catalog.exists()
+    assert "GENERATED sample data, not real weather" in capsys.readouterr().out
+    cfg.CATALOG_PATH = "elsewhere/CATALOG.csv"                     # a path the user named: no sample
+    with pytest.raises(common.UserError, match="catalog not found: elsewhere/CATALOG.csv"):
+        common.resolve_data(cfg)

@@ -57,7 +57,7 @@ def build_reference(cfg, data):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv, size_multiple={k: v[1] for k, v in common.NOWCASTERS.items()})
+    cfg = common.parse_config(Config, argv, size_multiple=common.NOWCASTER_GRID)
     common.seed_everything(cfg.SEED)
     device = common.init_device(cfg.DEVICE)            # joins torchrun's process group if launched so
     out = common.prepare_out_dir(cfg)

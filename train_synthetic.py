@@ -6,10 +6,9 @@ Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in t
 Run `python train_synthetic.py --help` for every setting; override any with --key=value.
 """
 import torch
-from torch.utils.data import DataLoader
 
 import common
-from common import IRLookup, SyntheticRadarDataset, SyntheticRadarUNet
+from common import SyntheticRadarUNet
 
 
 class Config:
@@ -36,13 +35,8 @@ class Config:
 
 
 def build_data(cfg, split="val"):
-    """Usable events split by date; datasets of single frames resized to TARGET_SIZE.
-    data.val holds the `split` events (only "val" here: the test split belongs to PROTOCOL=sevir)."""
-    data = common.load_events(cfg, mods=cfg.INPUT_MODS + ("vil",))
-    kw = dict(input_mods=cfg.INPUT_MODS, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM, seed=cfg.SEED)
-    data.train = SyntheticRadarDataset(data.train_events, data.root, train=True, **kw)       # x (C, S, S), y (1, S, S)
-    data.val = SyntheticRadarDataset(common.held_out(data, split), data.root, train=False, **kw)
-    return data
+    """Events split by date; single frames of INPUT_MODS and VIL at TARGET_SIZE: x (C, S, S), y (1, S, S)."""
+    return common.synthetic_radar_data(cfg, split)
 
 
 def build_model(cfg):
@@ -50,13 +44,8 @@ def build_model(cfg):
 
 
 def build_reference(cfg, data):
-    """IR107 -> VIL lookup table fitted on frames 0, 12, 24, 36, 48 of every training event."""
-    mods = cfg.INPUT_MODS
-    fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, target_size=cfg.TARGET_SIZE,
-                                   train=False, ir_norm=cfg.IR_NORM)
-    channel = mods.index("ir107") if "ir107" in mods else 0
-    loader = DataLoader(fit_on, batch_size=16, collate_fn=common.collate_skipping)
-    return IRLookup(channel, cfg.IR_NORM).fit(common.batches(loader, "reference"))
+    """ir_lookup: the mean VIL of each IR107 temperature bin in the training events."""
+    return common.fit_ir_lookup(cfg, data)
 
 
 def main(argv=None):

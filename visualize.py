@@ -18,6 +18,7 @@ import common
 class Config:
     NUM_SAMPLES = 3       # rows in predictions.png
     SPLIT = "val"         # val, or test (PROTOCOL=sevir runs): files get a _test suffix
+    CMAP = "sevir"        # VIL colours: sevir (the SEVIR colour map) or turbo
     DEVICE = "auto"       # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     CATALOG_PATH = ""     # data location, if not where the checkpoint's run found it
     SEVIR_ROOT = ""       # (both empty: as recorded in the checkpoint)
@@ -29,6 +30,8 @@ def main(argv=None):
     if len(paths) != 1:
         raise common.UserError("usage: python visualize.py OUT_DIR_or_CHECKPOINT [--num_samples=N] [--device=cpu]")
     opts = common.parse_config(Config, [a for a in argv if a.startswith("-")])
+    if opts.CMAP not in ("sevir", "turbo"):
+        raise common.UserError(f"--cmap={opts.CMAP!r}: sevir or turbo")
     path = Path(paths[0])
     ckpt_path = path / "best.pt" if path.is_dir() else path
     ckpt = common.load_checkpoint(ckpt_path)
@@ -47,7 +50,8 @@ def main(argv=None):
     model.load_state_dict(ckpt["model"])
     print(f"{ckpt['script']}: epoch {ckpt['epoch']} of {ckpt_path}, {opts.SPLIT} split")
     common.report(model, script.build_reference(cfg, data), data.val, cfg, device, data.kind,
-                  history=ckpt["history"], extra=ckpt.get("extra"), num_samples=opts.NUM_SAMPLES, split=opts.SPLIT)
+                  history=ckpt["history"], extra=ckpt.get("extra"), num_samples=opts.NUM_SAMPLES, split=opts.SPLIT,
+                  cmap=opts.CMAP)
 
 
 if __name__ == "__main__":
