@@ -38,18 +38,14 @@ class Config:
     TORCH_COMPILE = False                    # torch.compile the model (CUDA; slower start, faster steps)
 
 
-def build_data(cfg, split="val"):
-    """The data of notebook 07: single frames of INPUT_MODS and VIL at TARGET_SIZE: x (C, S, S), y (1, S, S)."""
-    return common.synthetic_radar_data(cfg, split)
+# (cfg, split) -> data with .train and .val: single frames, x (C, S, S) = INPUT_MODS, y (1, S, S) = VIL
+build_data = common.synthetic_radar_data
+# ir_lookup: the mean VIL of each IR107 temperature bin in the training events
+build_reference = common.fit_ir_lookup
 
 
 def build_model(cfg):
     return AdvancedUNet(in_channels=len(cfg.INPUT_MODS), out_channels=1, base=cfg.BASE)
-
-
-def build_reference(cfg, data):
-    """ir_lookup: the mean VIL of each IR107 temperature bin in the training events."""
-    return common.fit_ir_lookup(cfg, data)
 
 
 def main(argv=None):
