@@ -243,6 +243,13 @@ def init_device(name):
     return device
 
 
+def barrier():
+    """Wait for every process (a no-op in one process)."""
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def all_reduce_sum(t):
     """Sum a tensor over processes (a no-op in one process)."""
     if dist_info()[1] > 1:
@@ -1344,9 +1351,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
               f"  python {script} {' '.join(a for a in sys.argv[1:] if not a.lower().startswith('--resume'))}"
               f" --resume=true".replace("  --", " --"), file=sys.stderr)
         sys.exit(130)
-    if dist_info()[1] > 1:                         # the others read best.pt next: wait for rank 0's writes
-        import torch.distributed as dist
-        dist.barrier()
+    barrier()                                      # the others read best.pt next: wait for rank 0's writes
     return history
 
 
@@ -1497,8 +1502,8 @@ def _ir_image(mod, frame, ir_norm):
 
 @torch.inference_mode()
 def _predict(model, val_dataset, i, device):
-    """(x, y, prediction) of validation item i, as NumPy arrays for plotting."""
-    model.eval()
+    """(x, y, prediction) of validation item i, as NumPy arrays for plotting (rank 0 alone: no DDP forward)."""
+    model = unwrap(model).eval()
     x, y = val_dataset[i]
     pred = model(x[None].to(device)).float().clamp(0, 1).cpu()[0]
     return x.numpy(), y.numpy(), pred.numpy()
@@ -1696,22 +1701,22 @@ def report(model, reference, val_dataset, cfg, device, data_kind, history=(), ex
     metrics = {"model": model_scores, reference.name: ref_scores, "n_samples": len(val_dataset),
                "data": data_kind, "split": split, "no_rain": {"mse": no_rain["mse"], "mae": no_rain["mae"]},
                **(extra or {})}
-    if not is_main():                              # every process scored its share; rank 0 writes
-        return metrics
-    write_json(out / f"metrics{tag}.json", metrics)
-    print_table(metrics)
-    multimodal = len(getattr(val_dataset, "mods", ())) > 1 and not hasattr(val_dataset, "input_mods")
-    plot = visualize_multimodal if multimodal else visualize_predictions
-    written = [f"metrics{tag}.json", f"predictions{tag}.png", f"skill{tag}.png"]
-    plot(model, val_dataset, device, num_samples=num_samples, path=out / written[1], cmap=cmap)
-    plot_skill(metrics, out / written[2])
-    if history:
-        plot_loss(history, out / "loss.png")
-        written.append("loss.png")
-    if getattr(cfg, "T_OUT", 1) > 1:
-        forecast_gif(model, val_dataset, device, out / f"forecast{tag}.gif", cmap=cmap)
-        written.append(f"forecast{tag}.gif")
-    print(f"outputs in {out}: {', '.join(written)}")
+    if is_main():                                  # every process scored its share; rank 0 writes
+        write_json(out / f"metrics{tag}.json", metrics)
+        print_table(metrics)
+        multimodal = len(getattr(val_dataset, "mods", ())) > 1 and not hasattr(val_dataset, "input_mods")
+        plot = visualize_multimodal if multimodal else visualize_predictions
+        written = [f"metrics{tag}.json", f"predictions{tag}.png", f"skill{tag}.png"]
+        plot(model, val_dataset, device, num_samples=num_samples, path=out / written[1], cmap=cmap)
+        plot_skill(metrics, out / written[2])
+        if history:
+            plot_loss(history, out / "loss.png")
+            written.append("loss.png")
+        if getattr(cfg, "T_OUT", 1) > 1:
+            forecast_gif(model, val_dataset, device, out / f"forecast{tag}.gif", cmap=cmap)
+            written.append(f"forecast{tag}.gif")
+        print(f"outputs in {out}: {', '.join(written)}")
+    barrier()                                      # leave together: gloo aborts if a peer hangs up mid-run
     return metrics
 
 

@@ -661,11 +661,16 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
             "--t_in=4", "--t_out=2", *data_args(sample)]
     one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(HERE / "train_baseline.py"), *args, f"--out_dir={tmp_path / 'two'}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def torchrun(*more):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(HERE / "train_baseline.py"), *args, f"--out_dir={tmp_path / 'two'}", *more],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = torchrun("--epochs=1")                                   # interrupted after one epoch ...
+    assert first.returncode == 0, first.stderr[-3000:]
+    two = torchrun("--resume=true")                                  # ... and resumed under torchrun
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "resumed from" in two.stdout
     a = json.loads((tmp_path / "one/metrics.json").read_text())
     b = json.loads((tmp_path / "two/metrics.json").read_text())
     assert a["n_samples"] == b["n_samples"]
