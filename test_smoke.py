@@ -142,11 +142,15 @@ def test_load_catalog_drop_reasons(tmp_path, capsys):
             row(good, id="S900005", file_name="vil/2019/EMPTY.h5"),                 # no vil dataset
             row(good, id="S900006", time_utc="not a time"),
             row(good, id="S900007", file_index="1"),
-            row(good, id="S900008", file_name="vil/2019/BROKEN.h5", file_index="1")]  # same bad file again
+            row(good, id="S900008", file_name="vil/2019/BROKEN.h5", file_index="1"),  # same bad file again
+            row(good, id="S900009", file_name="vil/2019/TRUNCATED.h5")]              # cut off mid-download
     catalog = tmp_path / "CATALOG.csv"
     pd.DataFrame(rows).to_csv(catalog, index=False)
     write_vil_file(tmp_path / VIL_FILE, 3)
     (tmp_path / "vil/2019/BROKEN.h5").write_bytes(b"this is not HDF5" * 100)
+    write_vil_file(tmp_path / "vil/2019/TRUNCATED.h5", 2, lambda i: np.ones((384, 384, 49), np.uint8))
+    with open(tmp_path / "vil/2019/TRUNCATED.h5", "r+b") as f:
+        f.truncate(50_000)
     with h5py.File(tmp_path / "vil/2019/EMPTY.h5", "w") as f:
         f["id"] = np.array([b"S1"])
 
@@ -155,9 +159,10 @@ def test_load_catalog_drop_reasons(tmp_path, capsys):
     assert set(events["id"]) == {"S834603", "S900007"}
     summary = captured.out.strip().splitlines()[-1]
     for reason in ("duplicated id: 1", "pct_missing > 0: 1", "file_index out of range: 1", "missing file: 1",
-                   "unreadable file: 2", "no dataset in file: 1", "bad time_utc: 1"):
+                   "unreadable file: 3", "no dataset in file: 1", "bad time_utc: 1"):
         assert reason in summary, summary
     assert captured.err.count("BROKEN.h5") == 1                      # each unreadable file named once
+    assert captured.err.count("TRUNCATED.h5") == 1
     assert list(events.columns[:2]) == ["id", "time_utc"] and events["vil_index"].tolist() == [0, 1]
 
     # pct_missing is a fraction: allowing 0.3 keeps the event with 0.249
@@ -791,4 +796,7 @@ def test_default_paths_make_the_sample_once(tmp_path, monkeypatch, capsys):
     assert "GENERATED sample data, not real weather" in capsys.readouterr().out
     cfg.CATALOG_PATH = "elsewhere/CATALOG.csv"                     # a path the user named: no sample
     with pytest.raises(common.UserError, match="catalog not found: elsewhere/CATALOG.csv"):
+        common.resolve_data(cfg)
+    cfg.CATALOG_PATH, cfg.SEVIR_ROOT = str(catalog), "no/such/folder"
+    with pytest.raises(common.UserError, match="SEVIR root folder not found: no/such/folder"):
         common.resolve_data(cfg)
