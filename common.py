@@ -16,6 +16,7 @@
     python common.py bench                               speed and memory on this machine
 """
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import inspect
@@ -347,6 +348,16 @@ def _check_files(df, root):
     return info
 
 
+def _catalog_rejects(df, n_mods, max_pct_missing):
+    """[(reason, ids)] for the rules the catalog alone can check, in order, on rows of the wanted types."""
+    rows_per = df.groupby(["id", "img_type"]).size()
+    mods_per = df.drop_duplicates(["id", "img_type"]).groupby("id").size()
+    return [("duplicated id", rows_per[rows_per > 1].index.get_level_values("id")),
+            ("missing modality", mods_per[mods_per < n_mods].index),
+            (f"pct_missing > {max_pct_missing:g}", df.loc[df["pct_missing"] > max_pct_missing, "id"]),
+            ("bad time_utc", df.loc[df["time_utc"].isna(), "id"])]
+
+
 def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_missing=0.0):
     """One row per usable event: `id`, `time_utc`, `event_type`, and `<mod>_file`, `<mod>_index` per modality.
 
@@ -369,12 +380,8 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
             gone.update(new)
             dropped[reason] = dropped.get(reason, 0) + len(new)
 
-    rows_per = df.groupby(["id", "img_type"]).size()
-    drop("duplicated id", rows_per[rows_per > 1].index.get_level_values("id"))
-    mods_per = df.drop_duplicates(["id", "img_type"]).groupby("id").size()
-    drop("missing modality", mods_per[mods_per < len(mods)].index)
-    drop(f"pct_missing > {max_pct_missing:g}", df.loc[df["pct_missing"] > max_pct_missing, "id"])
-    drop("bad time_utc", df.loc[df["time_utc"].isna(), "id"])
+    for reason, ids in _catalog_rejects(df, len(mods), max_pct_missing):
+        drop(reason, ids)
 
     df = df[~df["id"].isin(gone)]
     info = _check_files(df, root)                            # each file opened once
@@ -531,7 +538,7 @@ class _SEVIREvents(Dataset):
         else:
             starts = np.arange(0, n_starts, val_stride)
             self.items = np.array([(e, s) for e in range(len(self.ids)) for s in starts], dtype=np.int64)
-        self._handles, self._pid = {}, None
+        self._files, self._datasets, self._pid = {}, {}, None
 
     def __len__(self):
         return len(self.items)
@@ -542,18 +549,18 @@ class _SEVIREvents(Dataset):
 
     def __getstate__(self):                       # DataLoader workers open their own files
         state = self.__dict__.copy()
-        state["_handles"], state["_pid"] = {}, None
+        state["_files"], state["_datasets"], state["_pid"] = {}, {}, None
         return state
 
     def _open(self, path, name):
-        """h5py object `name` of the file at `path`; files open once per process, lazily."""
+        """h5py dataset `name` of the file at `path`; files open once per process, lazily."""
         if self._pid != os.getpid():              # forked into a worker: never share HDF5 handles
-            self._handles, self._pid = {}, os.getpid()
-        key = (path, name)
-        if key not in self._handles:
-            f = self._handles.get(path) or self._handles.setdefault(path, h5py.File(path, "r"))
-            self._handles[key] = f[name]
-        return self._handles[key]
+            self._files, self._datasets, self._pid = {}, {}, os.getpid()
+        if (path, name) not in self._datasets:
+            if path not in self._files:
+                self._files[path] = h5py.File(path, "r")
+            self._datasets[(path, name)] = self._files[path][name]
+        return self._datasets[(path, name)]
 
     def __getitem__(self, i):
         """Item i as (x, y); None when its file cannot be read any more (collate_skipping drops it)."""
@@ -562,10 +569,9 @@ class _SEVIREvents(Dataset):
             return self.sample(e, start)
         except (OSError, KeyError) as err:        # a file that went bad after indexing
             print(f"warning: skipped event {self.ids[e]}: {str(err).splitlines()[0]}", file=sys.stderr)
-            for f in self._handles.values():
-                if isinstance(f, h5py.File):
-                    f.close()
-            self._handles = {}                    # reopen next time: the file may be back
+            for f in self._files.values():
+                f.close()
+            self._files, self._datasets = {}, {}  # reopen next time: the file may be back
             return None
 
     def event_and_start(self, i):
@@ -578,6 +584,7 @@ class _SEVIREvents(Dataset):
     def read(self, mod, e, start, stop, size):
         """Frames start..stop-1 of modality `mod` of event e as float32 (T, size, size), normalised."""
         path = self.paths[mod][self.file_idx[mod][e]]
+        resize = size is not None and NATIVE_SIZE[mod] != size
         if mod == "lght":
             frames = torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop])
         else:
@@ -585,19 +592,17 @@ class _SEVIREvents(Dataset):
             # event; reading the event whole and slicing in memory is 3x faster than h5py's strided
             # hyperslab (0.39 vs 1.27 ms for 13 VIL frames, measured in the page cache).
             event = torch.from_numpy(self._open(path, mod)[self.index[mod][e]])   # (H, W, 49), time last
-            window = event[:, :, start:stop]
-            if size is not None and window.shape[0] != size:
+            window = event[:, :, start:stop]                                      # (H, W, T)
+            if resize:
                 # Convert in the file's order; interpolate reads (1, T, H, W) as a channels-last view,
                 # so the move of time to the front happens on the small resized frames only.
-                frames = window.float().permute(2, 0, 1)                          # (T, H, W) view
-                frames = F.interpolate(frames[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-                return normalize(mod, frames.contiguous(), self.ir_norm)
-            frames = torch.empty(window.shape[2], window.shape[0], window.shape[1])
-            frames.copy_(window.permute(2, 0, 1))                                 # one copy: (T, H, W) float
-        frames = normalize(mod, frames, self.ir_norm)
-        if size is not None and frames.shape[-1] != size:
+                frames = window.float().permute(2, 0, 1)
+            else:
+                frames = torch.empty(window.shape[2], window.shape[0], window.shape[1])
+                frames.copy_(window.permute(2, 0, 1))                             # one copy: (T, H, W) float
+        if resize:
             frames = F.interpolate(frames[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        return frames
+        return normalize(mod, frames.contiguous(), self.ir_norm)
 
 
 def normalize(mod, frames, ir_norm="sevir"):
@@ -1345,11 +1350,9 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
             print(f"epoch {epoch}/{cfg.EPOCHS}  train {train_loss:.5f}  val {val_loss:.5f}  "
                   f"CSI-M {metrics['csi_m']:.3f}  {history[-1]['seconds']:.0f}s" + ("  * best" if improved else ""))
     except KeyboardInterrupt:
-        done = epoch - 1
-        script = Path(sys.argv[0]).name or "train_X.py"
-        print(f"\ninterrupted during epoch {epoch}: {out / 'last.pt'} holds epoch {done}. Resume with:\n"
-              f"  python {script} {' '.join(a for a in sys.argv[1:] if not a.lower().startswith('--resume'))}"
-              f" --resume=true".replace("  --", " --"), file=sys.stderr)
+        args = [a for a in sys.argv[1:] if not a.lower().startswith("--resume")] + ["--resume=true"]
+        print(f"\ninterrupted during epoch {epoch}: {out / 'last.pt'} holds epoch {epoch - 1}. Resume with:\n"
+              f"  python {Path(sys.argv[0]).name} {' '.join(args)}", file=sys.stderr)
         sys.exit(130)
     barrier()                                      # the others read best.pt next: wait for rank 0's writes
     return history
@@ -1462,6 +1465,13 @@ def _plt():
     return plt
 
 
+def _save_figure(fig, path):
+    """Write the figure, free it, and show the file when running inside a notebook."""
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    _plt().close(fig)
+    _show_if_notebook(path)
+
+
 def _show_if_notebook(path):
     if "ipykernel" in sys.modules:
         from IPython.display import Image, display
@@ -1545,9 +1555,7 @@ def visualize_predictions(model, val_dataset, device, num_samples=3, path="predi
         ax.set_xticks([])
         ax.set_yticks([])
     _vil_colorbar(fig, im, axes, cmap)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    _show_if_notebook(path)
+    _save_figure(fig, path)
 
 
 def visualize_multimodal(model, val_dataset, device, num_samples=2, path="predictions.png", cmap="sevir"):
@@ -1581,9 +1589,7 @@ def visualize_multimodal(model, val_dataset, device, num_samples=2, path="predic
         ax.set_yticks([])
     fig.suptitle(f"Multimodal nowcasting: {' + '.join(m.upper() for m in mods)} -> VIL")
     _vil_colorbar(fig, im, axes, cmap)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    _show_if_notebook(path)
+    _save_figure(fig, path)
 
 
 def plot_loss(history, path):
@@ -1598,9 +1604,7 @@ def plot_loss(history, path):
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    _show_if_notebook(path)
+    _save_figure(fig, path)
 
 
 def plot_skill(metrics, path):
@@ -1628,9 +1632,7 @@ def plot_skill(metrics, path):
         ax.set_title("CSI-M per lead")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    _show_if_notebook(path)
+    _save_figure(fig, path)
 
 
 def forecast_gif(model, val_dataset, device, path, cmap="sevir", index=None):
@@ -1980,14 +1982,12 @@ class HTTPRangeFile(io.RawIOBase):
 
 
 def choose_events(catalog, types, max_events=None, since=None, until=None, event_type=None):
-    """Ids of events with one row per type and pct_missing 0, in time order, filtered and cut."""
+    """Ids of events that pass load_catalog's catalog rules (one row per type, pct_missing 0, a valid
+    time), in time order, filtered and cut."""
     df = read_catalog(catalog)
     df = df[df["img_type"].isin(types)]
-    per = df.groupby(["id", "img_type"]).size()
-    dup = set(per[per > 1].index.get_level_values("id"))
-    complete = df.drop_duplicates(["id", "img_type"]).groupby("id").size()
-    ok = set(complete[complete == len(types)].index) - dup - set(df.loc[df["pct_missing"] > 0, "id"])
-    events = df[df["id"].isin(ok)].drop_duplicates("id")
+    gone = set().union(*(set(ids) for _, ids in _catalog_rejects(df, len(types), 0.0)))   # as load_catalog
+    events = df[~df["id"].isin(gone)].drop_duplicates("id")
     if since:
         events = events[events["time_utc"] >= pd.Timestamp(since)]
     if until:
@@ -2224,12 +2224,8 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
     for script in SCRIPTS[:3]:
         module = __import__(script)
         cfg = parse_config(module.Config, data_args)
-        with open(os.devnull, "w") as quiet:
-            stdout, sys.stdout = sys.stdout, quiet
-            try:
-                datasets[script] = (cfg, module.build_data(cfg).train)
-            finally:
-                sys.stdout = stdout
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            datasets[script] = (cfg, module.build_data(cfg).train)
 
     # 1. items/s of each dataset class against the floor
     for script, (cfg, ds) in datasets.items():
@@ -2243,14 +2239,10 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
     # 2. load_catalog on a catalog of the real size
     with tempfile.TemporaryDirectory() as tmp:
         big = _padded_catalog(catalog, 76_004, Path(tmp) / "CATALOG.csv")
-        with open(os.devnull, "w") as quiet:
-            stdout, sys.stdout = sys.stdout, quiet
-            try:
-                t0 = time.perf_counter()
-                load_catalog(big, root)
-                took = time.perf_counter() - t0
-            finally:
-                sys.stdout = stdout
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            t0 = time.perf_counter()
+            load_catalog(big, root)
+            took = time.perf_counter() - t0
         rows.append(("load_catalog, 76,004 rows", f"{took:.2f} s", "(<= 1 s)"))
 
     # 3. DataLoader batches/s over 5 epochs (workers start again each epoch: windows follow SEED and epoch)
