@@ -197,12 +197,84 @@ def test_bad_catalogs_are_user_errors(tmp_path, content, words):
 
 def test_split_by_time_and_empty_side(sample):
     events = common.load_catalog(sample[0], sample[1])
-    train, val = common.split_events(events, "2019-06-01")
-    assert len(train) == 3 and len(val) == 2
-    assert train["time_utc"].max() < pd.Timestamp("2019-06-01") <= val["time_utc"].min()
-    assert not set(train["id"]) & set(val["id"])
-    with pytest.raises(common.UserError, match="SPLIT_DATE=2030-01-01"):
+    before, after = common.split_events(events, "2019-06-01")
+    assert len(before) == 4 and len(after) == 1
+    assert before["time_utc"].max() <= pd.Timestamp("2019-06-01") < after["time_utc"].min()
+    assert not set(before["id"]) & set(after["id"])
+    train, val, test = common.split_by_dates(events, ("2019-01-01", "2019-06-01"))
+    assert (len(train), len(val), len(test)) == (3, 1, 1)
+    assert pd.Timestamp("2019-01-01") in set(train["time_utc"])        # on the date: the earlier side
+    with pytest.raises(common.UserError, match=r"no validation events \(2019-01-01 00:00 < time_utc <= 2019-01-02"
+                                               r" 00:00; the 5 events run 2018-.* \.\. 2019-0"):
+        common.split_by_dates(events, ("2019-01-01", "2019-01-02"))
+    with pytest.raises(common.UserError, match="no second events"):
         common.split_events(events, "2030-01-01")
+
+
+def vil_catalog(tmp_path, rows, frame_fn=None):
+    """CATALOG.csv of VIL rows made from a genuine row with changed fields, and the VIL file they index."""
+    good = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False).iloc[0]
+    table = pd.DataFrame([{**good.to_dict(), **changes} for changes in rows])
+    table.to_csv(tmp_path / "CATALOG.csv", index=False)
+    write_vil_file(tmp_path / VIL_FILE, len(rows), frame_fn)
+    return tmp_path / "CATALOG.csv"
+
+
+def earthformer_events(catalog, start, end):
+    """Earthformer's SEVIRDataLoader event selection for VIL, restated from its documented rules:
+    start < time_utc <= end, then pct_missing == 0, then ids with exactly one row per type."""
+    c = pd.read_csv(catalog, parse_dates=["time_utc"], low_memory=False)
+    if start is not None:
+        c = c[c.time_utc > pd.Timestamp(start)]
+    if end is not None:
+        c = c[c.time_utc <= pd.Timestamp(end)]
+    c = c[(c.pct_missing == 0) & (c.img_type == "vil")]
+    return sorted(c.groupby("id").filter(lambda g: len(g) == 1)["id"])
+
+
+def test_protocol_selects_earthformers_events_and_windows(tmp_path):
+    import train_baseline
+    rows = [{"id": "S1", "time_utc": "2018-12-31 23:55:00"},
+            {"id": "S2", "time_utc": "2019-01-01 00:00:00"},                    # on the first date: train
+            {"id": "S3", "time_utc": "2019-01-01 00:05:00"},
+            {"id": "S4", "time_utc": "2019-06-01 00:00:00"},                    # on the second date: validation
+            {"id": "S5", "time_utc": "2019-06-01 00:00:01"},
+            {"id": "S6", "time_utc": "2019-07-01 12:00:00"},
+            {"id": "S7", "time_utc": "2019-03-01 00:00:00"}, {"id": "S7", "time_utc": "2019-03-01 00:00:00"},
+            {"id": "S8", "time_utc": "2019-04-01 00:00:00", "pct_missing": "0.01"},     # missing pixels
+            {"id": "S9", "time_utc": "2019-07-02 00:00:00"},                        # two rows, one with
+            {"id": "S9", "time_utc": "2019-07-02 00:00:00", "pct_missing": "0.2"},   # missing pixels: kept
+            {"id": "S10", "time_utc": "2018-08-01 10:00:00"}]
+    rows = [{**r, "file_index": str(i)} for i, r in enumerate(rows)]
+    catalog = vil_catalog(tmp_path, rows)
+    cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", f"--catalog_path={catalog}",
+                                                      f"--sevir_root={tmp_path}"], size_multiple=common.NOWCASTER_GRID)
+    data = common.load_events(cfg, mods=("vil",))
+    dates = [None, *common.EARTHFORMER_SPLIT, None]
+    for events, start, end in zip((data.train_events, data.val_events, data.test_events), dates[:-1], dates[1:]):
+        assert sorted(events["id"]) == earthformer_events(catalog, start, end)
+    assert sorted(data.train_events["id"]) == ["S1", "S10", "S2"] and sorted(data.test_events["id"]) == ["S5", "S6", "S9"]
+    assert sorted(data.val_events["id"]) == ["S3", "S4"]
+    ds = common.SEVIRVIL(data.test_events, data.root, t_in=13, t_out=12, target_size=32, train=False)
+    assert [ds.event_and_start(i) for i in range(len(ds))] == [(e, s) for e in range(3) for s in (0, 12, 24)]
+    with pytest.raises(common.UserError, match="uses Earthformer's 2019-01-01,2019-06-01"):
+        common.parse_config(train_baseline.Config, ["--protocol=sevir", "--split_dates=2019-02-01,2019-06-01"])
+
+
+@pytest.mark.parametrize("value", ["2019-06-01", "2019-06-01,2019-01-01", "2019-06-01T00:00+02:00,2019-07-01",
+                                   "09/07/2018,2019-01-01", "a,b"])
+def test_split_dates_must_be_two_dates_in_order(value):
+    import train_synthetic
+    with pytest.raises(common.UserError, match="--split_dates"):
+        common.parse_config(train_synthetic.Config, [f"--split_dates={value}"])
+
+
+def test_subsets_are_spread_over_their_period(tmp_path):
+    rows = [{"id": f"S{i}", "time_utc": f"2019-06-{i + 2:02d} 00:00:00", "file_index": str(i)} for i in range(10)]
+    events = common.load_catalog(vil_catalog(tmp_path, rows), tmp_path, mods=("vil",))
+    assert common.spread(events, 3)["id"].tolist() == ["S0", "S3", "S6"]
+    assert common.spread(events, 5)["id"].tolist() == ["S0", "S2", "S4", "S6", "S8"]
+    assert common.spread(events, 0)["id"].tolist() == common.spread(events, 10)["id"].tolist() == events["id"].tolist()
 
 
 # --------------------------------------------------------------------------------------
@@ -284,20 +356,25 @@ def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
     assert float(minmax[0][0][1].min()) == 0.0 and float(minmax[0][0][1].max()) == pytest.approx(1.0)
 
 
-def test_lightning_rasterisation():
-    edge0 = -120 * 60
+def test_lightning_rasterisation_is_causal():
+    t0 = -120 * 60                                 # time of frame 0; frame k is at t0 + 300 k seconds
     flashes = np.array([
-        # t (s),       lat, lon,  x,    y
-        [edge0 - 600, 0, 0, 3.5, 2.2],     # before the first edge: frame 0
-        [edge0, 0, 0, 3.9, 2.0],           # on the first edge: frame 0
-        [edge0 + 300, 0, 0, 0.0, 47.99],   # second edge: frame 1, bottom-left corner
-        [7200, 0, 0, 47.5, 0.0],           # +120 min: the last frame, top-right corner
-        [0, 0, 0, 48.0, 5.0],              # off the grid (x = 48)
-        [0, 0, 0, -0.5, 5.0],              # off the grid (x < 0)
+        # t (s),          lat, lon,  x,    y
+        [t0 - 600, 0, 0, 3.5, 2.2],          # before frame 0: frame 0
+        [t0, 0, 0, 3.9, 2.0],                # exactly at frame 0's time: frame 0
+        [t0 + 1, 0, 0, 3.9, 2.0],            # one second later: frame 1, not 0
+        [t0 + 300, 0, 0, 0.0, 47.99],        # exactly at frame 1's time: frame 1, bottom-left corner
+        [0, 0, 0, 10.0, 10.0],               # at time_utc (frame 24)
+        [1, 0, 0, 11.0, 10.0],               # one second after time_utc: frame 25
+        [7200, 0, 0, 47.5, 0.0],             # +120 min: the last frame, top-right corner
+        [7201, 0, 0, 47.5, 0.0],             # after the last frame: in no frame
+        [0, 0, 0, 48.0, 5.0],                # off the grid (x = 48)
+        [0, 0, 0, -0.5, 5.0],                # off the grid (x < 0)
     ], dtype=np.float32)
     grid = common.lightning_to_grid(flashes)
-    assert grid.shape == (49, 48, 48) and grid.sum() == 4
-    assert grid[0, 2, 3] == 2 and grid[1, 47, 0] == 1 and grid[48, 0, 47] == 1
+    assert grid.shape == (49, 48, 48) and grid.sum() == 7
+    assert grid[0, 2, 3] == 2 and grid[1, 2, 3] == 1 and grid[1, 47, 0] == 1 and grid[48, 0, 47] == 1
+    assert grid[24, 10, 10] == 1 and grid[24, 10, 11] == 0 and grid[25, 10, 11] == 1
     assert common.lightning_to_grid(np.zeros((0, 5))).sum() == 0
 
 
@@ -319,11 +396,12 @@ def test_sample_has_sevir_layout_and_is_reproducible(tmp_path, sample):
     with h5py.File(Path(root) / lght["file_name"]) as f:
         assert f[lght["id"]].shape[1] == 5
     times = pd.to_datetime(df["time_utc"])
-    assert (times < "2019-06-01").any() and (times >= "2019-06-01").any()
+    assert (times <= "2019-01-01").any() and times.between("2019-01-01 00:00:01", "2019-06-01").any()
+    assert (times > "2019-06-01").any()
 
     a, b = tmp_path / "a", tmp_path / "b"
-    common.make_sample_sevir(a, n_events=2, seed=3)
-    common.make_sample_sevir(b, n_events=2, seed=3)
+    common.make_sample_sevir(a, n_events=3, seed=3)
+    common.make_sample_sevir(b, n_events=3, seed=3)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert len(files) >= 7                                           # catalog, marker, 3 image files, lght
     assert all((a / p).read_bytes() == (b / p).read_bytes() for p in files)
@@ -359,8 +437,16 @@ def test_skill_score_perfect_never_reached_and_leads():
     s.update(truth.clone(), truth)
     m = s.compute()
     assert m["mse"] == 0 and m["csi_16"] == 1 and m["csi_133"] == 1 and m["bias_74"] == 1
-    assert np.isnan(m["csi_160"]) and np.isnan(m["csi_219"])          # 0/0: undefined, not 0
-    assert m["csi_m"] == 1 and m["csi_pool4_m"] == 1 and m["csi_pool16_m"] == 1
+    assert np.isnan(m["csi_160"]) and np.isnan(m["csi_219"])          # 0/0: undefined, printed n/a
+    # CSI-M as Earthformer: the undefined thresholds count as 0 in the mean over all six
+    assert m["csi_m"] == 0.5 and m["csi_pool4_m"] == 0.5 and m["csi_pool16_m"] == 0.5
+    assert m["csi_m_per_lead"] == [0.5, 0.5, 0.5]
+    alarm = truth.clone()
+    alarm[0, 0, 0, 0, 0] = 1.0                                          # one false-alarm pixel at every threshold
+    s2 = common.SkillScore()
+    s2.update(alarm, truth)
+    m2 = s2.compute()
+    assert m2["csi_219"] == 0 and m2["csi_m"] == pytest.approx(0.5, abs=0.01)    # the same six thresholds
     assert len(m["csi_m_per_lead"]) == 3 and m["mse_per_lead"] == [0, 0, 0]
     s.update(torch.zeros_like(truth), truth)                           # counts accumulate
     m = s.compute()
@@ -420,12 +506,55 @@ def test_script_end_to_end(tmp_path, sample, script, extra):
     keys = {"mse", "mae", "csi_m", "csi_pool4_m", "csi_pool16_m"} | {
         f"{s}_{t}" for s in ("csi", "pod", "sucr", "bias") for t in common.SEVIR_THRESHOLDS}
     assert keys <= set(metrics["model"]) and keys <= set(metrics[ref])
-    assert metrics["data"] == "sample" and metrics["n_samples"] > 0
+    assert metrics["data"] == "sample" and metrics["n_samples"] > 0 and metrics["split"] == "test"
     assert "model" in r.stdout and ref in r.stdout                   # the table printed at the end
     if script == "train_advanced.py":
         assert metrics["perceptual_backbone"] == "untrained"
     if "--t_out=2" in extra:
         assert (out / "forecast.gif").stat().st_size > 0 and len(metrics["model"]["csi_m_per_lead"]) == 2
+
+
+def test_best_model_is_chosen_on_validation_and_scored_on_test(tmp_path, sample):
+    import train_synthetic
+    out = tmp_path / "run"
+    train_synthetic.main(TINY[:-3] + ["--epochs=3", "--batch_size=2"] + data_args(sample) + [f"--out_dir={out}"])
+    cfg = common.parse_config(train_synthetic.Config, data_args(sample))
+    data = train_synthetic.build_data(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert metrics["split"] == "test" and metrics["checkpoint"] == "best.pt" and metrics["epoch"] == best["epoch"]
+    assert metrics["n_events"] == len(data.test_events) and metrics["n_samples"] == len(data.test)
+    assert pd.Timestamp(metrics["period"][0]) > pd.Timestamp("2019-06-01")         # only events after the split
+    assert metrics["beside"]["split"] == "val" and metrics["beside"]["n_events"] == len(data.val_events)
+    history = pd.read_csv(out / "history.csv")
+    assert best["epoch"] == history.loc[history["val_loss"].idxmin(), "epoch"]       # chosen on validation
+    # the validation loss of the chosen epoch is the model's validation MSE, scored again beside the test
+    assert metrics["beside"]["model"]["mse"] == pytest.approx(history["val_loss"].min(), rel=1e-4)
+
+
+def test_scores_are_in_float32_even_where_training_uses_bf16(monkeypatch):
+    monkeypatch.setattr(common, "amp_dtype", lambda device: torch.bfloat16)      # as on a CUDA GPU
+    identity = torch.nn.Conv2d(1, 1, 1, bias=False)
+    torch.nn.init.ones_(identity.weight)
+    y = 0.5 + 0.5 * torch.rand(8, 1, 16, 16)                                      # values where bf16 steps are coarse
+    loader = torch.utils.data.DataLoader([(v, v) for v in y], batch_size=4, collate_fn=common.collate_skipping)
+    _, m = common.evaluate(identity, loader, torch.device("cpu"))
+    assert m["mse"] == 0 and m["csi_219"] == 1
+
+
+def test_downsampling_keeps_the_mean_and_a_single_bright_pixel(tmp_path):
+    rng = np.random.default_rng(0)
+    field = rng.integers(0, 200, (384, 384, 1), dtype=np.uint8).repeat(49, axis=2)
+    spike = np.zeros((384, 384, 49), np.uint8)
+    spike[201, 202] = 254                                           # one bright pixel between the 4 x 4 blocks' centres
+    catalog = vil_catalog(tmp_path, [{"id": "S1"}, {"id": "S2", "file_index": "1"}],
+                          lambda i: field if i == 0 else spike)
+    events = common.load_catalog(catalog, tmp_path, mods=("vil",))
+    ds = common.SEVIRVIL(events, tmp_path, t_in=1, t_out=1, target_size=96, train=False)
+    noisy, bright = ds[0][0], ds[len(ds) // 2][0]                        # (1, 1, 96, 96)
+    assert float(noisy.mean()) * 255 == pytest.approx(float(field.mean()), rel=0.01)
+    assert float(bright.sum()) * 255 * 16 == pytest.approx(254, rel=0.01)            # its mass is kept
+    assert float(bright.max()) > 0
 
 
 def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sample):
@@ -627,8 +756,8 @@ def test_protocol_sets_the_benchmark_and_its_windows_and_split(sample):
     cfg.CATALOG_PATH, cfg.SEVIR_ROOT = sample[0], str(sample[1])
     data = common.load_events(cfg, mods=("vil",))
     t = lambda d: d["time_utc"]
-    assert t(data.train_events).max() < pd.Timestamp("2019-01-01") <= t(data.val_events).min()
-    assert t(data.val_events).max() < pd.Timestamp("2019-06-01") <= t(data.test_events).min()
+    assert t(data.train_events).max() <= pd.Timestamp("2019-01-01") < t(data.val_events).min()
+    assert t(data.val_events).max() <= pd.Timestamp("2019-06-01") < t(data.test_events).min()
     ds = common.SEVIRVIL(data.test_events, data.root, t_in=13, t_out=12, target_size=32, train=False)
     assert [ds.event_and_start(i)[1] for i in range(3)] == [0, 12, 24]       # frames 0-24, 12-36, 24-48
     assert len(ds) == 3 * len(data.test_events)
@@ -643,7 +772,7 @@ def test_balanced_mse_weights_rise_with_intensity():
 
 
 @pytest.mark.parametrize("model", ["unet", "convlstm"])
-def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_test_split(tmp_path, sample, model):
+def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_path, sample, model):
     out = tmp_path / "out"
     r = run_script("train_baseline.py", "--protocol=sevir", f"--model={model}", "--max_train=2", "--max_val=1",
                    "--epochs=1", *data_args(sample), f"--out_dir={out}", cwd=tmp_path)
@@ -651,10 +780,11 @@ def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_test_split(tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["model"]["csi_m_per_lead"]) == 12 and len(metrics["persistence"]["mse_per_lead"]) == 12
     assert metrics["n_samples"] == 3 and (out / "forecast.gif").stat().st_size > 0
-    r = run_script("visualize.py", str(out), "--split=test", cwd=tmp_path)
+    r = run_script("visualize.py", str(out), "--split=val", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    test = json.loads((out / "metrics_test.json").read_text())
-    assert test["split"] == "test" and (out / "forecast_test.gif").exists() and (out / "skill_test.png").exists()
+    val = json.loads((out / "metrics_val.json").read_text())
+    assert val["split"] == "val" and (out / "forecast_val.gif").exists() and (out / "skill_val.png").exists()
+    assert val["beside"]["model"] == metrics["model"] and val["model"] == metrics["beside"]["model"]
 
 
 # --------------------------------------------------------------------------------------
@@ -681,7 +811,7 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
     assert a["n_samples"] == b["n_samples"]
     for key in ("mse", "mae", "csi_16", "csi_m"):
         assert b["model"][key] == pytest.approx(a["model"][key], rel=1e-4, abs=1e-7), key
-    scalars = lambda d: {k: v for k, v in d.items() if not isinstance(v, list)}
+    scalars = lambda d: {k: float("nan") if v is None else v for k, v in d.items() if not isinstance(v, list)}
     assert scalars(b["persistence"]) == pytest.approx(scalars(a["persistence"]), rel=1e-9, nan_ok=True)
     assert two.stdout.count("epoch 2/2") == 1                        # only rank 0 reports
 
@@ -788,7 +918,7 @@ def test_default_paths_make_the_sample_once(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     made = []
     real = common.make_sample_sevir
-    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or real(root, n_events=2))
+    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or real(root, n_events=3))
     cfg = train_synthetic.Config()
     for _ in range(2):
         catalog, root, kind = common.resolve_data(cfg)

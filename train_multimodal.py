@@ -28,9 +28,10 @@ class Config:
     EPOCHS = 60                              # passes over the training events (one random window each)
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 1e-3                                # Adam learning rate
-    MAX_TRAIN = 0                            # training events to use, 0 = all
-    MAX_VAL = 0                              # validation events to use, 0 = all
-    SPLIT_DATE = "2019-06-01"                # train before, validate from this date (the SEVIR paper's split)
+    MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
+    MAX_VAL = 0                              # validation events to use (spread over the period), 0 = all
+    MAX_TEST = 0                             # test events to use (spread over the period), 0 = all
+    SPLIT_DATES = ("2019-01-01", "2019-06-01")  # train <= 1st < validation <= 2nd < test (Earthformer)
     IR_NORM = "sevir"                        # sevir: fixed z-score in deg C; minmax: the notebooks' per-sample scaling
     SEED = 0                                 # seeds weights, shuffling and training windows
     DEVICE = "auto"                          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
@@ -40,14 +41,15 @@ class Config:
     TORCH_COMPILE = False                    # torch.compile the model (CUDA; slower start, faster steps)
 
 
-def build_data(cfg, split="val"):
-    """Events with every modality, split by date; all modalities resized to TARGET_SIZE and stacked.
-    data.val holds the `split` events ("test" exists with PROTOCOL=sevir)."""
+def build_data(cfg):
+    """Events with every modality, split by date into train / validation / test; all modalities resized
+    to TARGET_SIZE and stacked."""
     data = common.load_events(cfg, mods=cfg.MODALITIES)
     kw = dict(mods=cfg.MODALITIES, t_in=cfg.T_IN, t_out=cfg.T_OUT, target_size=cfg.TARGET_SIZE,
               ir_norm=cfg.IR_NORM, seed=cfg.SEED)
     data.train = SEVIRMultimodal(data.train_events, data.root, train=True, **kw)  # x (C, T_IN, S, S), y (1, T_OUT, S, S)
-    data.val = SEVIRMultimodal(common.held_out(data, split), data.root, train=False, **kw)
+    data.val = SEVIRMultimodal(data.val_events, data.root, train=False, **kw)    # chooses best.pt
+    data.test = SEVIRMultimodal(data.test_events, data.root, train=False, **kw)  # the reported scores
     return data
 
 
@@ -76,8 +78,8 @@ def main(argv=None):
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
     history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
 
-    common.load_weights(model, out / "best.pt")                                  # report the best epoch
-    common.report(model, build_reference(cfg, data), data.val, cfg, device, data.kind, history)
+    best = common.load_weights(model, out / "best.pt")          # chosen on validation, reported on test
+    common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ class Config:
     EPOCHS = 80                              # passes over the training events (one random frame each)
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 1e-3                                # Adam learning rate
-    MAX_TRAIN = 0                            # training events to use, 0 = all
-    MAX_VAL = 0                              # validation events to use, 0 = all
-    SPLIT_DATE = "2019-06-01"                # train before, validate from this date (the SEVIR paper's split)
+    MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
+    MAX_VAL = 0                              # validation events to use (spread over the period), 0 = all
+    MAX_TEST = 0                             # test events to use (spread over the period), 0 = all
+    SPLIT_DATES = ("2019-01-01", "2019-06-01")  # train <= 1st < validation <= 2nd < test (Earthformer)
     IR_NORM = "sevir"                        # sevir: fixed z-score in deg C; minmax: the notebooks' per-sample scaling
     SEED = 0                                 # seeds weights, shuffling and training frames
     DEVICE = "auto"                          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
@@ -34,7 +35,7 @@ class Config:
     TORCH_COMPILE = False                    # torch.compile the model (CUDA; slower start, faster steps)
 
 
-# (cfg, split) -> data with .train and .val: single frames, x (C, S, S) = INPUT_MODS, y (1, S, S) = VIL
+# cfg -> data with .train, .val and .test: single frames, x (C, S, S) = INPUT_MODS, y (1, S, S) = VIL
 build_data = common.synthetic_radar_data
 # ir_lookup: the mean VIL of each IR107 temperature bin in the training events
 build_reference = common.fit_ir_lookup
@@ -59,8 +60,8 @@ def main(argv=None):
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
     history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
 
-    common.load_weights(model, out / "best.pt")                                  # report the best epoch
-    common.report(model, build_reference(cfg, data), data.val, cfg, device, data.kind, history)
+    best = common.load_weights(model, out / "best.pt")          # chosen on validation, reported on test
+    common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 
 
 if __name__ == "__main__":
