@@ -67,8 +67,7 @@ class Cfg:
 
 
 def test_overrides_are_typed_and_case_insensitive():
-    cfg = common.parse_config(Cfg, ["--EPOCHS=5", "--lr=1", "--resume=TRUE", "--modalities=vil,ir107",
-                                    "-f", "/root/kernel-1.json"])
+    cfg = common.parse_config(Cfg, ["--EPOCHS=5", "--lr=1", "--resume=TRUE", "--modalities=vil,ir107"])
     assert (cfg.EPOCHS, cfg.LR, cfg.RESUME, cfg.MODALITIES) == (5, 1.0, True, ("vil", "ir107"))
     assert isinstance(cfg.LR, float)
     assert Cfg.EPOCHS == 3                               # the class keeps its defaults
@@ -480,6 +479,22 @@ REFERENCE = {"train_baseline.py": "persistence", "train_multimodal.py": "persist
              "train_synthetic.py": "ir_lookup", "train_advanced.py": "ir_lookup"}
 
 
+def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path, sample, monkeypatch):
+    import train_advanced
+    out = tmp_path / "adv"
+    calls = []
+    real_fit = common.fit
+    monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append(k.get("select")) or real_fit(*a, **k))
+    train_advanced.main(TINY[:-4] + ["--target_size=64", "--epochs=3", "--vgg_weights=none"] + data_args(sample)
+                        + [f"--out_dir={out}"])
+    assert calls == ["mse"]
+    history = pd.read_csv(out / "history.csv")
+    assert {"train_mse", "train_perceptual", "val_mse", "val_perceptual", "val_loss"} <= set(history.columns)
+    assert np.allclose(history["val_loss"], history["val_mse"] + 0.1 * history["val_perceptual"], rtol=1e-5)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == history.loc[history["val_mse"].idxmin(), "epoch"]
+
+
 @pytest.mark.parametrize("script, extra", [
     ("train_baseline.py", ["--t_in=4", "--t_out=2"]),
     ("train_multimodal.py", ["--t_in=3", "--modalities=vil,ir107,lght"]),
@@ -500,7 +515,9 @@ def test_script_end_to_end(tmp_path, sample, script, extra):
                  "loss.png", "skill.png"):
         assert (out / name).stat().st_size > 0, name
     ckpt = torch.load(out / "best.pt", weights_only=True)
-    assert set(ckpt) >= {"model", "optimizer", "config", "epoch", "best_val", "metrics"} and ckpt["epoch"] == 1
+    assert set(ckpt) >= {"model", "config", "epoch", "best_val", "metrics", "script"} and ckpt["epoch"] == 1
+    assert "optimizer" not in ckpt and "optimizer" in torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["script"] == script[:-3]
     metrics = json.loads((out / "metrics.json").read_text())
     ref = REFERENCE[script]
     keys = {"mse", "mae", "csi_m", "csi_pool4_m", "csi_pool16_m"} | {
@@ -596,13 +613,50 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 
 
 def test_models_shapes_and_parameter_counts():
-    assert common.NowcastNet(1, t_out=3, base=4)(torch.rand(2, 1, 6, 16, 16)).shape == (2, 1, 3, 16, 16)
-    assert common.MultimodalNowcastNet(3, t_out=1, base=4)(torch.rand(1, 3, 6, 16, 16)).shape == (1, 1, 1, 16, 16)
+    assert common.NowcastNet(6, t_out=3, base=4)(torch.rand(2, 1, 6, 16, 16)).shape == (2, 1, 3, 16, 16)
+    assert common.MultimodalNowcastNet(3, 6, t_out=1, base=4)(torch.rand(1, 3, 6, 16, 16)).shape == (1, 1, 1, 16, 16)
     assert common.SyntheticRadarUNet(2, 1, base=4)(torch.rand(1, 2, 32, 32)).shape == (1, 1, 32, 32)
     assert common.AdvancedUNet(3, 1, base=4)(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     assert common.count_parameters(common.SyntheticRadarUNet(2, 1, 32)) == pytest.approx(7.77e6, rel=0.01)
     assert common.count_parameters(common.AdvancedUNet(2, 1, 32)) == pytest.approx(94.0e6, rel=0.01)
-    assert common.count_parameters(common.NowcastNet(1, 1, 32)) == pytest.approx(555e3, rel=0.01)
+    assert common.count_parameters(common.NowcastNet(12, 1, 32)) == pytest.approx(555e3, rel=0.01)
+
+
+def test_the_notebooks_calls_build_the_same_networks_and_figures(tmp_path, sample, monkeypatch, capsys):
+    """Each class and figure function called exactly as notebooks 05, 06, 07 and 07A call them."""
+    model = common.NowcastNet(12, 1)                                   # NowcastNet(Config.T_IN, Config.T_OUT)
+    assert model(torch.rand(2, 1, 12, 16, 16)).shape == (2, 1, 1, 16, 16)
+    assert common.count_parameters(model) == pytest.approx(555e3, rel=0.01)           # base 32
+    mm = common.MultimodalNowcastNet(3, 12, 1)                         # in_channels=3, t_in=12, t_out=1
+    assert mm(torch.rand(2, 3, 12, 16, 16)).shape == (2, 1, 1, 16, 16) and mm.enc1.in_channels == 3
+    assert mm.enc1.out_channels == 32                                  # base stays 32
+    assert common.MultimodalNowcastNet(in_channels=1, t_in=12, t_out=3, base=8)(
+        torch.rand(1, 1, 12, 8, 8)).shape == (1, 1, 3, 8, 8)
+    unet = common.SyntheticRadarUNet(in_channels=2, out_channels=1, base=32)
+    assert unet(torch.rand(2, 2, 32, 32)).shape == (2, 1, 32, 32)
+    deep = common.AdvancedUNet(in_channels=2, out_channels=1)
+    assert deep(torch.rand(2, 2, 64, 64)).shape == (2, 1, 64, 64)
+
+    def offline(*args, **kwargs):                                      # never download weights in a test
+        raise OSError("offline")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    vgg = common.VGGPerceptualLoss()
+    assert vgg.backbone == "untrained" and "VGG16 ImageNet weights unavailable" in capsys.readouterr().out
+    assert vgg(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)).ndim == 0
+
+    monkeypatch.chdir(tmp_path)
+    events = common.load_catalog(sample[0], sample[1])
+    val_dataset = common.SEVIRVIL(events, sample[1], t_in=12, t_out=1, target_size=16, train=False)
+    common.visualize_predictions(model, val_dataset, torch.device("cpu"), num_samples=3)
+    assert (tmp_path / "predictions.png").stat().st_size > 0
+    (tmp_path / "predictions.png").unlink()
+
+    class config:                                                      # notebook 06's Config
+        MODALITIES = ("vil", "ir069", "ir107")
+    val_mm = common.SEVIRMultimodal(events, sample[1], mods=config.MODALITIES, t_in=12, t_out=1, target_size=16,
+                                    train=False)
+    common.visualize_multimodal(mm, val_mm, torch.device("cpu"), config, num_samples=2)
+    assert (tmp_path / "predictions.png").stat().st_size > 0
 
 
 def test_vgg_perceptual_loss_without_weights():
@@ -641,6 +695,7 @@ def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(tmp_path, c
 
 class FitCfg:
     EPOCHS, BATCH_SIZE, NUM_WORKERS, SEED, RESUME, OVERWRITE = 3, 2, 0, 0, False, False
+    script = "train_synthetic"
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, sample):
@@ -669,23 +724,23 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, sample):
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    common.save_checkpoint({"epoch": 1}, path)
+    common.save_checkpoint({"model": {}, "epoch": 1}, path)
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(common.RunError, match="No space left on device.*previous last.pt is kept"):
-        common.save_checkpoint({"epoch": 2}, path)
+        common.save_checkpoint({"model": {}, "epoch": 2}, path)
     monkeypatch.undo()
-    assert common.load_checkpoint(path) == {"epoch": 1} and list(tmp_path.iterdir()) == [path]
+    assert common.load_checkpoint(path) == {"model": {}, "epoch": 1} and list(tmp_path.iterdir()) == [path]
 
 
 def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
     path = tmp_path / "last.pt"
     writer = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); import common\n"
-              f"common.save_checkpoint({{'epoch': 0, 'w': torch.zeros(1)}}, {str(path)!r}); print('ready', flush=True)\n"
-              f"for e in range(1, 10**6): common.save_checkpoint({{'epoch': e, 'w': torch.rand(4_000_000)}}, {str(path)!r})\n")
+              f"common.save_checkpoint({{'model': {{}}, 'epoch': 0, 'w': torch.zeros(1)}}, {str(path)!r}); print('ready', flush=True)\n"
+              f"for e in range(1, 10**6): common.save_checkpoint({{'model': {{}}, 'epoch': e, 'w': torch.rand(4_000_000)}}, {str(path)!r})\n")
     for delay in (0.3, 0.7):
         p = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "ready"

@@ -1,16 +1,15 @@
 """Sharper synthetic radar (notebook 07A): a deep residual U-Net with a perceptual loss.
 
     IR069 + IR107 (+ optional lightning)  ->  VIL,   AdvancedUNet (5 levels, residual blocks),
-    loss = MSE + 0.1 x VGG16 perceptual, ReduceLROnPlateau, best-model saving.
+    loss = MSE + 0.1 x VGG16 perceptual; ReduceLROnPlateau and best.pt on the validation MSE.
 
 Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
 Run `python train_advanced.py --help` for every setting; override any with --key=value.
 """
+import common
 import torch
 import torch.nn.functional as F
-
-import common
-from common import AdvancedUNet, VGGPerceptualLoss
+from common import AdvancedUNet, SyntheticRadarDataset, VGGPerceptualLoss
 
 
 class Config:
@@ -39,23 +38,33 @@ class Config:
     TORCH_COMPILE = False                    # torch.compile the model (CUDA; slower start, faster steps)
 
 
-# cfg -> data with .train, .val and .test: single frames, x (C, S, S) = INPUT_MODS, y (1, S, S) = VIL
-build_data = common.synthetic_radar_data
-# ir_lookup: the mean VIL of each IR107 temperature bin in the training events
-build_reference = common.fit_ir_lookup
+def build_data(cfg):
+    """Events with INPUT_MODS and VIL, split by date into train / validation / test; single frames, every
+    input and VIL resized to TARGET_SIZE (a random frame per event and epoch in training, frames 0, 12, 24,
+    36, 48 when held out)."""
+    data = common.load_events(cfg, mods=cfg.INPUT_MODS + ("vil",))
+    kw = dict(input_mods=cfg.INPUT_MODS, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM, seed=cfg.SEED)
+    data.train = SyntheticRadarDataset(data.train_events, data.root, train=True, **kw)   # x (C, S, S), y (1, S, S)
+    data.val = SyntheticRadarDataset(data.val_events, data.root, train=False, **kw)     # chooses best.pt
+    data.test = SyntheticRadarDataset(data.test_events, data.root, train=False, **kw)   # the reported scores
+    return data
 
 
 def build_model(cfg):
     return AdvancedUNet(in_channels=len(cfg.INPUT_MODS), out_channels=1, base=cfg.BASE)
 
 
+# ir_lookup: the mean VIL of each IR107 temperature bin in the training events
+build_reference = common.fit_ir_lookup
+
+
 def main(argv=None):
-    cfg = common.parse_config(Config, argv, size_multiple=2 ** 5)   # 5 U-Net levels
+    cfg = common.parse_config(Config, argv, size_multiple=2 ** 5, script="train_advanced")   # 5 U-Net levels
     if cfg.VGG_WEIGHTS not in ("imagenet", "none"):
         raise common.UserError(f"--vgg_weights={cfg.VGG_WEIGHTS!r}: one of imagenet, none")
     common.seed_everything(cfg.SEED)
     device = common.init_device(cfg.DEVICE)            # joins torchrun's process group if launched so
-    out = common.prepare_out_dir(cfg)
+    out = common.check_out_dir(cfg)
     data = build_data(cfg)
     model = common.prepare_model(build_model(cfg), cfg, device)
     print(f"AdvancedUNet: {common.count_parameters(model):,} parameters, "
@@ -64,8 +73,9 @@ def main(argv=None):
     perceptual = VGGPerceptualLoss(weights=cfg.VGG_WEIGHTS).to(device)
     print(f"perceptual loss: VGG16 to relu4_3, {perceptual.backbone} weights")
 
-    def loss_fn(pred, y):                                    # (B, 1, S, S) each
-        return F.mse_loss(pred, y) + cfg.PERCEPTUAL_WEIGHT * perceptual(pred, y)
+    def loss_fn(pred, y):                                    # (B, 1, S, S) each; both terms are logged
+        mse, perc = F.mse_loss(pred, y), perceptual(pred, y)
+        return {"loss": mse + cfg.PERCEPTUAL_WEIGHT * perc, "mse": mse, "perceptual": perc}
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
@@ -73,10 +83,11 @@ def main(argv=None):
     train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
     extra = {"perceptual_backbone": perceptual.backbone}
-    history = common.fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler, extra=extra)
-
-    best = common.load_weights(model, out / "best.pt")          # chosen on validation, reported on test
-    common.report(model, build_reference(cfg, data), data, cfg, device, history, extra, epoch=best["epoch"])
+    with common.locked(out):                           # one run at a time writes in OUT_DIR
+        history = common.fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler,
+                             extra=extra, select="mse")           # as notebook 07A: the validation MSE decides
+        best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
+        common.report(model, build_reference(cfg, data), data, cfg, device, history, extra, epoch=best["epoch"])
 
 
 if __name__ == "__main__":

@@ -7,9 +7,8 @@ Reference forecast: persistence (the last observed VIL frame, repeated).
 --protocol=sevir sets the SEVIR benchmark: 13 -> 12 frames at 384 x 384, Earthformer's split and windows.
 Run `python train_multimodal.py --help` for every setting; override any with --key=value.
 """
-import torch
-
 import common
+import torch
 from common import Persistence, SEVIRMultimodal
 
 
@@ -63,10 +62,10 @@ def build_reference(cfg, data):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv, size_multiple=common.NOWCASTER_GRID)
+    cfg = common.parse_config(Config, argv, size_multiple=common.NOWCASTER_GRID, script="train_multimodal")
     common.seed_everything(cfg.SEED)
     device = common.init_device(cfg.DEVICE)            # joins torchrun's process group if launched so
-    out = common.prepare_out_dir(cfg)
+    out = common.check_out_dir(cfg)
     data = build_data(cfg)
     model = common.prepare_model(build_model(cfg), cfg, device)
     print(f"{type(common.unwrap(model)).__name__}: {common.count_parameters(model):,} parameters, "
@@ -76,10 +75,10 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
-    history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
-
-    best = common.load_weights(model, out / "best.pt")          # chosen on validation, reported on test
-    common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
+    with common.locked(out):                           # one run at a time writes in OUT_DIR
+        history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
+        best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
+        common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@
 Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
 Run `python train_synthetic.py --help` for every setting; override any with --key=value.
 """
-import torch
-
 import common
-from common import SyntheticRadarUNet
+import torch
+from common import SyntheticRadarDataset, SyntheticRadarUNet
 
 
 class Config:
@@ -35,21 +34,31 @@ class Config:
     TORCH_COMPILE = False                    # torch.compile the model (CUDA; slower start, faster steps)
 
 
-# cfg -> data with .train, .val and .test: single frames, x (C, S, S) = INPUT_MODS, y (1, S, S) = VIL
-build_data = common.synthetic_radar_data
-# ir_lookup: the mean VIL of each IR107 temperature bin in the training events
-build_reference = common.fit_ir_lookup
+def build_data(cfg):
+    """Events with INPUT_MODS and VIL, split by date into train / validation / test; single frames, every
+    input and VIL resized to TARGET_SIZE (a random frame per event and epoch in training, frames 0, 12, 24,
+    36, 48 when held out)."""
+    data = common.load_events(cfg, mods=cfg.INPUT_MODS + ("vil",))
+    kw = dict(input_mods=cfg.INPUT_MODS, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM, seed=cfg.SEED)
+    data.train = SyntheticRadarDataset(data.train_events, data.root, train=True, **kw)   # x (C, S, S), y (1, S, S)
+    data.val = SyntheticRadarDataset(data.val_events, data.root, train=False, **kw)     # chooses best.pt
+    data.test = SyntheticRadarDataset(data.test_events, data.root, train=False, **kw)   # the reported scores
+    return data
 
 
 def build_model(cfg):
     return SyntheticRadarUNet(in_channels=len(cfg.INPUT_MODS), out_channels=1, base=cfg.BASE)
 
 
+# ir_lookup: the mean VIL of each IR107 temperature bin in the training events
+build_reference = common.fit_ir_lookup
+
+
 def main(argv=None):
-    cfg = common.parse_config(Config, argv, size_multiple=2 ** 4)   # 4 U-Net levels
+    cfg = common.parse_config(Config, argv, size_multiple=2 ** 4, script="train_synthetic")   # 4 U-Net levels
     common.seed_everything(cfg.SEED)
     device = common.init_device(cfg.DEVICE)            # joins torchrun's process group if launched so
-    out = common.prepare_out_dir(cfg)
+    out = common.check_out_dir(cfg)
     data = build_data(cfg)
     model = common.prepare_model(build_model(cfg), cfg, device)
     print(f"SyntheticRadarUNet: {common.count_parameters(model):,} parameters, "
@@ -58,10 +67,10 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
-    history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
-
-    best = common.load_weights(model, out / "best.pt")          # chosen on validation, reported on test
-    common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
+    with common.locked(out):                           # one run at a time writes in OUT_DIR
+        history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
+        best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
+        common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 
 
 if __name__ == "__main__":
