@@ -946,8 +946,10 @@ def check_out_dir(cfg):
     if cfg.RESUME and not (out / "last.pt").exists():
         raise UserError(f"--resume=true but there is no checkpoint {out / 'last.pt'}")
     if held and not cfg.RESUME and not cfg.OVERWRITE:
-        raise UserError(f"{out} already holds a run ({', '.join(held)}): --resume=true continues it, "
-                        f"--overwrite=true replaces it, --out_dir=... starts elsewhere")
+        how = ("--resume=true continues it, --overwrite=true replaces it, --out_dir=... starts elsewhere"
+               if started_from_file() else               # a notebook cell: the Config is edited in the cell
+               "RESUME = True in the Config continues it, OVERWRITE = True replaces it, another OUT_DIR starts elsewhere")
+        raise UserError(f"{out} already holds a run ({', '.join(held)}): {how}")
     return out
 
 

@@ -670,6 +670,101 @@ def test_vgg_perceptual_loss_without_weights():
 
 
 # --------------------------------------------------------------------------------------
+# Colab and Jupyter: a script pasted into a cell, %run with flags
+# --------------------------------------------------------------------------------------
+
+KERNEL_ARGV = ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f", "/root/.local/kernel-7.json",
+               "--HistoryManager.hist_file=:memory:", "--IPKernelApp.parent_handle=12", "--Session.key=b''"]
+
+
+def edit_config(text, **values):
+    """The script's text with Config values replaced, as a user edits them in a notebook cell."""
+    import re
+    for key, value in values.items():
+        text, n = re.subn(rf"^(    {key} = ).*?(\s+#)", lambda m: m.group(1) + repr(value) + m.group(2), text,
+                          count=1, flags=re.M)
+        assert n == 1, key
+    return text
+
+
+def run_in_cell(text, argv=KERNEL_ARGV):
+    """Execute text as a notebook cell does: as __main__, with no file behind it and the kernel's sys.argv."""
+    import types
+    cell = types.ModuleType("__main__")
+    saved = sys.modules["__main__"], sys.argv
+    sys.modules["__main__"], sys.argv = cell, list(argv)
+    try:
+        exec(compile(text, "<cell>", "exec"), cell.__dict__)
+    finally:
+        sys.modules["__main__"], sys.argv = saved
+    return cell.__dict__
+
+
+@pytest.mark.parametrize("script", ["train_baseline.py", "train_multimodal.py", "train_synthetic.py",
+                                    "train_advanced.py"])
+def test_a_script_pasted_into_a_cell_runs_with_its_edited_config(tmp_path, sample, script, capsys):
+    out = tmp_path / "out"
+    size = 64 if script == "train_advanced.py" else 32
+    text = edit_config((HERE / script).read_text(), CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]),
+                       OUT_DIR=str(out), TARGET_SIZE=size, BASE=4, EPOCHS=1, BATCH_SIZE=2, MAX_TRAIN=2,
+                       MAX_VAL=1, **({"VGG_WEIGHTS": "none"} if script == "train_advanced.py" else {}))
+    run_in_cell(text)
+    assert (out / "metrics.json").exists() and (out / "predictions.png").exists()
+    assert torch.load(out / "best.pt", weights_only=True)["script"] == script[:-3]
+    assert json.loads((out / "config.json").read_text())["TARGET_SIZE"] == size      # the cell's Config
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                               # the same cell again
+        run_in_cell(text)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "already holds a run" in err and "OVERWRITE = True" in err
+
+
+def test_a_pasted_cell_resumes_shows_help_and_errors_without_a_banner(tmp_path, sample, capsys, monkeypatch):
+    out = tmp_path / "out"
+    config = dict(CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]), OUT_DIR=str(out), TARGET_SIZE=32, BASE=4,
+                  BATCH_SIZE=2, MAX_TRAIN=2, MAX_VAL=1)
+    text = (HERE / "train_synthetic.py").read_text()
+    run_in_cell(edit_config(text, EPOCHS=1, **config))
+    run_in_cell(edit_config(text, EPOCHS=2, RESUME=True, **config))
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    assert "resumed from" in capsys.readouterr().out
+
+    cell = run_in_cell(text.replace('if __name__ == "__main__":', "if False:"))    # define, do not run
+    with pytest.raises(SystemExit) as e:
+        common.run(lambda: cell["main"](["--help"]))
+    assert e.value.code == 0 and "--input_mods" in capsys.readouterr().out
+
+    monkeypatch.setattr(common, "in_ipython", lambda: True)                # inside Jupyter: no SystemExit
+    run_in_cell(edit_config(text, EPOCHS=0, **config))
+    assert capsys.readouterr().err.strip() == "error: --epochs=0: must be > 0"
+
+    # visualize.py rebuilds the pasted run from the script beside it, and says what it needs without it
+    r = run_script("visualize.py", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import shutil
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("visualize.py", "common.py"):
+        shutil.copy(HERE / name, alone / name)
+    r = subprocess.run([sys.executable, str(alone / "visualize.py"), str(out)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "put train_synthetic.py beside visualize.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_style_argv_reads_the_flags(tmp_path, sample):
+    import runpy
+    out = tmp_path / "out"
+    saved = sys.argv
+    sys.argv = ["train_baseline.py", *TINY, "--t_in=3", *data_args(sample), f"--out_dir={out}"]   # %run script.py ...
+    try:
+        runpy.run_path(str(HERE / "train_baseline.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+    assert json.loads((out / "config.json").read_text())["T_IN"] == 3
+
+
+# --------------------------------------------------------------------------------------
 # Reliability: unreadable files, non-finite loss, interruption, saving
 # --------------------------------------------------------------------------------------
 
