@@ -407,9 +407,17 @@ def read_catalog(path):
 def _catalog_rejects(df, n_mods, max_pct_missing):
     """(rows kept, [(reason, ids)]) for the rules the catalog alone can check, on rows of the wanted types.
 
-    Earthformer's order, so the same events pass: rows with pct_missing above the limit go first; then
-    an id needs a row of every type, and exactly one (an id with two rows of a type loses both).
+    A file_name must be a relative path that stays inside the data root (a catalog may come from anyone).
+    Then Earthformer's order, so the same events pass: rows with pct_missing above the limit go first;
+    then an id needs a row of every type, and exactly one (an id with two rows of a type loses both).
     """
+    unsafe = df["file_name"].map(unsafe_file_name).notna()
+    if unsafe.any():
+        example = df.loc[unsafe, "file_name"].iloc[0]
+        print(f"warning: catalog rows with an unsafe file_name are refused, e.g. {example!r} "
+              f"({unsafe_file_name(example)})", file=sys.stderr)
+    unsafe_ids = df.loc[unsafe, "id"]
+    df = df[~df["id"].isin(unsafe_ids)]
     bad_pct = df["pct_missing"] > max_pct_missing
     kept = df[~bad_pct]
     rows_per = kept.groupby(["id", "img_type"]).size()
@@ -417,10 +425,29 @@ def _catalog_rejects(df, n_mods, max_pct_missing):
     def n_types(rows):
         return rows.drop_duplicates(["id", "img_type"]).groupby("id").size()
     before, after = n_types(df), n_types(kept).reindex(df["id"].unique(), fill_value=0)
-    return kept, [("missing modality", before[before < n_mods].index),
+    return kept, [("unsafe file_name", unsafe_ids),
+                  ("missing modality", before[before < n_mods].index),
                   (f"pct_missing > {max_pct_missing:g}", after[after < n_mods].index),
                   ("duplicated id", rows_per[rows_per > 1].index.get_level_values("id")),
                   ("bad time_utc", kept.loc[kept["time_utc"].isna(), "id"])]
+
+
+def unsafe_file_name(name):
+    """Why a catalog file_name may not be used, or None: it must be a relative path inside the root."""
+    if not name or "\0" in name:
+        return "empty" if not name else "holds a NUL"
+    if "\\" in name or re.match(r"^[A-Za-z]:", name):
+        return "a backslash or a drive letter"
+    if name.startswith("/"):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a '..' segment"
+    return None
+
+
+def inside(path, root):
+    """Whether `path`, with every link resolved, lies inside the folder `root`."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
 def _check_files(df, root):
@@ -2116,6 +2143,7 @@ def _smooth_noise(rng, size, scale):
 SEVIR_URL = "https://sevir.s3.us-east-1.amazonaws.com"   # the public bucket s3://sevir: CATALOG.csv, data/<type>/...
 EVENT_BYTES = {"vil": 384 * 384 * 49, "ir069": 192 * 192 * 49 * 2, "ir107": 192 * 192 * 49 * 2, "lght": 0}
 EVENT_DTYPE = {"vil": np.uint8, "ir069": np.int16, "ir107": np.int16}
+MAX_CATALOG_BYTES = 1 << 30       # SEVIR's CATALOG.csv is about 32 MB: a "catalog" above 1 GiB is refused
 
 
 def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, until=None, event_type=None,
@@ -2123,6 +2151,8 @@ def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, 
     """Write a local SEVIR subset in `out`: the chosen events' bytes only, same file names, `id`
     datasets and a matching CATALOG.csv. Resumable: finished files are not fetched again and an
     interrupted file continues from its last event. Returns the local catalog's path."""
+    from urllib.parse import quote
+
     from tqdm import tqdm
     out, base_url = Path(out), base_url.rstrip("/")
     unknown = [t for t in types if t not in EVENT_BYTES]
@@ -2147,6 +2177,8 @@ def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, 
     bar = tqdm(total=sum(EVENT_BYTES[t] for t in rows["img_type"]), unit="B", unit_scale=True, desc="download")
     for file_name, group in rows.groupby("file_name", sort=False):
         final, part = out / file_name, out / f"{file_name}.part"
+        if not (inside(final, out) and inside(part, out)):           # a link inside --out pointing elsewhere
+            raise UserError(f"{final} leads outside --out {out} (a symbolic link?); refused")
         mod, wanted = group["img_type"].iloc[0], ",".join(group["id"])
         if _holds(final, wanted):                                   # finished earlier: not fetched again
             bar.update(EVENT_BYTES[mod] * len(group))
@@ -2154,7 +2186,7 @@ def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, 
         final.parent.mkdir(parents=True, exist_ok=True)
         if not _holds(part, wanted):                                # absent, broken, or another selection
             part.unlink(missing_ok=True)
-        with h5py.File(part, "a") as dst, HTTPRangeFile(f"{base_url}/data/{file_name}", backoff=backoff) as remote, \
+        with h5py.File(part, "a") as dst, HTTPRangeFile(f"{base_url}/data/{quote(file_name)}", backoff=backoff) as remote, \
                 h5py.File(remote, "r") as src:
             dst.attrs["events"] = wanted
             if mod == "lght":
@@ -2217,9 +2249,12 @@ def _holds(path, wanted):
         return False
 
 
-def http_get(url, start=None, stop=None, tries=5, backoff=1.0):
+def http_get(url, start=None, stop=None, tries=5, backoff=1.0, limit=MAX_CATALOG_BYTES):
     """(body, total size) of GET url, bytes [start, stop) when given, with retries and backoff on
-    transient errors (5xx, 429, timeouts, dropped connections); UserError for 403, 404 and no network."""
+    transient errors (5xx, 429, timeouts, dropped connections); UserError for 403, 404 and no network.
+
+    A mirror may come from anyone: a body longer than the range asked for (or than `limit` without a
+    range), or than its own Content-Length, is an error, never an unbounded read into memory."""
     import socket
     import urllib.error
     import urllib.request
@@ -2228,10 +2263,17 @@ def http_get(url, start=None, stop=None, tries=5, backoff=1.0):
     for attempt in range(tries):
         try:
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
-                body = r.read()
-                total = r.headers.get("Content-Range", "").rpartition("/")[2] or r.headers.get("Content-Length")
-                if start is not None and r.status == 200:           # the server ignored Range
-                    total, body = len(body), body[start:stop]
+                cap = stop - start if start is not None else limit
+                if start is not None and r.status == 200:
+                    raise UserError(f"{url}: the server ignores HTTP range requests; use another --base-url")
+                announced = r.headers.get("Content-Length")
+                if announced is not None and int(announced) > cap:
+                    raise UserError(f"{url}: the server sends {int(announced):,} bytes, more than the {cap:,} "
+                                    f"asked for; refused")
+                body = r.read(cap + 1)
+                if len(body) > cap or (announced is not None and len(body) > int(announced)):
+                    raise UserError(f"{url}: the server sent more than the {cap:,} bytes asked for; refused")
+                total = r.headers.get("Content-Range", "").rpartition("/")[2] or announced
                 return body, int(total) if total else len(body)
         except urllib.error.HTTPError as e:
             if e.code in (403, 404):

@@ -978,10 +978,11 @@ def bucket(tmp_path):
     root = tmp_path / "bucket"
     common.make_sample_sevir(root / "data", n_events=10, seed=2)
     (root / "data" / "CATALOG.csv").rename(root / "CATALOG.csv")
-    state = {"served": 0, "fail_next": 0, "limit": None}
+    state = {"served": 0, "fail_next": 0, "limit": None, "paths": [], "extra": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            state["paths"].append(self.path)
             path = root / self.path.lstrip("/")
             if state["fail_next"] > 0:
                 state["fail_next"] -= 1
@@ -997,7 +998,7 @@ def bucket(tmp_path):
                 return self.send_error(403)
             with open(path, "rb") as f:
                 f.seek(start)
-                body = f.read(stop - start)
+                body = f.read(stop - start) + b"x" * state["extra"]          # a mirror that sends too much
             self.send_response(206 if "Range" in self.headers else 200)
             if "Range" in self.headers:
                 self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
@@ -1050,6 +1051,60 @@ def test_download_reads_only_the_chosen_events_and_resumes(tmp_path, bucket, cap
         common.download(tmp_path / "x", base_url=url + "/nothing-here", backoff=0.01)
     with pytest.raises(common.UserError, match="no network or unknown host"):
         common.download(tmp_path / "y", base_url="http://sevir.invalid", backoff=0.01)
+
+
+def test_unsafe_file_names_are_refused_by_load_catalog_and_download(tmp_path, bucket, capsys):
+    url, root, state = bucket
+    unsafe = [str(tmp_path / "escaped.h5"), "../escaped.h5", "vil\\2019\\a.h5", "C:/sevir/a.h5", ""]
+    rows = [{"id": f"S9{i}", "file_name": name, "file_index": "0"} for i, name in enumerate(unsafe)]
+    local = tmp_path / "local"
+    local.mkdir()
+    catalog = vil_catalog(local, rows + [{"id": "S1", "file_index": "0"}])
+    events = common.load_catalog(catalog, local, mods=("vil",))
+    captured = capsys.readouterr()
+    assert events["id"].tolist() == ["S1"] and "unsafe file_name: 5" in captured.out
+    assert "unsafe file_name are refused, e.g." in captured.err and "escaped.h5" in captured.err
+
+    remote = pd.read_csv(root / "CATALOG.csv", dtype=str, keep_default_na=False)
+    vil = remote[remote["img_type"] == "vil"].iloc[0]
+    extra = pd.DataFrame([{**vil.to_dict(), "id": f"S8{i}", "time_utc": "2018-07-01 00:00:00", "file_name": name}
+                          for i, name in enumerate(unsafe)])
+    pd.concat([extra, remote]).to_csv(root / "CATALOG.csv", index=False)    # the earliest events are unsafe
+    (root / "data" / ".." / "escaped.h5").write_bytes((root / "data" / vil["file_name"]).read_bytes())
+    out = tmp_path / "subset"
+    catalog = common.download(out, types=("vil",), max_events=2, base_url=url, backoff=0.01)
+    assert not (tmp_path / "escaped.h5").exists() and not (out.parent / "escaped.h5").exists()
+    assert not any("escaped" in p or "\\" in p for p in state["paths"])      # never even asked for
+    assert "unsafe file_name" in capsys.readouterr().err
+    assert len(common.load_catalog(catalog, out, ("vil",))) == 2
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "vil").symlink_to(elsewhere)                               # a link inside --out
+    with pytest.raises(common.UserError, match="leads outside --out"):
+        common.download(linked, types=("vil",), max_events=1, base_url=url, backoff=0.01)
+    assert not any(elsewhere.rglob("*"))
+
+
+def test_a_mirror_that_sends_too_much_is_refused(bucket):
+    url, root, state = bucket
+    body, size = common.http_get(f"{url}/CATALOG.csv", 0, 100)
+    assert len(body) == 100 and size == (root / "CATALOG.csv").stat().st_size
+    with pytest.raises(common.UserError, match="more than the 1,000 asked for"):
+        common.http_get(f"{url}/CATALOG.csv", limit=1000)                 # a "catalog" above the limit
+    state["extra"] = 50
+    with pytest.raises(common.UserError, match="more than the 100 asked for"):
+        common.http_get(f"{url}/CATALOG.csv", 0, 100, backoff=0.01)
+
+
+def test_visualize_imports_only_the_training_scripts(tmp_path):
+    for name in ("os", "../evil", "test_smoke"):
+        path = tmp_path / "best.pt"
+        torch.save({"model": {}, "script": name, "config": {}, "epoch": 1, "history": []}, path)
+        r = run_script("visualize.py", str(path), cwd=tmp_path)
+        assert r.returncode == 2 and f"its script {name!r} is not one of" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_skill_score_any_leading_dims_and_pooling():
