@@ -60,6 +60,7 @@ if _LOADING:
 N_FRAMES = 49                                     # frames per SEVIR event, 5 minutes apart
 # SEVIR layout facts (see the SEVIR paper and its tutorial)
 NATIVE_SIZE = {"vil": 384, "ir069": 192, "ir107": 192, "lght": 48, "vis": 768}
+EVENT_DTYPE = {"vil": np.uint8, "ir069": np.int16, "ir107": np.int16}     # as stored: VIL codes, deg C x 100
 FRAME_TIMES_S = np.arange(-120, 125, 5) * 60      # the 49 frame times, seconds from time_utc
 # IR normalisation. "sevir": the SEVIR paper's fixed z-score on stored units (deg C x 100),
 # (x - shift) / scale, which keeps absolute cloud-top temperature. "minmax": the notebooks'
@@ -142,14 +143,19 @@ class _SEVIREvents(Dataset):
         return state
 
     def _open(self, path, name):
-        """h5py dataset `name` of the file at `path`; files open once per process, lazily."""
+        """h5py dataset `name` of the file at `path`; files open once per process, lazily. A file cut short
+        since (its size below the end of its data) is an OSError, not zeros read past its end."""
         if self._pid != os.getpid():              # forked into a worker: never share HDF5 handles
             self._files, self._datasets, self._pid = {}, {}, os.getpid()
         if (path, name) not in self._datasets:
             if path not in self._files:
                 self._files[path] = h5py.File(path, "r")
-            self._datasets[(path, name)] = self._files[path][name]
-        return self._datasets[(path, name)]
+            ds = self._files[path][name]
+            self._datasets[(path, name)] = ds, data_end(ds)
+        ds, end = self._datasets[(path, name)]
+        if end and os.path.getsize(path) < end:
+            raise OSError(f"{path} is truncated: {os.path.getsize(path):,} bytes, its data ends at {end:,}")
+        return ds
 
     def __getitem__(self, i):
         """Item i as (x, y); None when its file cannot be read any more (collate_skipping drops it)."""
@@ -280,6 +286,9 @@ def load_events(cfg, mods):
 
 def resolve_data(cfg):
     """(catalog_path, root, kind): real SEVIR where named or found, else the generated sample."""
+    for key in ("CATALOG_PATH", "SEVIR_ROOT"):
+        if not str(getattr(cfg, key)).strip():
+            raise UserError(f"--{key.lower()} is empty: name the SEVIR catalog and its folder")
     catalog, root = Path(cfg.CATALOG_PATH), Path(cfg.SEVIR_ROOT)
     at_defaults = cfg.CATALOG_PATH == DEFAULT_CATALOG and cfg.SEVIR_ROOT == DEFAULT_ROOT
     if at_defaults and not catalog.exists():
@@ -311,9 +320,10 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
     """One row per usable event: `id`, `time_utc`, `event_type`, and `<mod>_file`, `<mod>_index` per modality.
 
     Usable: every requested modality has exactly one catalog row (ids duplicated within a
-    modality are dropped, as SEVIR's reference loaders do), its file opens and holds the
-    dataset, the index is in range, and pct_missing <= max_pct_missing. Each file is opened
-    once; one summary line counts the events dropped for each reason.
+    modality are dropped, as SEVIR's reference loaders do) with a safe file_name, a whole-number
+    file_index and a clear time_utc; pct_missing <= max_pct_missing; its file opens and holds the
+    dataset in SEVIR's layout and dtype, the index is in range and the file's id there is the
+    event's. Each file is opened once; one summary line counts the events dropped for each reason.
     """
     mods = tuple(mods)
     df = read_catalog(catalog_path)
@@ -334,27 +344,9 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
         drop(reason, ids)
 
     df = df[~df["id"].isin(gone)]
-    info = _check_files(df, root)                            # each file opened once
-    err = df["file_name"].map(lambda f: info[f][0])
-    drop("missing file", df.loc[err == "missing file", "id"])
-    drop("unreadable file", df.loc[err == "unreadable file", "id"])
-
-    def has_dataset(r):
-        contents = info[r.file_name][1]
-        if r.img_type not in contents:
-            return False
-        return r.id in contents[r.img_type] if r.img_type == "lght" else True
-
-    def in_range(r):
-        contents = info[r.file_name][1]
-        return r.img_type == "lght" or 0 <= r.file_index < contents[r.img_type]
-
-    ok = df[err.isna()]
-    has = np.array([has_dataset(r) for r in ok.itertuples()], dtype=bool)
-    drop("no dataset in file", ok.loc[~has, "id"])
-    ok = ok[has]
-    rng = np.array([in_range(r) for r in ok.itertuples()], dtype=bool)
-    drop("file_index out of range", ok.loc[~rng, "id"])
+    problems = pd.Series(_check_files(df, root), dtype=object)       # each file opened once
+    for reason in dict.fromkeys(problems):
+        drop(reason, df.loc[problems.index[problems == reason], "id"])
 
     df = df[~df["id"].isin(gone)]
     reasons = ", ".join(f"{r}: {n}" for r, n in dropped.items())
@@ -378,6 +370,8 @@ def read_catalog(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if not os.access(path, os.R_OK):
+        raise UserError(f"catalog {path}: no permission to read it")
     try:
         header = pd.read_csv(path, nrows=0).columns
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
@@ -385,7 +379,7 @@ def read_catalog(path):
     missing = [c for c in NEEDED_COLUMNS if c not in header]
     if missing:
         raise UserError(f"{path} lacks SEVIR catalog columns: {', '.join(missing)}")
-    use = NEEDED_COLUMNS + [c for c in ("event_type",) if c in header]
+    use = NEEDED_COLUMNS + [c for c in ("event_type", "size_x") if c in header]
     try:
         df = pd.read_csv(path, usecols=use, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
@@ -393,15 +387,30 @@ def read_catalog(path):
     if df.empty:
         raise UserError(f"catalog {path} has no rows")
     df["img_type"] = df["img_type"].str.strip().str.lower()
-    df["file_index"] = pd.to_numeric(df["file_index"], errors="coerce").fillna(-1).astype(np.int64)
+    index = df["file_index"].str.strip()
+    df["file_index"] = np.where(index.str.fullmatch(r"\d+"), index, "-1").astype(np.int64)   # "3.7" is no index
     df["pct_missing"] = pd.to_numeric(df["pct_missing"], errors="coerce").fillna(1.0)
-    # Official form "2019-05-12 18:30:00"; a spreadsheet writes "5/12/2019 18:30".
-    t = pd.to_datetime(df["time_utc"], format="%Y-%m-%d %H:%M:%S", errors="coerce")
-    bad = t.isna()
-    if bad.any():
-        t[bad] = pd.to_datetime(df.loc[bad, "time_utc"], format="%m/%d/%Y %H:%M", errors="coerce")
-    df["time_utc"] = t
+    df["size_x"] = df["size_x"] if "size_x" in df else ""
+    df["time_utc"] = _catalog_times(df["time_utc"])
     return df
+
+
+def _catalog_times(text):
+    """time_utc as Timestamps; NaT where it cannot be read for certain.
+
+    SEVIR writes "2019-05-12 18:30:00". A spreadsheet may write "5/12/2019 18:30" (month first) or
+    "12/5/2019 18:30" (day first): the order is taken from rows that can be read only one way (a
+    number above 12); when none can, or they disagree, the slashed dates are ambiguous and left NaT.
+    """
+    t = pd.to_datetime(text, format="%Y-%m-%d %H:%M:%S", errors="coerce")
+    parts = text.str.extract(r"^\s*(\d{1,2})/(\d{1,2})/\d{4} \d{1,2}:\d{2}(?::\d{2})?\s*$").astype(float)
+    slashed = parts[0].notna() & t.isna()
+    first_is_day, second_is_day = (parts[0] > 12).any(), (parts[1] > 12).any()
+    if slashed.any() and first_is_day != second_is_day:
+        order = "%d/%m/%Y %H:%M" if first_is_day else "%m/%d/%Y %H:%M"
+        minutes = text[slashed].str.strip().str.replace(r"(:\d{2}):\d{2}$", r"\1", regex=True)   # drop seconds
+        t[slashed] = pd.to_datetime(minutes, format=order, errors="coerce")
+    return t
 
 
 def _catalog_rejects(df, n_mods, max_pct_missing):
@@ -429,7 +438,8 @@ def _catalog_rejects(df, n_mods, max_pct_missing):
                   ("missing modality", before[before < n_mods].index),
                   (f"pct_missing > {max_pct_missing:g}", after[after < n_mods].index),
                   ("duplicated id", rows_per[rows_per > 1].index.get_level_values("id")),
-                  ("bad time_utc", kept.loc[kept["time_utc"].isna(), "id"])]
+                  ("bad time_utc", kept.loc[kept["time_utc"].isna(), "id"]),
+                  ("bad file_index", kept.loc[kept["file_index"] < 0, "id"])]
 
 
 def unsafe_file_name(name):
@@ -445,33 +455,83 @@ def unsafe_file_name(name):
     return None
 
 
+def writable_folder(folder, marker, what):
+    """Check, before writing anything, that `folder` may be written by a tool that marks its folders with
+    the file `marker`: absent, empty, or already marked (so never a folder of someone's real data)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder}: it is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).exists():
+        raise UserError(f"{what} {folder}: the folder holds files this tool did not write (no {marker}); "
+                        f"choose a new or empty folder")
+    existing = next(p for p in [folder.resolve(), *folder.resolve().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {folder}: {existing} is not writable")
+
+
 def inside(path, root):
     """Whether `path`, with every link resolved, lies inside the folder `root`."""
     return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
 def _check_files(df, root):
-    """Open each file of the catalog once. Returns {file_name: (error or None, {mod: length or key set})}."""
-    info = {}
-    for (file_name,), group in df.groupby(["file_name"], sort=False):
-        mods = sorted(set(group["img_type"]))
+    """Open each file of the catalog once and check what its rows need; returns {row label: reason} for
+    the rows that cannot be used. A file with a problem is named once on stderr."""
+    bad = {}
+    for file_name, group in df.groupby("file_name", sort=False):
         path = Path(root) / file_name
         if not path.is_file():
-            info[file_name] = ("missing file", {})
+            bad.update({i: "missing file" for i in group.index})
             continue
+        warned = set()
         try:
             with h5py.File(path, "r") as f:
-                contents = {}
-                for mod in mods:
-                    if mod == "lght":                    # one (n, 5) dataset per event id
-                        contents[mod] = set(f.keys())
-                    elif mod in f:
-                        contents[mod] = f[mod].shape[0]
-                info[file_name] = (None, contents)
+                ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["id"][()]] if "id" in f else None
+                for row in group.itertuples():
+                    problem = _row_problem(f, row, path, ids)
+                    if problem:
+                        reason, what = problem
+                        bad[row.Index] = reason
+                        if what and reason not in warned:
+                            warned.add(reason)
+                            print(f"warning: {path}: {what}; rows with this problem are not used", file=sys.stderr)
         except OSError as e:
             print(f"warning: cannot read {path}: {str(e).splitlines()[0]}", file=sys.stderr)
-            info[file_name] = ("unreadable file", {})
-    return info
+            bad.update({i: "unreadable file" for i in group.index})
+    return bad
+
+
+def _row_problem(f, row, path, ids):
+    """(reason, what to say or None) when catalog row `row` cannot be read from the open file f, else None.
+
+    Checks what a sample relies on: the dataset has SEVIR's layout (N, H, W, 49) with square frames of
+    the catalog's size_x and the stored dtype; the index is in range and the file's `id` there is the
+    row's id; the data is all in the file; lightning is an (n, 5) list.
+    """
+    if row.img_type == "lght":
+        if row.id not in f:
+            return "no dataset in file", None
+        shape = f[row.id].shape
+        return None if len(shape) == 2 and shape[1] == 5 else ("bad lightning data", f"{row.id} is {shape}, not (n, 5)")
+    if row.img_type not in f:
+        return "no dataset in file", None
+    ds, want = f[row.img_type], np.dtype(EVENT_DTYPE[row.img_type])
+    size = int(row.size_x) if str(row.size_x).isdigit() else NATIVE_SIZE[row.img_type]
+    if ds.shape[1:] != (size, size, N_FRAMES) or ds.dtype != want:
+        return "bad shape or dtype", f"{row.img_type} is {ds.dtype} {ds.shape}, expected {want} (N, {size}, {size}, 49)"
+    if not 0 <= row.file_index < ds.shape[0]:
+        return "file_index out of range", None
+    if ids is not None and (row.file_index >= len(ids) or ids[row.file_index] != row.id):
+        return "id differs from the catalog", f"its id at {row.file_index} is not the catalog's {row.id}"
+    if data_end(ds) > path.stat().st_size:
+        return "truncated file", "it is shorter than the data it describes"
+    return None
+
+
+def data_end(ds):
+    """The byte where a contiguous dataset's data ends in its file (0 for chunked or empty data)."""
+    offset = ds.id.get_offset() if ds.chunks is None else None
+    return 0 if offset is None else offset + ds.id.get_storage_size()
 
 
 def split_by_dates(events, dates):
@@ -1168,6 +1228,9 @@ def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    import zipfile
+    if not zipfile.is_zipfile(path):                     # torch.save writes a zip archive
+        raise UserError(f"{path} is not a checkpoint (not a file written by torch.save)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1321,20 +1384,21 @@ class Persistence:
 
 
 class IRLookup:
-    """Reference synthetic radar: mean VIL for each IR107 brightness-temperature bin, fitted on training data.
+    """Reference synthetic radar: mean VIL for each IR brightness-temperature bin, fitted on training data.
 
     Bins are 2.5 C wide from -100 C to +60 C (in the dataset's normalised units); a bin never seen
-    in training predicts the overall mean. x (B, C, H, W) -> (B, 1, H, W).
+    in training predicts the overall mean. x (B, C, H, W) -> (B, 1, H, W). Named "ir_lookup" on IR107
+    (the default), "ir069_lookup" on IR069.
     """
-    name = "ir_lookup"
 
-    def __init__(self, channel, ir_norm="sevir", bins=64):
+    def __init__(self, channel, ir_norm="sevir", bins=64, mod="ir107"):
         if ir_norm == "minmax":
             self.lo, self.hi = 0.0, 1.0
         else:
-            shift, scale = SEVIR_ZSCORE["ir107"]
+            shift, scale = SEVIR_ZSCORE[mod]
             self.lo, self.hi = (-10000 - shift) / scale, (6000 - shift) / scale
         self.channel, self.bins = channel, bins
+        self.name = "ir_lookup" if mod == "ir107" else f"{mod}_lookup"
         self.table = torch.zeros(bins)
 
     def _bin(self, ir):
@@ -1356,13 +1420,14 @@ class IRLookup:
 
 
 def fit_ir_lookup(cfg, data):
-    """The synthetic-radar reference: IRLookup on IR107, fitted on frames 0, 12, 24, 36, 48 of every
-    training event (the same frames each run)."""
+    """The synthetic-radar reference: IRLookup on IR107 (on IR069 when that is the only IR input), fitted
+    on frames 0, 12, 24, 36, 48 of every training event (the same frames each run)."""
     mods = cfg.INPUT_MODS
     fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, target_size=cfg.TARGET_SIZE,
                                    train=False, ir_norm=cfg.IR_NORM)
     loader = DataLoader(fit_on, batch_size=16, collate_fn=collate_skipping)
-    return IRLookup(mods.index("ir107") if "ir107" in mods else 0, cfg.IR_NORM).fit(batches(loader, "reference"))
+    mod = "ir107" if "ir107" in mods else "ir069"
+    return IRLookup(mods.index(mod), cfg.IR_NORM, mod=mod).fit(batches(loader, "reference"))
 
 
 # ======================================================================================
@@ -1537,7 +1602,7 @@ def plot_loss(history, path):
 def plot_skill(metrics, path):
     """CSI, POD and success ratio per threshold, model against reference; CSI-M per lead if any."""
     plt = _plt()
-    ref = next(k for k in ("persistence", "ir_lookup") if k in metrics)
+    ref = metrics["reference"]
     per_lead = "csi_m_per_lead" in metrics["model"]
     fig, axes = plt.subplots(1, 4 if per_lead else 3, figsize=(16 if per_lead else 12, 3.6))
     t = SEVIR_THRESHOLDS
@@ -1620,7 +1685,8 @@ def report(model, reference, data, cfg, device, history=(), extra=None, num_samp
     shown = getattr(data, split)
     metrics, loader = scores(split)
     _, no_rain = evaluate(lambda x: torch.zeros_like(reference(x)), loader, device)     # the trivial forecast
-    metrics = {"checkpoint": Path(checkpoint).name, "epoch": epoch, "data": data.kind, **metrics,
+    metrics = {"checkpoint": Path(checkpoint).name, "epoch": epoch, "data": data.kind, "reference": reference.name,
+               **metrics,
                "no_rain": {"mse": no_rain["mse"], "mae": no_rain["mae"]},
                "beside": scores("val" if split == "test" else "test")[0],
                **(extra or {})}
@@ -1645,7 +1711,7 @@ def report(model, reference, data, cfg, device, history=(), extra=None, num_samp
 
 def print_table(metrics):
     """Model beside its reference forecast, one score a row, on the reported split; validation below."""
-    ref = next(k for k in ("persistence", "ir_lookup") if k in metrics)
+    ref = metrics["reference"]
     rows = ["mse", "mae", "csi_m", "csi_pool4_m", "csi_pool16_m"] + [f"csi_{t}" for t in SEVIR_THRESHOLDS] \
         + [f"pod_{t}" for t in SEVIR_THRESHOLDS] + [f"sucr_{t}" for t in SEVIR_THRESHOLDS] \
         + [f"bias_{t}" for t in SEVIR_THRESHOLDS]
@@ -1845,7 +1911,16 @@ def check_config(cfg, size_multiple=1):
         if hasattr(cfg, key):
             need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = all)" if key != "NUM_WORKERS" else "must be >= 0")
     if hasattr(cfg, "LR"):
-        need(cfg.LR > 0, "LR", "must be > 0")
+        need(0 < cfg.LR < math.inf, "LR", "must be > 0")
+    for key, low in (("SEED", 0), ("BASE", 1), ("LR_PATIENCE", 0)):
+        if hasattr(cfg, key):
+            need(low <= getattr(cfg, key) < 2 ** 32, key, f"must be >= {low}")
+    if hasattr(cfg, "PERCEPTUAL_WEIGHT"):
+        need(0 <= cfg.PERCEPTUAL_WEIGHT < math.inf, "PERCEPTUAL_WEIGHT", "must be >= 0")
+    if hasattr(cfg, "VGG_WEIGHTS"):
+        need(cfg.VGG_WEIGHTS in ("imagenet", "none"), "VGG_WEIGHTS", "one of imagenet, none")
+    if hasattr(cfg, "OUT_DIR"):
+        need(str(cfg.OUT_DIR).strip() != "", "OUT_DIR", "must name a folder")
     if hasattr(cfg, "T_IN"):
         need(cfg.T_IN >= 1 and cfg.T_OUT >= 1, "T_IN" if cfg.T_IN < 1 else "T_OUT", "must be >= 1")
         need(cfg.T_IN + cfg.T_OUT <= N_FRAMES, "T_OUT", f"T_IN + T_OUT must be <= {N_FRAMES} (frames per event)")
@@ -1858,6 +1933,8 @@ def check_config(cfg, size_multiple=1):
         need("vil" in cfg.MODALITIES, "MODALITIES", "must include vil (the forecast target)")
     if hasattr(cfg, "INPUT_MODS"):
         need("vil" not in cfg.INPUT_MODS, "INPUT_MODS", "satellite inputs only (ir069, ir107, lght): vil is the target")
+        need("ir069" in cfg.INPUT_MODS or "ir107" in cfg.INPUT_MODS, "INPUT_MODS",
+             "needs ir069 or ir107 (the reference forecast is an IR lookup table)")
     if hasattr(cfg, "TARGET_SIZE"):
         need(cfg.TARGET_SIZE >= max(8, 2 * size_multiple) and cfg.TARGET_SIZE % size_multiple == 0, "TARGET_SIZE",
              f"must be a multiple of {size_multiple}, at least {2 * size_multiple} (the U-Net halves it "
@@ -1977,9 +2054,12 @@ def make_sample_sevir(root, n_events=SAMPLE_EVENTS, seed=0):
     00:00:00 and 2019-06-01 00:00:00, as many SEVIR events are. The weather is generated, not real.
     Same seed, same bytes.
     """
-    if n_events < 3:
-        raise UserError("a sample needs at least 3 events (train, validation and test)")
+    if not 3 <= n_events <= 200:
+        raise UserError(f"--events={n_events}: from 3 (train, validation, test) to 200 (2.9 GB)")
+    if seed < 0:
+        raise UserError(f"--seed={seed}: must be >= 0")
     root = Path(root)
+    writable_folder(root, SAMPLE_MARKER, "sample --out")
     rng = np.random.default_rng(seed)
     n_val = n_test = max(1, round(0.25 * n_events))
     spans = [(dt.date(2018, 7, 2), dt.date(2018, 12, 31), n_events - n_val - n_test, dt.datetime(2019, 1, 1)),
@@ -2142,23 +2222,35 @@ def _smooth_noise(rng, size, scale):
 
 SEVIR_URL = "https://sevir.s3.us-east-1.amazonaws.com"   # the public bucket s3://sevir: CATALOG.csv, data/<type>/...
 EVENT_BYTES = {"vil": 384 * 384 * 49, "ir069": 192 * 192 * 49 * 2, "ir107": 192 * 192 * 49 * 2, "lght": 0}
-EVENT_DTYPE = {"vil": np.uint8, "ir069": np.int16, "ir107": np.int16}
 MAX_CATALOG_BYTES = 1 << 30       # SEVIR's CATALOG.csv is about 32 MB: a "catalog" above 1 GiB is refused
+ASK_ABOVE_BYTES = 50e9            # a download above this asks first (or needs --yes off a terminal)
+SUBSET_MARKER = "DOWNLOADED_SUBSET.txt"           # marks a folder written by download
 
 
 def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, until=None, event_type=None,
-             base_url=SEVIR_URL, backoff=1.0):
+             base_url=SEVIR_URL, backoff=1.0, yes=False):
     """Write a local SEVIR subset in `out`: the chosen events' bytes only, same file names, `id`
     datasets and a matching CATALOG.csv. Resumable: finished files are not fetched again and an
-    interrupted file continues from its last event. Returns the local catalog's path."""
+    interrupted file continues from its last event. Every argument is checked before any request;
+    `out` must be new, empty or an earlier download (marked by DOWNLOADED_SUBSET.txt); above
+    ASK_ABOVE_BYTES it asks (or needs yes=True off a terminal). Returns the local catalog's path."""
     from urllib.parse import quote
 
     from tqdm import tqdm
     out, base_url = Path(out), base_url.rstrip("/")
     unknown = [t for t in types if t not in EVENT_BYTES]
-    if unknown:
-        raise UserError(f"--types: unknown {', '.join(unknown)}; choose from {', '.join(EVENT_BYTES)}")
+    if unknown or not types:
+        raise UserError(f"--types: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(EVENT_BYTES)}")
+    if max_events is not None and max_events < 1:
+        raise UserError(f"--max-events={max_events}: must be >= 1 (leave it out for every matching event)")
+    for flag, value in (("--since", since), ("--until", until)):
+        if value is not None and _parse_date(value) is None:
+            raise UserError(f"{flag}={value}: expected a date like 2019-06-01")
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", base_url):
+        raise UserError(f"--base-url={base_url}: expected http://HOST/... or https://HOST/...")
+    writable_folder(out, SUBSET_MARKER, "download --out")
     out.mkdir(parents=True, exist_ok=True)
+    (out / SUBSET_MARKER).write_text("Written by python common.py download: a subset of SEVIR.\n")
     remote_catalog = out / "CATALOG.remote.csv"                   # the full catalog, fetched once
     if not remote_catalog.exists():
         body, _ = http_get(f"{base_url}/CATALOG.csv", backoff=backoff)
@@ -2173,12 +2265,21 @@ def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, 
     rows = raw[raw["id"].isin(ids) & raw["img_type"].isin(types) & usable].copy()
     rows["order"] = rows["id"].map({e: i for i, e in enumerate(ids)})
     rows = rows.sort_values(["file_name", "order"])
-    print(f"downloading {len(ids)} events ({', '.join(types)}) from {len(set(rows['file_name']))} files")
-    bar = tqdm(total=sum(EVENT_BYTES[t] for t in rows["img_type"]), unit="B", unit_scale=True, desc="download")
+    total = sum(EVENT_BYTES[t] for t in rows["img_type"])
+    print(f"downloading {len(ids)} events ({', '.join(types)}) from {len(set(rows['file_name']))} files: "
+          f"{total / 1e9:.2f} GB")
+    if total > ASK_ABOVE_BYTES and not yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"this would download {total / 1e9:.0f} GB: add --yes to go on, or fewer --max-events")
+        if input(f"download {total / 1e9:.0f} GB? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise UserError("download cancelled")
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="download")
     for file_name, group in rows.groupby("file_name", sort=False):
         final, part = out / file_name, out / f"{file_name}.part"
         if not (inside(final, out) and inside(part, out)):           # a link inside --out pointing elsewhere
             raise UserError(f"{final} leads outside --out {out} (a symbolic link?); refused")
+        if final.exists() and not _holds(final, None):
+            raise UserError(f"{final} was not written by download; refused to replace it")
         mod, wanted = group["img_type"].iloc[0], ",".join(group["id"])
         if _holds(final, wanted):                                   # finished earlier: not fetched again
             bar.update(EVENT_BYTES[mod] * len(group))
@@ -2230,10 +2331,10 @@ def choose_events(catalog, types, max_events=None, since=None, until=None, event
     df, rejects = _catalog_rejects(df, len(types), 0.0)                        # as load_catalog
     gone = set().union(*(set(ids) for _, ids in rejects))
     events = df[~df["id"].isin(gone)].drop_duplicates("id")
-    if since:
-        events = events[events["time_utc"] >= pd.Timestamp(since)]
+    if since:                                            # the split's rule: since < time_utc <= until
+        events = events[events["time_utc"] > _parse_date(since)]
     if until:
-        events = events[events["time_utc"] < pd.Timestamp(until)]
+        events = events[events["time_utc"] <= _parse_date(until)]
     if event_type:
         events = events[events["event_type"].str.lower() == event_type.lower()]
     ids = events.sort_values(["time_utc", "id"])["id"].tolist()
@@ -2241,10 +2342,11 @@ def choose_events(catalog, types, max_events=None, since=None, until=None, event
 
 
 def _holds(path, wanted):
-    """Whether a local HDF5 file exists, opens, and was written for exactly these event ids."""
+    """Whether a local HDF5 file exists, opens, and was written by download for exactly these event ids
+    (for any events when wanted is None)."""
     try:
         with h5py.File(path, "r") as f:
-            return f.attrs.get("events") == wanted
+            return "events" in f.attrs if wanted is None else f.attrs.get("events") == wanted
     except OSError:
         return False
 
@@ -2343,6 +2445,7 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
     """Print one table: data loading against the h5py floor, catalog speed, DataLoader rates,
     training-step time / FLOPs / MFU and peak memory of each script's defaults, on this machine."""
     import tempfile
+    root = Path(root).resolve()                         # the child runs start in this file's folder
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     device = pick_device("auto")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else ("Apple MPS" if device.type == "mps" else "none")
@@ -2542,10 +2645,11 @@ def _cli(argv=None):
     d.add_argument("--out", required=True, help="local folder for CATALOG.csv and the HDF5 files")
     d.add_argument("--types", default="vil,ir069,ir107", help="comma-separated: vil, ir069, ir107, lght")
     d.add_argument("--max-events", type=int, default=None, help="at most this many events (earliest first)")
-    d.add_argument("--since", default=None, help="events with time_utc from this date (YYYY-MM-DD)")
-    d.add_argument("--until", default=None, help="events with time_utc before this date")
+    d.add_argument("--since", default=None, help="events with time_utc after this date (YYYY-MM-DD)")
+    d.add_argument("--until", default=None, help="events with time_utc up to this date (the split's rule)")
     d.add_argument("--event-type", default=None, help='NWS event type, e.g. "Hail" or "Thunderstorm Wind"')
     d.add_argument("--base-url", default=SEVIR_URL, help=f"bucket or mirror (default {SEVIR_URL})")
+    d.add_argument("--yes", action="store_true", help=f"go on without asking above {ASK_ABOVE_BYTES / 1e9:.0f} GB")
     b = sub.add_parser("bench", help="measure data loading, training steps and memory on this machine")
     b.add_argument("--root", default=SAMPLE_ROOT, help="sample folder (made if absent)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (one epoch per script)")
@@ -2556,7 +2660,7 @@ def _cli(argv=None):
         print(f"wrote {path} and its HDF5 files in {time.time() - t0:.1f}s")
     elif args.command == "download":
         download(args.out, tuple(t.strip() for t in args.types.split(",") if t.strip()), args.max_events,
-                 args.since, args.until, args.event_type, args.base_url)
+                 args.since, args.until, args.event_type, args.base_url, yes=args.yes)
     elif args.command == "bench":
         bench(args.root, with_memory=not args.no_memory)
 

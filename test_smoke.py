@@ -112,11 +112,11 @@ def test_help_and_cli_error_exit_status(tmp_path):
 # Catalog: usable events, drop reasons, split
 # --------------------------------------------------------------------------------------
 
-def write_vil_file(path, n, frame_fn=None):
-    """A SEVIR-layout VIL file: `vil` (n, 384, 384, 49) uint8, `id` byte strings."""
+def write_vil_file(path, n, frame_fn=None, ids=None):
+    """A SEVIR-layout VIL file: `vil` (n, 384, 384, 49) uint8, `id` byte strings (S0, S1, ... by default)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
-        f["id"] = np.array([f"S{i}".encode() for i in range(n)])
+        f["id"] = np.array([(ids[i] if ids else f"S{i}").encode() for i in range(n)])
         d = f.create_dataset("vil", (n, 384, 384, 49), dtype=np.uint8)
         if frame_fn is not None:
             for i in range(n):
@@ -145,7 +145,7 @@ def test_load_catalog_drop_reasons(tmp_path, capsys):
             row(good, id="S900009", file_name="vil/2019/TRUNCATED.h5")]              # cut off mid-download
     catalog = tmp_path / "CATALOG.csv"
     pd.DataFrame(rows).to_csv(catalog, index=False)
-    write_vil_file(tmp_path / VIL_FILE, 3)
+    write_vil_file(tmp_path / VIL_FILE, 3, ids=["S834603", "S900007", "S821019"])
     (tmp_path / "vil/2019/BROKEN.h5").write_bytes(b"this is not HDF5" * 100)
     write_vil_file(tmp_path / "vil/2019/TRUNCATED.h5", 2, lambda i: np.ones((384, 384, 49), np.uint8))
     with open(tmp_path / "vil/2019/TRUNCATED.h5", "r+b") as f:
@@ -171,13 +171,55 @@ def test_load_catalog_drop_reasons(tmp_path, capsys):
         common.load_catalog(catalog, tmp_path, mods=("vil", "ir069"))
 
 
-def test_catalog_saved_by_a_spreadsheet_reads_the_same(tmp_path):
-    text = REAL_ROWS.replace("2019-05-12 18:30:00", "5/12/2019 18:30").replace(
+@pytest.mark.parametrize("first, second, read", [
+    ("5/12/2019 18:30", "6/17/2019 1:00", True),           # 17 > 12: month first, certain
+    ("12/5/2019 18:30", "17/6/2019 01:00:00", True),       # 17 > 12: day first, certain
+    ("5/12/2019 18:30", "6/7/2019 1:00", False),           # every date reads both ways: ambiguous
+])
+def test_catalog_saved_by_a_spreadsheet_reads_the_same(tmp_path, first, second, read, capsys):
+    text = REAL_ROWS.replace("2019-05-12 18:30:00", first).replace("2019-06-17 01:00:00", second).replace(
         "+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere ", "#NAME?")
     (tmp_path / "CATALOG.csv").write_text(text)
-    write_vil_file(tmp_path / VIL_FILE, 3)
-    events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",))
-    assert events["time_utc"].tolist() == [pd.Timestamp("2019-05-12 18:30")]
+    write_vil_file(tmp_path / VIL_FILE, 3, ids=["S834603", "S1", "S821019"])
+    if read:
+        events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",), max_pct_missing=1)
+        assert events["time_utc"].tolist() == [pd.Timestamp("2019-05-12 18:30"), pd.Timestamp("2019-06-17 01:00")]
+    else:
+        with pytest.raises(common.UserError, match="bad time_utc: 2"):
+            common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",), max_pct_missing=1)
+
+
+def test_files_that_do_not_hold_what_the_catalog_says_are_dropped(tmp_path, capsys):
+    rows = [{"id": "S0", "file_index": "0"}, {"id": "S1", "file_index": "1"}, {"id": "S2", "file_index": "3.7"},
+            {"id": "S3", "file_index": "2", "file_name": "vil/2019/TIME_FIRST.h5"},
+            {"id": "S4", "file_index": "0", "file_name": "vil/2019/FLOAT.h5"},
+            {"id": "S5", "file_index": "0", "file_name": "vil/2019/FRAMES48.h5"},
+            {"id": "S6", "file_index": "0", "file_name": "vil/2019/SHUFFLED.h5"}]
+    catalog = vil_catalog(tmp_path, rows[:2])
+    pd.read_csv(catalog, dtype=str).pipe(lambda d: pd.concat([d] + [d.iloc[:1].assign(**r) for r in rows[2:]])) \
+        .to_csv(catalog, index=False)
+    for name, shape, dtype in (("TIME_FIRST", (3, 49, 384, 384), np.uint8), ("FLOAT", (1, 384, 384, 49), np.float32),
+                               ("FRAMES48", (1, 384, 384, 48), np.uint8)):
+        with h5py.File(tmp_path / f"vil/2019/{name}.h5", "w") as f:
+            f.create_dataset("vil", shape, dtype=dtype)
+            f["id"] = np.array([b"S3", b"S4", b"S3"])
+    write_vil_file(tmp_path / "vil/2019/SHUFFLED.h5", 1, ids=["S9"])          # events stored in another order
+    events = common.load_catalog(catalog, tmp_path, mods=("vil",))
+    out, err = capsys.readouterr()
+    assert events["id"].tolist() == ["S0", "S1"]
+    assert "bad file_index: 1" in out and "bad shape or dtype: 3" in out and "id differs from the catalog: 1" in out
+    assert err.count("FLOAT.h5") == 1 and "float32" in err and "not the catalog's S6" in err
+
+
+def test_a_file_truncated_during_a_run_is_skipped_not_read_as_zeros(tmp_path, capsys):
+    catalog = vil_catalog(tmp_path, [{"id": "S0", "file_index": "0"}, {"id": "S1", "file_index": "1"}],
+                          lambda i: np.full((384, 384, 49), 100, np.uint8))
+    events = common.load_catalog(catalog, tmp_path, mods=("vil",))
+    ds = common.SEVIRVIL(events, tmp_path, t_in=2, t_out=1, target_size=32, train=False)
+    assert float(ds[0][0].mean()) * 255 == pytest.approx(100)
+    with open(tmp_path / VIL_FILE, "r+b") as f:                       # cut while the dataset has it open
+        f.truncate(os.path.getsize(tmp_path / VIL_FILE) - 7_000_000)
+    assert ds[len(ds) - 1] is None and "truncated" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, words", [
@@ -215,7 +257,8 @@ def vil_catalog(tmp_path, rows, frame_fn=None):
     good = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False).iloc[0]
     table = pd.DataFrame([{**good.to_dict(), **changes} for changes in rows])
     table.to_csv(tmp_path / "CATALOG.csv", index=False)
-    write_vil_file(tmp_path / VIL_FILE, len(rows), frame_fn)
+    ids = {int(r.get("file_index", good["file_index"])): r["id"] for r in rows}
+    write_vil_file(tmp_path / VIL_FILE, max(ids) + 1, frame_fn, [ids.get(i, "?") for i in range(max(ids) + 1)])
     return tmp_path / "CATALOG.csv"
 
 
@@ -288,7 +331,8 @@ def indexed_files(tmp_path):
     """
     rows = np.arange(384)[:, None, None] < 192                       # (H, 1, 1)
     t = np.arange(49)[None, None, :]                                 # (1, 1, T)
-    write_vil_file(tmp_path / VIL_FILE, 2, lambda i: np.broadcast_to(2 * t + rows, (384, 384, 49)))
+    write_vil_file(tmp_path / VIL_FILE, 2, lambda i: np.broadcast_to(2 * t + rows, (384, 384, 49)),
+                   ids=["S834603", "S821019"])
     base = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
     for mod in ("ir069", "ir107"):
         path = tmp_path / f"{mod}/2019/SEVIR_{mod.upper()}_STORMEVENTS_2019_0101_0630.h5"
@@ -1082,6 +1126,7 @@ def test_unsafe_file_names_are_refused_by_load_catalog_and_download(tmp_path, bu
     elsewhere.mkdir()
     linked = tmp_path / "linked"
     linked.mkdir()
+    (linked / common.SUBSET_MARKER).write_text("an earlier download\n")
     (linked / "vil").symlink_to(elsewhere)                               # a link inside --out
     with pytest.raises(common.UserError, match="leads outside --out"):
         common.download(linked, types=("vil",), max_events=1, base_url=url, backoff=0.01)
@@ -1135,3 +1180,193 @@ def test_default_paths_make_the_sample_once(tmp_path, monkeypatch, capsys):
     cfg.CATALOG_PATH, cfg.SEVIR_ROOT = str(catalog), "no/such/folder"
     with pytest.raises(common.UserError, match="SEVIR root folder not found: no/such/folder"):
         common.resolve_data(cfg)
+
+
+# --------------------------------------------------------------------------------------
+# Careless and hostile inputs: one line, exit status 2, nothing written, nothing lost
+# --------------------------------------------------------------------------------------
+
+def one_line_error(fn, capsys):
+    """Run fn as a script's command line runs it; return (exit status, stderr) and check it is one line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.run(fn)
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seed=-1"], "--seed=-1: must be >= 0"),
+    (["--base=0"], "--base=0: must be >= 1"),
+    (["--base=-1"], "--base=-1: must be >= 1"),
+    (["--lr=nan"], "--lr=nan: must be > 0"),
+    (["--lr=-1e-3"], "must be > 0"),
+    (["--max_val=-2"], "--max_val=-2: must be >= 0"),
+    (["--split_dates=2019-06-01T00:00+02:00,2019-07-01"], "--split_dates"),
+    (["--split_dates=2019-06-01"], "two dates in time order"),
+    (["--input_mods=lght"], "needs ir069 or ir107"),
+    (["--input_mods=vil,ir107"], "vil is the target"),
+    (["--out_dir="], "--out_dir='': must name a folder"),
+    (["--catalog_path="], "--catalog_path is empty"),
+    (["--target_size=40"], "multiple of 16"),
+    (["--device=tpu"], "one of auto, cpu, cuda"),
+])
+def test_bad_values_are_one_line_and_write_nothing(tmp_path, sample, capsys, args, words):
+    import train_synthetic
+    out = tmp_path / "run"
+    code, err = one_line_error(lambda: train_synthetic.main(data_args(sample) + [f"--out_dir={out}"] + args), capsys)
+    assert code == 2 and err.startswith("error: ") and words in err
+    assert not out.exists()
+
+
+def test_an_earlier_run_is_never_replaced_silently_and_checks_come_first(tmp_path, sample, capsys):
+    import train_synthetic
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("best.pt", "metrics.json"):                          # a run without last.pt
+        (out / name).write_text("mine")
+    code, err = one_line_error(lambda: train_synthetic.main(data_args(sample) + [f"--out_dir={out}"]), capsys)
+    assert code == 2 and "already holds a run (best.pt, metrics.json)" in err
+    (out / "config.json").write_text("the earlier run's")
+    code, err = one_line_error(lambda: train_synthetic.main(
+        [f"--out_dir={out}", "--overwrite=true", "--catalog_path=/typo/CATALOG.csv", "--sevir_root=/typo"]), capsys)
+    assert code == 2 and "catalog not found" in err
+    assert (out / "config.json").read_text() == "the earlier run's" and (out / "best.pt").read_text() == "mine"
+
+
+def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
+    import train_synthetic
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getppid()))                      # a live process holds it
+    args = TINY + data_args(sample) + [f"--out_dir={out}"]
+    code, err = one_line_error(lambda: train_synthetic.main(args), capsys)
+    assert code == 2 and f"in use by another run (process {os.getppid()})" in err
+    assert not (out / "config.json").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(dead.stdout.strip())                    # its process is gone: a stale lock
+    train_synthetic.main(args)
+    assert (out / "metrics.json").exists() and not (out / ".lock").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigterm_saves_and_prints_a_pasteable_resume_command(tmp_path, sample):
+    out = tmp_path / "out dir"                                         # a space: the command must quote it
+    args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
+            "--max_val=1", *data_args(sample), f"--out_dir={out}"]
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("epoch 2/500"):
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert f"{HERE / 'train_synthetic.py'} " in err and f"'--out_dir={out}'" in err and "--resume=true" in err
+    epoch = common.load_checkpoint(out / "last.pt")["epoch"]
+    assert epoch >= 2
+    r = run_script("train_synthetic.py", *TINY[:-3], f"--epochs={epoch}", "--max_train=2", "--max_val=1",
+                   *data_args(sample), f"--out_dir={out}", "--resume=true", cwd=tmp_path)
+    assert r.returncode == 0 and "nothing left to train" in r.stdout
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
+    def stop():
+        raise KeyboardInterrupt
+    code, err = one_line_error(stop, capsys)
+    assert code == 130 and err == "interrupted: stopped"
+
+
+def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
+    import train_synthetic
+    import visualize
+    out = tmp_path / "run"
+    train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={out}"])
+    before = (out / "metrics.json").read_text()
+    for args, words in ((["--num_samples=0"], "--num_samples=0: from 1 to 20"), (["--num_samples=-3"], "from 1 to 20"),
+                        (["--split=train"], "--split='train': one of test, val"), ([], "usage:")):
+        code, err = one_line_error(lambda: visualize.main(([str(out)] if args else []) + args), capsys)
+        assert code == 2 and words in err
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    code, err = one_line_error(lambda: visualize.main([str(tmp_path / "notes.txt")]), capsys)
+    assert code == 2 and "is not a checkpoint" in err and "more than tensors" not in err
+    with pytest.raises(SystemExit) as e:
+        common.run(lambda: visualize.main(["--help"]))
+    assert e.value.code == 0 and "--num_samples" in capsys.readouterr().out
+
+    visualize.main([str(out / "last.pt")])                             # another checkpoint: its own files
+    assert (out / "metrics.json").read_text() == before
+    last = json.loads((out / "metrics_last.json").read_text())
+    assert last["checkpoint"] == "last.pt" and last["epoch"] == 1 and last["split"] == "test"
+
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    ckpt["script"] = "train_advanced"                                   # weights of another script's network
+    torch.save(ckpt, tmp_path / "mislabelled.pt")
+    code, err = one_line_error(lambda: visualize.main([str(tmp_path / "mislabelled.pt")]), capsys)
+    assert code == 2 and "does not fit AdvancedUNet" in err
+
+
+def test_ir069_alone_gets_an_honestly_named_reference(tmp_path, sample):
+    import train_synthetic
+    train_synthetic.main(TINY + ["--input_mods=ir069"] + data_args(sample) + [f"--out_dir={tmp_path}"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["reference"] == "ir069_lookup" and "ir069_lookup" in metrics and "ir_lookup" not in metrics
+
+
+def test_sample_never_replaces_real_data(tmp_path, capsys):
+    real = tmp_path / "sevir"
+    real.mkdir()
+    (real / "CATALOG.csv").write_text("someone's real catalog")
+    for args, words in ((["--out", str(real)], "holds files this tool did not write"),
+                        (["--out", str(real / "CATALOG.csv")], "it is a file"),
+                        (["--out", str(tmp_path / "s"), "--events", "299"], "--events=299: from 3"),
+                        (["--out", str(tmp_path / "s"), "--events", "2"], "from 3"),
+                        (["--out", str(tmp_path / "s"), "--seed", "-1"], "--seed=-1")):
+        code, err = one_line_error(lambda: common._cli(["sample", *args]), capsys)
+        assert code == 2 and words in err
+    assert (real / "CATALOG.csv").read_text() == "someone's real catalog" and not (tmp_path / "s").exists()
+
+
+def test_download_checks_everything_before_the_network_and_never_replaces_real_data(tmp_path, bucket, capsys,
+                                                                                   monkeypatch):
+    url, root, state = bucket
+    real = tmp_path / "sevir"
+    real.mkdir()
+    (real / "CATALOG.csv").write_text("someone's real catalog")
+    for args, words in ((["--out", str(real)], "holds files this tool did not write"),
+                        (["--out", str(real / "CATALOG.csv")], "it is a file"),
+                        (["--max-events", "0"], "--max-events=0: must be >= 1"),
+                        (["--max-events", "-3"], "must be >= 1"),
+                        (["--since", "yesterday"], "--since=yesterday: expected a date"),
+                        (["--until", "06/01/2019"], "--until=06/01/2019"),
+                        (["--base-url", "notaurl"], "--base-url=notaurl"),
+                        (["--types", "vil,radar"], "unknown radar")):
+        full = ["download", "--out", str(tmp_path / "new"), "--base-url", url] + args
+        code, err = one_line_error(lambda: common._cli(full), capsys)
+        assert code == 2 and words in err
+    assert state["paths"] == [] and not (tmp_path / "new").exists()
+    assert (real / "CATALOG.csv").read_text() == "someone's real catalog"
+
+    monkeypatch.setattr(common, "ASK_ABOVE_BYTES", 1e6)                 # pretend this is a terabyte
+    code, err = one_line_error(lambda: common._cli(["download", "--out", str(tmp_path / "big"), "--base-url", url,
+                                                    "--types", "vil"]), capsys)
+    assert code == 2 and "add --yes" in err and state["paths"] == ["/CATALOG.csv"]
+    common._cli(["download", "--out", str(tmp_path / "big"), "--base-url", url, "--types", "vil", "--max-events", "1",
+                 "--yes"])
+    assert len(common.load_catalog(tmp_path / "big" / "CATALOG.csv", tmp_path / "big", ("vil",))) == 1
+
+
+def test_lightning_lists_and_images_of_the_wrong_shape_are_dropped(tmp_path, capsys):
+    catalog = common.make_sample_sevir(tmp_path, n_events=3, seed=5)
+    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    lght, vil = df[df.img_type == "lght"].iloc[0], df[df.img_type == "vil"].iloc[1]
+    with h5py.File(tmp_path / lght["file_name"], "a") as f:
+        del f[lght["id"]]
+        f[lght["id"]] = np.zeros((3, 4), np.float32)                     # (n, 4): not a flash list
+    with h5py.File(tmp_path / vil["file_name"], "a") as f:
+        del f["vil"]
+        f["vil"] = np.zeros((f["id"].shape[0], 384, 384), np.uint8)       # 3-D: no time axis
+    events = common.load_catalog(catalog, tmp_path, mods=("vil", "lght"))
+    out = capsys.readouterr().out
+    assert "bad lightning data: 1" in out and "bad shape or dtype" in out
+    assert lght["id"] not in set(events["id"]) and vil["id"] not in set(events["id"])

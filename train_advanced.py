@@ -60,8 +60,6 @@ build_reference = common.fit_ir_lookup
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, size_multiple=2 ** 5, script="train_advanced")   # 5 U-Net levels
-    if cfg.VGG_WEIGHTS not in ("imagenet", "none"):
-        raise common.UserError(f"--vgg_weights={cfg.VGG_WEIGHTS!r}: one of imagenet, none")
     common.seed_everything(cfg.SEED)
     device = common.init_device(cfg.DEVICE)            # joins torchrun's process group if launched so
     out = common.check_out_dir(cfg)
