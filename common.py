@@ -15,6 +15,7 @@
 
     python common.py sample --out DIR [--events N]       a generated sample dataset
     python common.py download --out DIR [--max-events N] a subset of the real SEVIR
+    python common.py prepare --catalog C --root R --out DIR --size S   a copy that reads only what a sample needs
     python common.py bench                               speed and memory on this machine
 """
 
@@ -80,6 +81,15 @@ def normalize(mod, frames, ir_norm="sevir"):
     return frames.sub_(shift).div_(scale)
 
 
+def resize_frames(frames, size):
+    """(T, H, W) float -> (T, size, size), bilinear, antialiased when shrinking (plain bilinear would skip
+    pixels and lower the peaks); contiguous. size None or equal: the frames, contiguous."""
+    if size is None or frames.shape[-1] == size:
+        return frames.contiguous()
+    return F.interpolate(frames[None], size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < frames.shape[-1])[0].contiguous()
+
+
 def lightning_to_grid(flashes, size=48):
     """(n, 5) flash list -> (49, size, size) float32 flash counts per 5-minute frame, causal.
 
@@ -103,17 +113,18 @@ def lightning_to_grid(flashes, size=48):
 class _SEVIREvents(Dataset):
     """Shared machinery: per-modality file/index arrays, lazy per-process HDF5 handles, windows.
 
-    Training items are events; each epoch an event gets a random window (the notebooks'
-    augmentation) drawn from (seed, epoch, item), so it does not depend on workers or device.
-    Validation items are (event, fixed start) pairs: windows starting every `val_stride` frames
-    (12, an hour, as Earthformer: frames 0-24, 12-36, 24-48 for 13 -> 12).
+    Items are (event, first frame) pairs of windows of `length` frames. Training takes every window of
+    every event (as Earthformer; the sampler shuffles them each epoch); held-out sets take windows
+    starting every `val_stride` frames (12, an hour, as Earthformer: frames 0-24, 12-36, 24-48 for
+    13 -> 12), the same ones each run. (The subclasses still accept the `seed` argument of earlier
+    versions; the training order now comes from the DataLoader's sampler, seeded by SEED.)
     """
 
-    def __init__(self, events, root, mods, length, train, val_stride, ir_norm, seed):
+    def __init__(self, events, root, mods, length, train, val_stride, ir_norm):
         if ir_norm not in IR_NORMS:
             raise UserError(f"ir_norm={ir_norm!r}: one of {', '.join(IR_NORMS)}")
         self.root, self.mods, self.length = Path(root), tuple(mods), length
-        self.train, self.ir_norm, self.seed, self.epoch = train, ir_norm, seed, 0
+        self.train, self.ir_norm = train, ir_norm
         self.ids = events["id"].to_numpy().astype(str)
         self.paths, self.file_idx, self.index = {}, {}, {}
         for mod in self.mods:
@@ -122,20 +133,12 @@ class _SEVIREvents(Dataset):
             self.paths[mod] = [str(self.root / n) for n in uniq]        # joined once, not per item
             self.file_idx[mod] = inverse.astype(np.int64)
             self.index[mod] = events[f"{mod}_index"].to_numpy().astype(np.int64)
-        n_starts = N_FRAMES - length + 1
-        if train:
-            self.items = np.arange(len(self.ids))
-        else:
-            starts = np.arange(0, n_starts, val_stride)
-            self.items = np.array([(e, s) for e in range(len(self.ids)) for s in starts], dtype=np.int64)
+        starts = np.arange(0, N_FRAMES - length + 1, 1 if train else val_stride)
+        self.items = np.array([(e, s) for e in range(len(self.ids)) for s in starts], dtype=np.int64).reshape(-1, 2)
         self._files, self._datasets, self._pid = {}, {}, None
 
     def __len__(self):
         return len(self.items)
-
-    def set_epoch(self, epoch):
-        """Training windows depend on the epoch; call before iterating a DataLoader."""
-        self.epoch = epoch
 
     def __getstate__(self):                       # DataLoader workers open their own files
         state = self.__dict__.copy()
@@ -170,43 +173,35 @@ class _SEVIREvents(Dataset):
             return None
 
     def event_and_start(self, i):
-        if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-            return int(self.items[i]), int(rng.integers(0, N_FRAMES - self.length + 1))
         e, s = self.items[i]
         return int(e), int(s)
 
     def read(self, mod, e, start, stop, size):
-        """Frames start..stop-1 of modality `mod` of event e as float32 (T, size, size), normalised."""
+        """Frames start..stop-1 of modality `mod` of event e as float32 (T, size, size), normalised.
+
+        The grid is the file's: SEVIR's own (VIL 384, IR 192) or a prepared copy's (python common.py
+        prepare). SEVIR stores each event contiguous with time as the fastest axis, so any subset of
+        frames touches every disk page of the event: it is read whole and sliced in memory (3x faster
+        than h5py's strided read). A prepared copy stores one frame per chunk: only the window is read.
+        """
         path = self.paths[mod][self.file_idx[mod][e]]
-        resize = size is not None and NATIVE_SIZE[mod] != size
         if mod == "lght":
             frames = torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop])
         else:
-            # Time is SEVIR's fastest axis, so any subset of frames touches every disk page of the
-            # event; reading the event whole and slicing in memory is 3x faster than h5py's strided
-            # hyperslab (0.39 vs 1.27 ms for 13 VIL frames, measured in the page cache).
-            event = torch.from_numpy(self._open(path, mod)[self.index[mod][e]])   # (H, W, 49), time last
-            window = event[:, :, start:stop]                                      # (H, W, T)
-            if resize:
-                # Convert in the file's order; interpolate reads (1, T, H, W) as a channels-last view,
-                # so the move of time to the front happens on the small resized frames only.
-                frames = window.float().permute(2, 0, 1)
+            ds = self._open(path, mod)
+            if ds.chunks is None:
+                window = torch.from_numpy(ds[self.index[mod][e]])[:, :, start:stop]        # (H, W, T)
             else:
-                frames = torch.empty(window.shape[2], window.shape[0], window.shape[1])
-                frames.copy_(window.permute(2, 0, 1))                             # one copy: (T, H, W) float
-        if resize:
-            # Antialiased when shrinking: plain bilinear would skip pixels and lower the peaks.
-            frames = F.interpolate(frames[None], size=(size, size), mode="bilinear", align_corners=False,
-                                   antialias=size < NATIVE_SIZE[mod])[0]
-        return normalize(mod, frames.contiguous(), self.ir_norm)
+                window = torch.from_numpy(ds[self.index[mod][e], :, :, start:stop])
+            frames = window.float().permute(2, 0, 1)            # (T, H, W), a view: moved by the resize
+        return normalize(mod, resize_frames(frames, size), self.ir_norm)
 
 
 class SEVIRVIL(_SEVIREvents):
     """VIL -> VIL nowcasting (notebook 05). x: (1, t_in, S, S), y: (1, t_out, S, S), VIL code / 255."""
 
     def __init__(self, events, root, t_in=12, t_out=1, target_size=None, train=True, val_stride=12, seed=0):
-        super().__init__(events, root, ("vil",), t_in + t_out, train, val_stride, "sevir", seed)
+        super().__init__(events, root, ("vil",), t_in + t_out, train, val_stride, "sevir")
         self.t_in, self.t_out, self.target_size = t_in, t_out, target_size
 
     def sample(self, e, s):
@@ -221,7 +216,7 @@ class SEVIRMultimodal(_SEVIREvents):
                  train=True, val_stride=12, ir_norm="sevir", seed=0):
         if "vil" not in mods:
             raise UserError("SEVIRMultimodal needs vil among its modalities (it is the target)")
-        super().__init__(events, root, mods, t_in + t_out, train, val_stride, ir_norm, seed)
+        super().__init__(events, root, mods, t_in + t_out, train, val_stride, ir_norm)
         self.t_in, self.t_out, self.target_size = t_in, t_out, target_size
 
     def sample(self, e, s):
@@ -238,12 +233,12 @@ class SEVIRMultimodal(_SEVIREvents):
 class SyntheticRadarDataset(_SEVIREvents):
     """Satellite -> radar at the same time (notebook 07). x: (C, S, S), y: (1, S, S) VIL.
 
-    Training draws a random frame per event each epoch; validation uses frames 0, 12, 24, 36, 48.
+    Training takes every frame of every event; held out, frames 0, 4, 8, ..., 48 of each event.
     """
 
     def __init__(self, events, root, input_mods=("ir069", "ir107"), target_size=192, train=True,
-                 val_stride=12, ir_norm="sevir", seed=0):
-        super().__init__(events, root, tuple(input_mods) + ("vil",), 1, train, val_stride, ir_norm, seed)
+                 val_stride=4, ir_norm="sevir", seed=0):
+        super().__init__(events, root, tuple(input_mods) + ("vil",), 1, train, val_stride, ir_norm)
         self.input_mods, self.target_size = tuple(input_mods), target_size
 
     def sample(self, e, t):
@@ -635,8 +630,7 @@ def batches(loader, what):
 
 
 def loader_epoch(loader, epoch):
-    """Fix this epoch's shuffle and windows from (SEED, epoch): a resumed run sees the same batches."""
-    loader.dataset.set_epoch(epoch)
+    """Fix this epoch's shuffle from (SEED, epoch): a resumed run sees the same batches."""
     loader.sampler.set_epoch(epoch)
     return loader
 
@@ -946,8 +940,9 @@ def amp_dtype(device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None):
-    """One pass over the training data; returns the mean of each loss term per sample, {"loss": ...}."""
+def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None, scheduler=None):
+    """One pass over the training data; returns the mean of each loss term per sample, {"loss": ...}.
+    A `scheduler` given here steps once per batch (e.g. a cosine decay over the whole run)."""
     from tqdm import tqdm
     model.train()
     amp = amp_dtype(device)
@@ -970,6 +965,8 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None):
         else:
             loss.backward()
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         sums = sums + torch.tensor([t.item() for t in terms.values()], dtype=torch.float64) * len(x)
         n += len(x)
         bar.set_postfix(loss=f"{sums[0] / n:.5f}")
@@ -1077,12 +1074,21 @@ def _process_alive(pid):
     return True
 
 
+def cosine_schedule(optimizer, total_steps, warmup=20):
+    """Learning rate: a short linear warm-up, then a cosine decay to 0 at `total_steps` (stepped per batch).
+    The factor is computed from the step count alone, so a resumed run with more epochs decays to the new end."""
+    def factor(step):
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler=None, extra=None,
         select="loss"):
     """Train for cfg.EPOCHS epochs with validation, history.csv, last.pt / best.pt and resume.
 
     loss_fn(pred, y) returns the loss, or a dict of terms with the loss under "loss" (each term is logged).
-    The validation term `select` picks best.pt and steps a ReduceLROnPlateau scheduler. last.pt (model,
+    The validation term `select` picks best.pt and steps a ReduceLROnPlateau scheduler; any other
+    scheduler steps once per training batch. last.pt (model,
     optimizer, scheduler, random state) is written at most every CHECKPOINT_EVERY_S seconds, after the
     last epoch and on Ctrl-C or SIGTERM, always as of a finished epoch, so a resumed run continues exactly;
     best.pt holds the weights without the optimizer. `extra` (a small dict) goes into every checkpoint.
@@ -1113,12 +1119,12 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
     try:
         for epoch in range(start, cfg.EPOCHS + 1):
             t0 = time.time()
-            train = train_epoch(model, loader_epoch(train_loader, epoch), loss_fn, optimizer, device, epoch, scaler)
+            plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            train = train_epoch(model, loader_epoch(train_loader, epoch), loss_fn, optimizer, device, epoch, scaler,
+                                None if plateau else scheduler)
             val, metrics = evaluate(model, val_loader, device, loss_fn)
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if plateau:
                 scheduler.step(val[select])
-            elif scheduler is not None:
-                scheduler.step()
             improved = val[select] < best_val
             best_val = min(best_val, val[select])
             history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
@@ -2225,27 +2231,23 @@ EVENT_BYTES = {"vil": 384 * 384 * 49, "ir069": 192 * 192 * 49 * 2, "ir107": 192 
 MAX_CATALOG_BYTES = 1 << 30       # SEVIR's CATALOG.csv is about 32 MB: a "catalog" above 1 GiB is refused
 ASK_ABOVE_BYTES = 50e9            # a download above this asks first (or needs --yes off a terminal)
 SUBSET_MARKER = "DOWNLOADED_SUBSET.txt"           # marks a folder written by download
+PREPARED_MARKER = "PREPARED_COPY.txt"             # marks a folder written by prepare
 
 
 def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, until=None, event_type=None,
-             base_url=SEVIR_URL, backoff=1.0, yes=False):
+             base_url=SEVIR_URL, backoff=1.0, yes=False, size=None):
     """Write a local SEVIR subset in `out`: the chosen events' bytes only, same file names, `id`
     datasets and a matching CATALOG.csv. Resumable: finished files are not fetched again and an
     interrupted file continues from its last event. Every argument is checked before any request;
     `out` must be new, empty or an earlier download (marked by DOWNLOADED_SUBSET.txt); above
-    ASK_ABOVE_BYTES it asks (or needs yes=True off a terminal). Returns the local catalog's path."""
+    ASK_ABOVE_BYTES it asks (or needs yes=True off a terminal). With `size`, what lands on disk is a
+    prepared copy at that grid (see prepare): each event is fetched once and shrunk in memory.
+    Returns the local catalog's path."""
     from urllib.parse import quote
-
-    from tqdm import tqdm
     out, base_url = Path(out), base_url.rstrip("/")
-    unknown = [t for t in types if t not in EVENT_BYTES]
-    if unknown or not types:
-        raise UserError(f"--types: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(EVENT_BYTES)}")
-    if max_events is not None and max_events < 1:
-        raise UserError(f"--max-events={max_events}: must be >= 1 (leave it out for every matching event)")
-    for flag, value in (("--since", since), ("--until", until)):
-        if value is not None and _parse_date(value) is None:
-            raise UserError(f"{flag}={value}: expected a date like 2019-06-01")
+    _check_selection(types, max_events, since, until)
+    if size is not None and not 8 <= size <= 768:
+        raise UserError(f"--size={size}: a grid from 8 to 768 pixels (the datasets' TARGET_SIZE)")
     if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", base_url):
         raise UserError(f"--base-url={base_url}: expected http://HOST/... or https://HOST/...")
     writable_folder(out, SUBSET_MARKER, "download --out")
@@ -2254,8 +2256,8 @@ def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, 
     remote_catalog = out / "CATALOG.remote.csv"                   # the full catalog, fetched once
     if not remote_catalog.exists():
         body, _ = http_get(f"{base_url}/CATALOG.csv", backoff=backoff)
-        Path(f"{remote_catalog}.tmp").write_bytes(body)
-        os.replace(f"{remote_catalog}.tmp", remote_catalog)
+        _tmp_name(remote_catalog).write_bytes(body)
+        os.replace(_tmp_name(remote_catalog), remote_catalog)
     ids = choose_events(remote_catalog, types, max_events, since, until, event_type)
     if not ids:
         raise UserError("no event in the catalog matches --types, --since, --until and --event-type")
@@ -2273,52 +2275,12 @@ def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, 
             raise UserError(f"this would download {total / 1e9:.0f} GB: add --yes to go on, or fewer --max-events")
         if input(f"download {total / 1e9:.0f} GB? [y/N] ").strip().lower() not in ("y", "yes"):
             raise UserError("download cancelled")
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="download")
-    for file_name, group in rows.groupby("file_name", sort=False):
-        final, part = out / file_name, out / f"{file_name}.part"
-        if not (inside(final, out) and inside(part, out)):           # a link inside --out pointing elsewhere
-            raise UserError(f"{final} leads outside --out {out} (a symbolic link?); refused")
-        if final.exists() and not _holds(final, None):
-            raise UserError(f"{final} was not written by download; refused to replace it")
-        mod, wanted = group["img_type"].iloc[0], ",".join(group["id"])
-        if _holds(final, wanted):                                   # finished earlier: not fetched again
-            bar.update(EVENT_BYTES[mod] * len(group))
-            continue
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if not _holds(part, wanted):                                # absent, broken, or another selection
-            part.unlink(missing_ok=True)
-        with h5py.File(part, "a") as dst, HTTPRangeFile(f"{base_url}/data/{quote(file_name)}", backoff=backoff) as remote, \
-                h5py.File(remote, "r") as src:
-            dst.attrs["events"] = wanted
-            if mod == "lght":
-                for event in group["id"]:
-                    if event not in dst:
-                        flashes = src[event][()]
-                        if flashes.ndim != 2 or flashes.shape[1] != 5:
-                            raise RunError(f"{file_name}: {event} has shape {flashes.shape}, expected (n, 5)")
-                        dst.create_dataset(event, data=flashes)
-            else:
-                size, n = NATIVE_SIZE[mod], len(group)
-                images = dst.require_dataset(mod, (n, size, size, N_FRAMES), dtype=EVENT_DTYPE[mod])
-                id_ds = dst.require_dataset("id", (n,), dtype=src["id"].dtype)
-                done = dst.require_dataset("done", (n,), dtype=bool)
-                for k, index in enumerate(group["file_index"].astype(int)):
-                    if not done[k]:
-                        event = src[mod][index]                     # only this event's bytes travel
-                        if event.shape != (size, size, N_FRAMES) or event.dtype != EVENT_DTYPE[mod]:
-                            raise RunError(f"{file_name}[{index}]: {event.dtype} {event.shape}, expected "
-                                           f"{np.dtype(EVENT_DTYPE[mod])} {(size, size, N_FRAMES)}")
-                        images[k], id_ds[k], done[k] = event, src["id"][index], True
-                        dst.flush()
-                    bar.update(EVENT_BYTES[mod])
-                del dst["done"]
-        os.replace(part, final)
-    bar.close()
-    rows["file_index"] = np.where(rows["img_type"] == "lght", "0",
-                                  rows.groupby("file_name").cumcount().astype(str))
-    catalog = out / "CATALOG.csv"
-    rows.sort_values(["order", "img_type"]).drop(columns="order").to_csv(f"{catalog}.tmp", index=False)
-    os.replace(f"{catalog}.tmp", catalog)
+
+    @contextlib.contextmanager
+    def remote(file_name):                               # the bucket's HDF5 file, read by range requests
+        with HTTPRangeFile(f"{base_url}/data/{quote(file_name)}", backoff=backoff) as f, h5py.File(f, "r") as h5:
+            yield h5
+    catalog, _ = _write_copy(out, rows, remote, size, "download")
     print(f"wrote {catalog}: use --catalog_path={catalog} --sevir_root={out}")
     return str(catalog)
 
@@ -2331,14 +2293,7 @@ def choose_events(catalog, types, max_events=None, since=None, until=None, event
     df, rejects = _catalog_rejects(df, len(types), 0.0)                        # as load_catalog
     gone = set().union(*(set(ids) for _, ids in rejects))
     events = df[~df["id"].isin(gone)].drop_duplicates("id")
-    if since:                                            # the split's rule: since < time_utc <= until
-        events = events[events["time_utc"] > _parse_date(since)]
-    if until:
-        events = events[events["time_utc"] <= _parse_date(until)]
-    if event_type:
-        events = events[events["event_type"].str.lower() == event_type.lower()]
-    ids = events.sort_values(["time_utc", "id"])["id"].tolist()
-    return ids[:max_events] if max_events else ids
+    return _select(events, max_events, since, until, event_type)["id"].tolist()
 
 
 def _holds(path, wanted):
@@ -2349,6 +2304,133 @@ def _holds(path, wanted):
             return "events" in f.attrs if wanted is None else f.attrs.get("events") == wanted
     except OSError:
         return False
+
+
+def _write_copy(out, rows, open_source, size, desc):
+    """Write the events of catalog `rows` (in the order of their "order" column) into `out` as SEVIR does:
+    the same file names, an `id` dataset and (N, H, W, 49) images in the stored dtype per file, lightning
+    lists unchanged, and a matching CATALOG.csv. With `size`, images larger than size x size are shrunk to
+    it (antialiased, rounded to the stored dtype) and stored one frame per HDF5 chunk, so a window reads
+    only its frames: a prepared copy. Resumable: finished files are kept, a file in progress (.part) goes
+    on from its last event. Returns (catalog path, bytes of event data read from the sources)."""
+    from tqdm import tqdm
+    rows, bytes_in = rows.sort_values(["file_name", "order"]).copy(), 0
+    bar = tqdm(total=len(rows), unit="event", desc=desc, dynamic_ncols=True)
+    for file_name, group in rows.groupby("file_name", sort=False):
+        final, part = out / file_name, out / f"{file_name}.part"
+        if not (inside(final, out) and inside(part, out)):           # a link inside --out pointing elsewhere
+            raise UserError(f"{final} leads outside --out {out} (a symbolic link?); refused")
+        if final.exists() and not _holds(final, None):
+            raise UserError(f"{final} was not written by this tool; refused to replace it")
+        mod = group["img_type"].iloc[0]
+        wanted = ",".join(group["id"]) + (f" at {size}" if size else "")
+        if _holds(final, wanted):                                   # finished earlier: not read again
+            bar.update(len(group))
+            continue
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not _holds(part, wanted):                                # absent, broken, or another selection
+            part.unlink(missing_ok=True)
+        with h5py.File(part, "a") as dst, open_source(file_name) as src:
+            dst.attrs["events"] = wanted
+            if mod == "lght":
+                for event in group["id"]:
+                    if event not in dst:
+                        flashes = src[event][()]
+                        if flashes.ndim != 2 or flashes.shape[1] != 5:
+                            raise RunError(f"{file_name}: {event} has shape {flashes.shape}, expected (n, 5)")
+                        dst.create_dataset(event, data=flashes)
+                    bar.update(1)
+            else:
+                native, n = NATIVE_SIZE[mod], len(group)
+                grid = min(size, native) if size else native
+                images = dst.require_dataset(mod, (n, grid, grid, N_FRAMES), dtype=EVENT_DTYPE[mod],
+                                             chunks=(1, grid, grid, 1) if size else None)
+                id_ds = dst.require_dataset("id", (n,), dtype=src["id"].dtype)
+                done = dst.require_dataset("done", (n,), dtype=bool)
+                for k, index in enumerate(group["file_index"].astype(int)):
+                    if not done[k]:
+                        event = src[mod][index]                     # only this event's bytes travel
+                        if event.shape != (native, native, N_FRAMES) or event.dtype != EVENT_DTYPE[mod]:
+                            raise RunError(f"{file_name}[{index}]: {event.dtype} {event.shape}, expected "
+                                           f"{np.dtype(EVENT_DTYPE[mod])} {(native, native, N_FRAMES)}")
+                        images[k], id_ds[k], done[k] = shrink_event(event, grid), src["id"][index], True
+                        dst.flush()
+                        bytes_in += event.nbytes
+                    bar.update(1)
+                del dst["done"]
+        os.replace(part, final)
+    bar.close()
+    rows["file_index"] = np.where(rows["img_type"] == "lght", "0", rows.groupby("file_name").cumcount().astype(str))
+    if size:                                                        # the catalog describes the new grid
+        images = rows["img_type"] != "lght"
+        grid = rows.loc[images, "img_type"].map(lambda m: str(min(size, NATIVE_SIZE[m])))
+        rows.loc[images, "size_x"], rows.loc[images, "size_y"] = grid, grid
+    catalog = out / "CATALOG.csv"
+    rows.sort_values(["order", "img_type"]).drop(columns="order").to_csv(_tmp_name(catalog), index=False)
+    os.replace(_tmp_name(catalog), catalog)
+    return catalog, bytes_in
+
+
+def shrink_event(event, grid):
+    """An (H, W, 49) event as stored, shrunk to (grid, grid, 49) like the datasets shrink it, rounded back
+    to the stored dtype; unchanged when already that size."""
+    if event.shape[0] == grid:
+        return event
+    frames = resize_frames(torch.from_numpy(event).float().permute(2, 0, 1), grid)        # (49, grid, grid)
+    info = np.iinfo(event.dtype)
+    return frames.round().clamp(info.min, info.max).permute(1, 2, 0).numpy().astype(event.dtype)
+
+
+def prepare(catalog, root, out, size, types=("vil", "ir069", "ir107"), max_events=None, since=None, until=None,
+            event_type=None):
+    """A prepared copy of the usable events of a local SEVIR (load_catalog's rules) in `out`, at size x size,
+    one frame per chunk, that every SEVIR reader still reads. Returns the new catalog's path."""
+    out = Path(out)
+    _check_selection(types, max_events, since, until)
+    if not (isinstance(size, int) and 8 <= size <= 768):
+        raise UserError(f"--size={size}: a grid from 8 to 768 pixels (the datasets' TARGET_SIZE)")
+    writable_folder(out, PREPARED_MARKER, "prepare --out")
+    events = load_catalog(catalog, root, mods=types)                # usable events, files checked
+    chosen = _select(events, max_events, since, until, event_type)
+    raw = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    raw["img_type"] = raw["img_type"].str.strip().str.lower()
+    keys = {(e, m, f, str(i)) for m in types for e, f, i in zip(chosen["id"], chosen[f"{m}_file"], chosen[f"{m}_index"])}
+    rows = raw[[k in keys for k in zip(raw["id"], raw["img_type"], raw["file_name"], raw["file_index"].str.strip())]].copy()
+    rows["order"] = rows["id"].map({e: i for i, e in enumerate(chosen["id"])})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PREPARED_MARKER).write_text(f"Written by python common.py prepare: SEVIR events at {size} x {size}.\\n")
+    t0 = time.time()
+    new_catalog, bytes_in = _write_copy(out, rows, lambda name: h5py.File(Path(root) / name, "r"), size, "prepare")
+    bytes_out = sum(p.stat().st_size for p in out.rglob("*.h5"))
+    print(f"prepared {len(chosen)} events ({', '.join(types)}) at {size} x {size} in {time.time() - t0:.0f} s: "
+          f"{bytes_in / 1e9:.2f} GB read, {bytes_out / 1e9:.2f} GB in {out}. "
+          f"Use --catalog_path={new_catalog} --sevir_root={out}")
+    return str(new_catalog)
+
+
+def _check_selection(types, max_events, since, until):
+    """The event-choice arguments of download and prepare, checked before anything is read or fetched."""
+    unknown = [t for t in types if t not in EVENT_BYTES]
+    if unknown or not types:
+        raise UserError(f"--types: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(EVENT_BYTES)}")
+    if max_events is not None and max_events < 1:
+        raise UserError(f"--max-events={max_events}: must be >= 1 (leave it out for every matching event)")
+    for flag, value in (("--since", since), ("--until", until)):
+        if value is not None and _parse_date(value) is None:
+            raise UserError(f"{flag}={value}: expected a date like 2019-06-01")
+
+
+def _select(events, max_events=None, since=None, until=None, event_type=None):
+    """Events (one row each, with time_utc) filtered by the split's rule since < time_utc <= until and the
+    event type, in time order, the earliest max_events."""
+    if since:
+        events = events[events["time_utc"] > _parse_date(since)]
+    if until:
+        events = events[events["time_utc"] <= _parse_date(until)]
+    if event_type:
+        events = events[events["event_type"].str.lower() == event_type.lower()]
+    events = events.sort_values(["time_utc", "id"])
+    return events.iloc[:max_events] if max_events else events
 
 
 def http_get(url, start=None, stop=None, tries=5, backoff=1.0, limit=MAX_CATALOG_BYTES):
@@ -2472,6 +2554,32 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
         rows.append((f"{type(ds).__name__} items/s ({script} defaults)", f"{item:.1f}",
                      f"floor {floor:.1f}/s, floor/dataset {floor / item:.2f} (<= {limit})"))
 
+    # 1b. bytes read per item and items/s (warm): SEVIR's layout against a prepared copy at the same grid,
+    # for each script's defaults and for the protocol (13 + 12 VIL frames at 384)
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        protocol = parse_config(__import__("train_baseline").Config, data_args + ["--protocol=sevir"])
+        cases = [(s, cfg, __import__(s).build_data(cfg).train) for s, (cfg, _) in datasets.items()]
+        cases.append(("protocol", protocol, __import__("train_baseline").build_data(protocol).test))
+        measured = []
+        for name, cfg, ds in cases:
+            mods = tuple(ds.mods)
+            copy = Path(tmp) / f"{cfg.TARGET_SIZE}_{'_'.join(mods)}"
+            if not copy.exists():
+                with contextlib.redirect_stderr(quiet):
+                    prepare(catalog, root, copy, cfg.TARGET_SIZE, types=mods)
+            cfg_copy = parse_config(type(cfg), data_args + [f"--catalog_path={copy / 'CATALOG.csv'}", f"--sevir_root={copy}"]
+                                    + (["--protocol=sevir"] if name == "protocol" else []))
+            built = __import__("train_baseline" if name == "protocol" else name).build_data(cfg_copy)
+            ds_copy = built.test if name == "protocol" else built.train
+            n = min(len(ds), 200)
+            measured.append((name, cfg.TARGET_SIZE, item_bytes(ds), bytes_read_per_item(ds, n),
+                             bytes_read_per_item(ds_copy, n), _rate(lambda i: ds[i], n), _rate(lambda i: ds_copy[i], n)))
+    for name, size, stored, original, prepared_b, rate, rate_copy in measured:
+        rows.append((f"bytes read per item, {name} at {size}", f"{original / 1e6:.2f} MB -> {prepared_b / 1e3:.0f} kB",
+                     f"SEVIR file -> prepared copy: {original / prepared_b:.0f}x fewer; frames as stored "
+                     f"{stored / 1e3:.0f} kB, copy/frames {prepared_b / stored:.2f} (<= 1.5); items/s warm "
+                     f"{rate:.0f} -> {rate_copy:.0f}"))
+
     # 2. load_catalog on a catalog of the real size
     with tempfile.TemporaryDirectory() as tmp:
         big = _padded_catalog(catalog, 76_004, Path(tmp) / "CATALOG.csv")
@@ -2511,6 +2619,30 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
     print(f"| {'measure':<{width}} | value | note |\n|{'-' * (width + 2)}|---|---|")
     for name, value, note in rows:
         print(f"| {name:<{width}} | {value} | {note} |")
+
+
+def bytes_read_per_item(dataset, n=None):
+    """Bytes this process reads from files (Linux /proc/self/io rchar) per dataset item, over the first n
+    items after one warm-up item (which opens the files); None where the count is not available."""
+    def rchar():
+        try:
+            return int(next(line.split()[1] for line in open("/proc/self/io") if line.startswith("rchar")))
+        except OSError:
+            return None
+    n = min(n or len(dataset), len(dataset) - 1)
+    dataset[0]
+    before = rchar()
+    for i in range(1, n + 1):
+        dataset[i]
+    after = rchar()
+    return None if before is None else (after - before) / n
+
+
+def item_bytes(dataset):
+    """Bytes that the frames of one item occupy as stored (at the dataset's grid): what it must read at least."""
+    frames = {m: (dataset.length if m == "vil" or not hasattr(dataset, "t_in") else dataset.t_in) for m in dataset.mods}
+    size = dataset.target_size
+    return sum(frames[m] * size * size * np.dtype(EVENT_DTYPE[m]).itemsize for m in dataset.mods if m != "lght")
 
 
 def _rate(fn, n, repeat=2):
@@ -2650,6 +2782,17 @@ def _cli(argv=None):
     d.add_argument("--event-type", default=None, help='NWS event type, e.g. "Hail" or "Thunderstorm Wind"')
     d.add_argument("--base-url", default=SEVIR_URL, help=f"bucket or mirror (default {SEVIR_URL})")
     d.add_argument("--yes", action="store_true", help=f"go on without asking above {ASK_ABOVE_BYTES / 1e9:.0f} GB")
+    d.add_argument("--size", type=int, default=None, help="write a prepared copy at this grid (see prepare)")
+    p = sub.add_parser("prepare", help="a copy of local SEVIR events at one grid, one frame per chunk")
+    p.add_argument("--catalog", required=True, help="the SEVIR CATALOG.csv")
+    p.add_argument("--root", required=True, help="the folder of its vil/, ir069/, ... files")
+    p.add_argument("--out", required=True, help="a new or empty folder for the copy")
+    p.add_argument("--size", type=int, required=True, help="grid in pixels: the TARGET_SIZE you will train at")
+    p.add_argument("--types", default="vil,ir069,ir107", help="comma-separated: vil, ir069, ir107, lght")
+    p.add_argument("--max-events", type=int, default=None, help="at most this many events (earliest first)")
+    p.add_argument("--since", default=None, help="events with time_utc after this date (YYYY-MM-DD)")
+    p.add_argument("--until", default=None, help="events with time_utc up to this date")
+    p.add_argument("--event-type", default=None, help='NWS event type, e.g. "Hail"')
     b = sub.add_parser("bench", help="measure data loading, training steps and memory on this machine")
     b.add_argument("--root", default=SAMPLE_ROOT, help="sample folder (made if absent)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (one epoch per script)")
@@ -2660,7 +2803,10 @@ def _cli(argv=None):
         print(f"wrote {path} and its HDF5 files in {time.time() - t0:.1f}s")
     elif args.command == "download":
         download(args.out, tuple(t.strip() for t in args.types.split(",") if t.strip()), args.max_events,
-                 args.since, args.until, args.event_type, args.base_url, yes=args.yes)
+                 args.since, args.until, args.event_type, args.base_url, yes=args.yes, size=args.size)
+    elif args.command == "prepare":
+        prepare(args.catalog, args.root, args.out, args.size, tuple(t.strip() for t in args.types.split(",") if t.strip()),
+                args.max_events, args.since, args.until, args.event_type)
     elif args.command == "bench":
         bench(args.root, with_memory=not args.no_memory)
 

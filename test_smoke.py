@@ -358,20 +358,21 @@ def test_sevirvil_returns_true_time_order_and_image_rows(indexed_files):
             assert torch.allclose(codes[k, 192:], torch.tensor(2.0 * (start + k)))       # bottom rows
 
 
-def test_training_windows_are_random_but_reproducible(indexed_files):
+def test_training_takes_every_window_in_a_seeded_order(indexed_files):
     events, root = indexed_files
-    ds = common.SEVIRVIL(events, root, t_in=4, t_out=1, target_size=48, train=True, seed=0)
-    starts = []
-    for epoch in range(6):
-        ds.set_epoch(epoch)
-        x, y = ds[0]
-        t0 = round(float(x[0, 0, -1, 0]) * 255 / 2)                   # bottom row: 2 t
-        assert round(float(y[0, 0, -1, 0]) * 255 / 2) == t0 + 4
-        starts.append(t0)
-    assert len(set(starts)) > 1
-    ds.set_epoch(2)
-    again = round(float(ds[0][0][0, 0, -1, 0]) * 255 / 2)
-    assert again == starts[2]
+    ds = common.SEVIRVIL(events, root, t_in=4, t_out=1, target_size=48, train=True)
+    assert len(ds) == len(events) * (49 - 5 + 1)                    # every window of every event
+    x, y = ds[7]                                                     # event 0, window starting at frame 7
+    assert round(float(x[0, 0, -1, 0]) * 255 / 2) == 7 and round(float(y[0, 0, -1, 0]) * 255 / 2) == 11
+    sampler = common.EpochSampler(len(ds), shuffle=True, seed=0, batch_size=4)
+    orders = []
+    for epoch in (1, 2, 1):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert sorted(orders[0]) == list(range(len(ds))) and orders[0] != orders[1] and orders[0] == orders[2]
+    other = common.EpochSampler(len(ds), shuffle=True, seed=1, batch_size=4)
+    other.set_epoch(1)
+    assert list(other) != orders[0]
 
 
 def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
@@ -389,8 +390,8 @@ def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
     assert abs(float(y[0, 0, -1, 0]) * 255 - 2 * 24) < 1e-3
 
     syn = common.SyntheticRadarDataset(events, root, input_mods=("ir069", "ir107"), target_size=96, train=False)
-    assert [syn.event_and_start(i)[1] for i in range(len(syn))] == [0, 12, 24, 36, 48]
-    x, y = syn[2]                                                     # frame 24
+    assert [syn.event_and_start(i)[1] for i in range(len(syn))] == list(range(0, 49, 4))
+    x, y = syn[6]                                                     # frame 24
     assert x.shape == (2, 96, 96) and y.shape == (1, 96, 96)
     assert abs(float(x[1, -1, 0]) * scale + shift - 2400) < 0.5
     assert abs(float(y[0, -1, 0]) * 255 - 48) < 1e-3
@@ -578,7 +579,8 @@ def test_script_end_to_end(tmp_path, sample, script, extra):
 def test_best_model_is_chosen_on_validation_and_scored_on_test(tmp_path, sample):
     import train_synthetic
     out = tmp_path / "run"
-    train_synthetic.main(TINY[:-3] + ["--epochs=3", "--batch_size=2"] + data_args(sample) + [f"--out_dir={out}"])
+    train_synthetic.main(TINY[:-3] + ["--epochs=3", "--batch_size=2", "--loss=mse"] + data_args(sample)
+                         + [f"--out_dir={out}"])
     cfg = common.parse_config(train_synthetic.Config, data_args(sample))
     data = train_synthetic.build_data(cfg)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -618,11 +620,20 @@ def test_downsampling_keeps_the_mean_and_a_single_bright_pixel(tmp_path):
     assert float(bright.max()) > 0
 
 
-def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sample):
+def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sample, monkeypatch):
     import train_synthetic
     args = TINY[:-3] + ["--batch_size=2", "--max_train=3", "--max_val=1"] + data_args(sample)
     train_synthetic.main(args + ["--epochs=2", f"--out_dir={tmp_path / 'straight'}"])
-    train_synthetic.main(args + ["--epochs=1", f"--out_dir={tmp_path / 'split'}"])
+    real_epoch = common.train_epoch
+
+    def ctrl_c_in_epoch_2(model, loader, loss_fn, optimizer, device, epoch, *rest):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(model, loader, loss_fn, optimizer, device, epoch, *rest)
+    monkeypatch.setattr(common, "train_epoch", ctrl_c_in_epoch_2)
+    with pytest.raises(common.Interrupted, match="holds epoch 1"):
+        train_synthetic.main(args + ["--epochs=2", f"--out_dir={tmp_path / 'split'}"])
+    monkeypatch.undo()
     train_synthetic.main(args + ["--epochs=2", f"--out_dir={tmp_path / 'split'}", "--resume=true"])
     straight = json.loads((tmp_path / "straight/metrics.json").read_text())
     split = json.loads((tmp_path / "split/metrics.json").read_text())
@@ -820,7 +831,8 @@ def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(tmp_path, c
     random_event = int(np.flatnonzero(ds.ids == next(i for i in ds.ids if i.startswith("R")))[0])
     broken = Path(ds.paths["vil"][ds.file_idx["vil"][random_event]])
     broken.write_bytes(b"truncated" * 10)                         # valid at indexing, bad now
-    assert ds[random_event] is None and ds[0] is not None
+    item = int(np.flatnonzero(ds.items[:, 0] == random_event)[0])
+    assert ds[item] is None and ds[0] is not None
     assert "skipped event R" in capsys.readouterr().err
 
     def loader(items):
@@ -988,8 +1000,9 @@ def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_p
 def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
     args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=2", "--max_train=2", "--max_val=1",
             "--t_in=4", "--t_out=2", *data_args(sample)]
-    one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-2000:]
+    for more in (["--epochs=1"], ["--resume=true"]):                # the same history as the two processes'
+        one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", *more, cwd=tmp_path)
+        assert one.returncode == 0, one.stderr[-2000:]
     def torchrun(*more):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                str(HERE / "train_baseline.py"), *args, f"--out_dir={tmp_path / 'two'}", *more],
@@ -1370,3 +1383,103 @@ def test_lightning_lists_and_images_of_the_wrong_shape_are_dropped(tmp_path, cap
     out = capsys.readouterr().out
     assert "bad lightning data: 1" in out and "bad shape or dtype" in out
     assert lght["id"] not in set(events["id"]) and vil["id"] not in set(events["id"])
+
+
+# --------------------------------------------------------------------------------------
+# Prepared copies: python common.py prepare, download --size
+# --------------------------------------------------------------------------------------
+
+ALL_MODS = ("vil", "ir069", "ir107", "lght")
+
+
+def test_a_prepared_copy_gives_the_same_items_and_reads_only_its_frames(tmp_path, sample, capsys):
+    catalog, root = sample
+    copy = tmp_path / "prepared"
+    new_catalog = common.prepare(catalog, root, copy, 32, types=ALL_MODS)
+    assert "prepared 5 events" in capsys.readouterr().out
+    df = pd.read_csv(new_catalog, dtype=str, keep_default_na=False)
+    assert list(df.columns) == common.CATALOG_COLUMNS and set(df["img_type"]) == set(ALL_MODS)
+    assert set(df.loc[df.img_type != "lght", "size_x"]) == {"32"} and set(df.loc[df.img_type == "lght", "size_x"]) == {"48"}
+    vil = df[df.img_type == "vil"].iloc[0]
+    with h5py.File(copy / vil["file_name"]) as f:
+        assert f["vil"].dtype == np.uint8 and f["vil"].shape[1:] == (32, 32, 49) and f["vil"].chunks == (1, 32, 32, 1)
+        assert f["id"][int(vil["file_index"])].decode() == vil["id"]
+
+    a = common.load_catalog(catalog, root, ALL_MODS)
+    b = common.load_catalog(new_catalog, copy, ALL_MODS)
+    assert a["id"].tolist() == b["id"].tolist()
+    ir = common.SEVIR_ZSCORE["ir069"][1]
+    half_unit = {"vil": 0.5 / 255, "ir069": 0.5 / ir, "ir107": 0.5 / common.SEVIR_ZSCORE["ir107"][1], "lght": 1e-6}
+    for make in (lambda ev, r: common.SEVIRVIL(ev, r, t_in=3, t_out=2, target_size=32, train=False),
+                 lambda ev, r: common.SEVIRMultimodal(ev, r, mods=ALL_MODS, t_in=3, t_out=1, target_size=32, train=False),
+                 lambda ev, r: common.SyntheticRadarDataset(ev, r, input_mods=("ir069", "ir107", "lght"),
+                                                            target_size=32, train=False)):
+        original, prepared = make(a, root), make(b, copy)
+        mods = original.mods if not hasattr(original, "input_mods") else original.input_mods + ("vil",)
+        for i in range(len(original)):
+            (xa, ya), (xb, yb) = original[i], prepared[i]
+            assert (ya - yb).abs().max() <= half_unit["vil"] + 1e-6            # y is VIL
+            for c in range(xa.shape[0]):
+                assert (xa[c] - xb[c]).abs().max() <= half_unit[mods[c]] + 1e-6, (type(original).__name__, mods[c])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes read with Linux's /proc/self/io")
+def test_a_prepared_copy_reads_little_more_than_the_frames_of_an_item(tmp_path, sample):
+    catalog, root = sample
+    copy = common.prepare(catalog, root, tmp_path / "prepared", 128)
+    for path, base in ((catalog, root), (copy, tmp_path / "prepared")):
+        events = common.load_catalog(path, base)
+        ds = common.SyntheticRadarDataset(events, base, target_size=128, train=True)
+        per_item = common.bytes_read_per_item(ds, 60)
+        if base == root:
+            original = per_item
+    stored = common.item_bytes(ds)                                      # 80 KB: 1 VIL + 2 IR frames at 128
+    assert stored == 128 * 128 * 5 and per_item <= 1.5 * stored and original >= 50 * per_item
+
+
+def test_prepare_resumes_and_refuses_bad_arguments(tmp_path, sample, monkeypatch, capsys):
+    catalog, root = sample
+    copy = tmp_path / "prepared"
+    calls, real = [], common.shrink_event
+
+    def interrupted(event, grid):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(event, grid)
+    monkeypatch.setattr(common, "shrink_event", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.prepare(catalog, root, copy, 32)
+    assert list(copy.rglob("*.part"))
+    calls.clear()
+    monkeypatch.setattr(common, "shrink_event", lambda event, grid: calls.append(1) or real(event, grid))
+    common.prepare(catalog, root, copy, 32)
+    assert len(calls) == 3 * 5 - 3 and not list(copy.rglob("*.part"))     # went on from the 4th of 15 events
+    full = tmp_path / "full"
+    common.prepare(catalog, root, full, 32)
+    for p in full.rglob("*.h5"):
+        with h5py.File(p) as f, h5py.File(copy / p.relative_to(full)) as g:
+            for name in f:
+                assert np.array_equal(f[name][()], g[name][()])
+
+    for args, words in ((["--size", "5"], "--size=5"), (["--size", "32", "--types", "vil,radar"], "unknown radar"),
+                        (["--size", "32", "--max-events", "0"], "--max-events=0"),
+                        (["--size", "32", "--since", "soon"], "--since=soon")):
+        code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", str(catalog), "--root", str(root),
+                                                        "--out", str(tmp_path / "new"), *args]), capsys)
+        assert code == 2 and words in err
+    code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", str(catalog), "--root", str(root),
+                                                    "--out", str(root), "--size", "32"]), capsys)
+    assert code == 2 and "holds files this tool did not write" in err
+
+
+def test_download_with_size_writes_the_prepared_form(tmp_path, bucket):
+    url, root, state = bucket
+    got = common.download(tmp_path / "dl", types=("vil", "ir107"), max_events=2, base_url=url, size=32, backoff=0.01)
+    made = common.prepare(root / "CATALOG.csv", root / "data", tmp_path / "prep", 32, types=("vil", "ir107"),
+                          max_events=2)
+    a, b = pd.read_csv(got, dtype=str), pd.read_csv(made, dtype=str)
+    assert a.drop(columns=[]).equals(b)
+    for p in (tmp_path / "prep").rglob("*.h5"):
+        with h5py.File(p) as f, h5py.File(tmp_path / "dl" / p.relative_to(tmp_path / "prep")) as g:
+            assert all(np.array_equal(f[n][()], g[n][()]) for n in f) and set(f) == set(g)

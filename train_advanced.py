@@ -21,7 +21,7 @@ class Config:
     BASE = 8                                 # U-Net width (notebook: 32 = 94 M parameters, too slow for a laptop CPU)
     PERCEPTUAL_WEIGHT = 0.1                  # loss = MSE + PERCEPTUAL_WEIGHT x VGG perceptual loss
     VGG_WEIGHTS = "imagenet"                 # imagenet (torch hub cache or download), or none: untrained layers
-    EPOCHS = 100                             # passes over the training events (one random frame each)
+    EPOCHS = 2                               # passes over every frame of every training event
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 1e-3                                # Adam learning rate (notebook: 1e-4, slower to converge on the sample)
     LR_PATIENCE = 2                          # ReduceLROnPlateau: halve LR after this many epochs without improvement
@@ -30,7 +30,7 @@ class Config:
     MAX_TEST = 0                             # test events to use (spread over the period), 0 = all
     SPLIT_DATES = ("2019-01-01", "2019-06-01")  # train <= 1st < validation <= 2nd < test (Earthformer)
     IR_NORM = "sevir"                        # sevir: fixed z-score in deg C; minmax: the notebooks' per-sample scaling
-    SEED = 0                                 # seeds weights, shuffling and training frames
+    SEED = 0                                 # seeds the weights and the order of the training samples
     DEVICE = "auto"                          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     NUM_WORKERS = 0                          # DataLoader worker processes
     RESUME = False                           # continue from OUT_DIR/last.pt
@@ -40,10 +40,9 @@ class Config:
 
 def build_data(cfg):
     """Events with INPUT_MODS and VIL, split by date into train / validation / test; single frames, every
-    input and VIL resized to TARGET_SIZE (a random frame per event and epoch in training, frames 0, 12, 24,
-    36, 48 when held out)."""
+    input and VIL resized to TARGET_SIZE (every frame in training, frames 0, 4, ..., 48 when held out)."""
     data = common.load_events(cfg, mods=cfg.INPUT_MODS + ("vil",))
-    kw = dict(input_mods=cfg.INPUT_MODS, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM, seed=cfg.SEED)
+    kw = dict(input_mods=cfg.INPUT_MODS, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM)
     data.train = SyntheticRadarDataset(data.train_events, data.root, train=True, **kw)   # x (C, S, S), y (1, S, S)
     data.val = SyntheticRadarDataset(data.val_events, data.root, train=False, **kw)     # chooses best.pt
     data.test = SyntheticRadarDataset(data.test_events, data.root, train=False, **kw)   # the reported scores

@@ -23,14 +23,14 @@ class Config:
     T_OUT = 1                                # frames to forecast: 1 = the next 5 minutes
     TARGET_SIZE = 96                         # grid in pixels; VIL is 384 (1 km), 96 = 4 km pixels
     BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
-    EPOCHS = 60                              # passes over the training events (one random window each)
+    EPOCHS = 2                               # passes over every window of every training event
     BATCH_SIZE = 4                           # samples per optimizer step
-    LR = 1e-3                                # Adam learning rate
+    LR = 1e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
     MAX_VAL = 0                              # validation events to use (spread over the period), 0 = all
     MAX_TEST = 0                             # test events to use (spread over the period), 0 = all
     SPLIT_DATES = ("2019-01-01", "2019-06-01")  # train <= 1st < validation <= 2nd < test (Earthformer)
-    SEED = 0                                 # seeds weights, shuffling and training windows
+    SEED = 0                                 # seeds the weights and the order of the training samples
     DEVICE = "auto"                          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     NUM_WORKERS = 0                          # DataLoader worker processes
     RESUME = False                           # continue from OUT_DIR/last.pt
@@ -42,7 +42,7 @@ def build_data(cfg):
     """Usable VIL events split by date into train / validation / test; windows of T_IN + T_OUT frames
     resized to TARGET_SIZE (random per event and epoch in training, fixed every 12 frames when held out)."""
     data = common.load_events(cfg, mods=("vil",))
-    kw = dict(t_in=cfg.T_IN, t_out=cfg.T_OUT, target_size=cfg.TARGET_SIZE, seed=cfg.SEED)
+    kw = dict(t_in=cfg.T_IN, t_out=cfg.T_OUT, target_size=cfg.TARGET_SIZE)
     data.train = SEVIRVIL(data.train_events, data.root, train=True, **kw)     # x (1, T_IN, S, S), y (1, T_OUT, S, S)
     data.val = SEVIRVIL(data.val_events, data.root, train=False, **kw)         # chooses best.pt
     data.test = SEVIRVIL(data.test_events, data.root, train=False, **kw)       # the reported scores
@@ -70,8 +70,10 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
+    scheduler = common.cosine_schedule(optimizer, cfg.EPOCHS * len(train_loader))
     with common.locked(out):                           # one run at a time writes in OUT_DIR
-        history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
+        history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device,
+                             scheduler)
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
         common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 

@@ -24,15 +24,15 @@ class Config:
     T_OUT = 1                                # VIL frames to forecast: 1 = the next 5 minutes
     TARGET_SIZE = 96                         # common grid in pixels (VIL 384, IR 192 are resized to it)
     BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
-    EPOCHS = 60                              # passes over the training events (one random window each)
+    EPOCHS = 2                               # passes over every window of every training event
     BATCH_SIZE = 4                           # samples per optimizer step
-    LR = 1e-3                                # Adam learning rate
+    LR = 1e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
     MAX_VAL = 0                              # validation events to use (spread over the period), 0 = all
     MAX_TEST = 0                             # test events to use (spread over the period), 0 = all
     SPLIT_DATES = ("2019-01-01", "2019-06-01")  # train <= 1st < validation <= 2nd < test (Earthformer)
     IR_NORM = "sevir"                        # sevir: fixed z-score in deg C; minmax: the notebooks' per-sample scaling
-    SEED = 0                                 # seeds weights, shuffling and training windows
+    SEED = 0                                 # seeds the weights and the order of the training samples
     DEVICE = "auto"                          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     NUM_WORKERS = 0                          # DataLoader worker processes
     RESUME = False                           # continue from OUT_DIR/last.pt
@@ -45,7 +45,7 @@ def build_data(cfg):
     to TARGET_SIZE and stacked."""
     data = common.load_events(cfg, mods=cfg.MODALITIES)
     kw = dict(mods=cfg.MODALITIES, t_in=cfg.T_IN, t_out=cfg.T_OUT, target_size=cfg.TARGET_SIZE,
-              ir_norm=cfg.IR_NORM, seed=cfg.SEED)
+              ir_norm=cfg.IR_NORM)
     data.train = SEVIRMultimodal(data.train_events, data.root, train=True, **kw)  # x (C, T_IN, S, S), y (1, T_OUT, S, S)
     data.val = SEVIRMultimodal(data.val_events, data.root, train=False, **kw)    # chooses best.pt
     data.test = SEVIRMultimodal(data.test_events, data.root, train=False, **kw)  # the reported scores
@@ -75,8 +75,10 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
+    scheduler = common.cosine_schedule(optimizer, cfg.EPOCHS * len(train_loader))
     with common.locked(out):                           # one run at a time writes in OUT_DIR
-        history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device)
+        history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device,
+                             scheduler)
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
         common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 
