@@ -2232,6 +2232,7 @@ MAX_CATALOG_BYTES = 1 << 30       # SEVIR's CATALOG.csv is about 32 MB: a "catal
 ASK_ABOVE_BYTES = 50e9            # a download above this asks first (or needs --yes off a terminal)
 SUBSET_MARKER = "DOWNLOADED_SUBSET.txt"           # marks a folder written by download
 PREPARED_MARKER = "PREPARED_COPY.txt"             # marks a folder written by prepare
+PREPARED_COMPRESSION = None       # measured: lzf halves the copy but slows reading from the page cache (README)
 
 
 def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, until=None, event_type=None,
@@ -2344,7 +2345,8 @@ def _write_copy(out, rows, open_source, size, desc):
                 native, n = NATIVE_SIZE[mod], len(group)
                 grid = min(size, native) if size else native
                 images = dst.require_dataset(mod, (n, grid, grid, N_FRAMES), dtype=EVENT_DTYPE[mod],
-                                             chunks=(1, grid, grid, 1) if size else None)
+                                             chunks=(1, grid, grid, 1) if size else None,
+                                             compression=PREPARED_COMPRESSION if size else None)
                 id_ds = dst.require_dataset("id", (n,), dtype=src["id"].dtype)
                 done = dst.require_dataset("done", (n,), dtype=bool)
                 for k, index in enumerate(group["file_index"].astype(int)):

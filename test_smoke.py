@@ -901,21 +901,6 @@ def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
         assert common.load_checkpoint(path)["epoch"] >= 0
 
 
-def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, sample):
-    out = tmp_path / "out"
-    args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
-            "--max_val=1", *data_args(sample), f"--out_dir={out}"]
-    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in p.stdout:
-        if line.startswith("epoch 2/500"):
-            break
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err[-2000:]
-    assert "--resume=true" in err and "Traceback" not in err
-    assert common.load_checkpoint(out / "last.pt")["epoch"] >= 2
-
-
 def test_unwritable_out_dir_is_found_before_any_data(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -1264,7 +1249,8 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_sigterm_saves_and_prints_a_pasteable_resume_command(tmp_path, sample):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])       # Ctrl-C, or a scheduler / Colab
+def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sample, stop):
     out = tmp_path / "out dir"                                         # a space: the command must quote it
     args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
             "--max_val=1", *data_args(sample), f"--out_dir={out}"]
@@ -1272,7 +1258,7 @@ def test_sigterm_saves_and_prints_a_pasteable_resume_command(tmp_path, sample):
     for line in p.stdout:
         if line.startswith("epoch 2/500"):
             break
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(stop)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert f"{HERE / 'train_synthetic.py'} " in err and f"'--out_dir={out}'" in err and "--resume=true" in err
