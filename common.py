@@ -188,12 +188,12 @@ class _SEVIREvents(Dataset):
         if mod == "lght":
             frames = torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop])
         else:
-            ds = self._open(path, mod)
+            ds, i = self._open(path, mod), self.index[mod][e]
             if ds.chunks is None:
-                window = torch.from_numpy(ds[self.index[mod][e]])[:, :, start:stop]        # (H, W, T)
-            else:
-                window = torch.from_numpy(ds[self.index[mod][e], :, :, start:stop])
-            frames = window.float().permute(2, 0, 1)            # (T, H, W), a view: moved by the resize
+                window = torch.from_numpy(ds[i])[:, :, start:stop]                        # (H, W, T)
+                frames = window.float().permute(2, 0, 1)        # (T, H, W), a view: moved by the resize
+            else:       # frame by frame, each one chunk read contiguous (a strided window read is 6x slower)
+                frames = torch.from_numpy(np.stack([ds[i, :, :, t] for t in range(start, stop)])).float()
         return normalize(mod, resize_frames(frames, size), self.ir_norm)
 
 
