@@ -1469,3 +1469,11 @@ def test_download_with_size_writes_the_prepared_form(tmp_path, bucket):
     for p in (tmp_path / "prep").rglob("*.h5"):
         with h5py.File(p) as f, h5py.File(tmp_path / "dl" / p.relative_to(tmp_path / "prep")) as g:
             assert all(np.array_equal(f[n][()], g[n][()]) for n in f) and set(f) == set(g)
+
+
+def test_bench_resolves_a_relative_root_before_it_starts(tmp_path, monkeypatch):
+    got = []
+    monkeypatch.setattr(common, "bench", lambda root, with_memory: got.append(root))
+    monkeypatch.chdir(tmp_path)
+    common._cli(["bench", "--root", "s6", "--no-memory"])
+    assert got == [tmp_path / "s6"] and got[0].is_absolute()
