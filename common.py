@@ -1772,7 +1772,7 @@ def run(main):
     printed and the call returns: no SystemExit banner under the message.
     """
     if not in_ipython() and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+        signal.signal(signal.SIGTERM, _stop)         # not SIGINT's handler: `cmd &` starts with SIGINT ignored
     try:
         main()
     except KeyboardInterrupt:
@@ -1785,6 +1785,10 @@ def run(main):
         print(f"{error.label}: {error}", file=sys.stderr)
     if not in_ipython():
         sys.exit(error.code)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 def in_ipython():

@@ -1249,12 +1249,15 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])       # Ctrl-C, or a scheduler / Colab
-def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sample, stop):
+@pytest.mark.parametrize("stop, background", [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                              (signal.SIGTERM, True)])  # Ctrl-C; a scheduler, Colab; `cmd &`
+def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sample, stop, background):
     out = tmp_path / "out dir"                                         # a space: the command must quote it
     args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
             "--max_val=1", *data_args(sample), f"--out_dir={out}"]
-    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None   # as `&` does
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=ignore_sigint)
     for line in p.stdout:
         if line.startswith("epoch 2/500"):
             break
