@@ -124,7 +124,7 @@ class _SEVIREvents(Dataset):
         if ir_norm not in IR_NORMS:
             raise UserError(f"ir_norm={ir_norm!r}: one of {', '.join(IR_NORMS)}")
         self.root, self.mods, self.length = Path(root), tuple(mods), length
-        self.train, self.ir_norm = train, ir_norm
+        self.ir_norm = ir_norm
         self.ids = events["id"].to_numpy().astype(str)
         self.paths, self.file_idx, self.index = {}, {}, {}
         for mod in self.mods:
@@ -1018,9 +1018,7 @@ CHECKPOINT_EVERY_S = 60           # last.pt at most this often (and after the la
 def check_out_dir(cfg):
     """Check, before any data is read and without writing anything, that OUT_DIR can take this run:
     writable, and not holding an earlier run unless RESUME or OVERWRITE says what to do with it."""
-    if str(cfg.OUT_DIR).strip() == "":
-        raise UserError("--out_dir is empty: name a folder for the run's outputs")
-    out = Path(cfg.OUT_DIR).expanduser().resolve()
+    out = Path(cfg.OUT_DIR).expanduser().resolve()        # (an empty OUT_DIR is refused by check_config)
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write to OUT_DIR {out}: it is a file")
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
