@@ -34,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 # Ctrl-C while the libraries below load (seconds): one line and status 130, not a traceback from inside them.
@@ -189,9 +190,8 @@ class _SEVIREvents(Dataset):
             frames = torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop])
         else:
             ds, i = self._open(path, mod), self.index[mod][e]
-            if ds.chunks is None:
-                window = torch.from_numpy(ds[i])[:, :, start:stop]                        # (H, W, T)
-                frames = window.float().permute(2, 0, 1)        # (T, H, W), a view: moved by the resize
+            if ds.chunks is None:       # time last: reorder the bytes first (4x cheaper than the floats)
+                frames = torch.from_numpy(np.ascontiguousarray(ds[i][:, :, start:stop].transpose(2, 0, 1))).float()
             else:       # frame by frame, each one chunk read contiguous (a strided window read is 6x slower)
                 frames = torch.from_numpy(np.stack([ds[i, :, :, t] for t in range(start, stop)])).float()
         return normalize(mod, resize_frames(frames, size), self.ir_norm)
@@ -692,10 +692,12 @@ class UNet(nn.Module):
     Widths base, 2 base, ... 2^levels base. With residual=True each encoder stage adds a
     ResidualBlock and the bottleneck adds `bottleneck_blocks` more (notebook 07A).
     x: (B, in_channels, H, W) -> (B, out_channels, H, W) in [0, 1]; H, W divisible by 2^levels.
+    sigmoid=False: the last 1x1 convolution's output as it is.
     """
 
-    def __init__(self, in_channels, out_channels, base, levels, residual=False, bottleneck_blocks=0):
+    def __init__(self, in_channels, out_channels, base, levels, residual=False, bottleneck_blocks=0, sigmoid=True):
         super().__init__()
+        self.sigmoid = sigmoid
         widths = [base * 2 ** i for i in range(levels + 1)]
         ins = [in_channels] + widths[:levels - 1]
         self.encoders = nn.ModuleList(
@@ -721,7 +723,7 @@ class UNet(nn.Module):
         x = self.bottleneck(x)                  # (B, w_L, H / 2^L, W / 2^L)
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
             x = dec(torch.cat([up(x), skip], dim=1))
-        return torch.sigmoid(self.out(x))
+        return torch.sigmoid(self.out(x)) if self.sigmoid else self.out(x)
 
 
 class SyntheticRadarUNet(UNet):
@@ -771,6 +773,72 @@ class NowcastUNet(nn.Module):
         return self.unet(x.reshape(b, c * t, h, w)).unsqueeze(1)       # (B, 1, T_out, H, W)
 
 
+class EvolutionNet(nn.Module):
+    """Motion and growth applied to the last frame, after NowcastNet's evolution network (Zhang et al.,
+    Nature 2023). The storm's steering motion is measured in the input (steering_motion: the shift that best
+    maps the first VIL frame onto the last); a U-Net over the input frames stacked as channels predicts, for
+    each lead k, a local correction to that velocity and an intensity change s_k (growth and decay). The
+    forecast is the last VIL frame moved k steps along the velocity (bilinear backward warp, differentiable;
+    what comes in from outside the grid is no rain) plus s_k.
+
+    The U-Net's heads start at zero, so an untrained EvolutionNet is the ShiftExtrapolation reference; training
+    learns where the motion differs from it and how cells grow and decay.
+    x: (B, in_channels, T_in, H, W) -> (B, 1, T_out, H, W); H, W divisible by 2^levels; VIL is channel vil_channel.
+    """
+
+    def __init__(self, in_channels=1, t_in=12, t_out=1, base=16, levels=3, vil_channel=0):
+        super().__init__()
+        self.t_out, self.vil_channel = t_out, vil_channel
+        self.unet = UNet(in_channels * t_in, 3 * t_out, base, levels, sigmoid=False)
+        nn.init.zeros_(self.unet.out.weight)
+        nn.init.zeros_(self.unet.out.bias)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        k = self.t_out
+        out = self.unet(x.reshape(b, c * t, h, w))                              # (B, 3 T_out, H, W)
+        steering = steering_motion(x[:, self.vil_channel]).view(b, 1, 2, 1, 1)  # pixels per frame, (dx, dy)
+        velocity = steering + out[:, :2 * k].reshape(b, k, 2, h, w)             # (B, T_out, 2, H, W)
+        lead = torch.arange(1, k + 1, device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
+        moved = warp(x[:, self.vil_channel, -1], velocity * lead)               # (B, T_out, H, W)
+        return (moved + out[:, 2 * k:]).unsqueeze(1)                            # (B, 1, T_out, H, W)
+
+
+@torch.no_grad()
+def steering_motion(frames):
+    """One motion vector per sample, (B, 2) pixels per frame (dx, dy), from frames (B, T, H, W): the shift that
+    best maps the first frame onto the last (the peak of their circular cross-correlation, refined to a
+    fraction of a pixel by a parabola through its neighbours), divided by the T - 1 frames between them."""
+    first, last = frames[:, 0].float(), frames[:, -1].float()
+    b, h, w = last.shape
+    corr = torch.fft.irfft2(torch.fft.rfft2(last) * torch.fft.rfft2(first).conj(), s=(h, w))  # [d] = sum last(p) first(p - d)
+    peak = corr.reshape(b, -1).argmax(1)
+    iy, ix = peak // w, peak % w
+    rows = torch.arange(b, device=frames.device)
+
+    def refine(before, at, after):                 # vertex of the parabola through three neighbours
+        curve = before - 2 * at + after
+        return torch.where(curve < 0, 0.5 * (before - after) / curve.where(curve < 0, torch.ones_like(curve)), 0.0)
+    dy = iy + refine(corr[rows, (iy - 1) % h, ix], corr[rows, iy, ix], corr[rows, (iy + 1) % h, ix]).clamp(-0.5, 0.5)
+    dx = ix + refine(corr[rows, iy, (ix - 1) % w], corr[rows, iy, ix], corr[rows, iy, (ix + 1) % w]).clamp(-0.5, 0.5)
+    dy, dx = torch.where(dy > h / 2, dy - h, dy), torch.where(dx > w / 2, dx - w, dx)            # wrap to +-H/2
+    return torch.stack([dx, dy], 1).to(frames.dtype) / max(frames.shape[1] - 1, 1)
+
+
+def warp(frame, displacement):
+    """frame (B, H, W) moved by displacement (B, K, 2, H, W) in pixels (dx, dy): out[k](p) = frame(p - d_k(p)),
+    bilinear, zero outside the grid. (B, K, H, W)."""
+    b, k, _, h, w = displacement.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=frame.device, dtype=frame.dtype),
+                            torch.arange(w, device=frame.device, dtype=frame.dtype), indexing="ij")
+    px = xs - displacement[:, :, 0]                                             # (B, K, H, W) source column
+    py = ys - displacement[:, :, 1]
+    grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], -1)      # grid_sample's [-1, 1], align_corners=False
+    src = frame[:, None].expand(b, k, h, w).reshape(b * k, 1, h, w)
+    return F.grid_sample(src, grid.reshape(b * k, h, w, 2), mode="bilinear", padding_mode="zeros",
+                         align_corners=False).view(b, k, h, w)
+
+
 class ConvLSTMCell(nn.Module):
     """LSTM gates from one convolution over [input, hidden] (Shi et al. 2015)."""
 
@@ -816,11 +884,13 @@ class ConvLSTMNet(nn.Module):
 
 
 # MODEL in train_baseline / train_multimodal, and what TARGET_SIZE must divide by for it
-NOWCASTER_GRID = {"nowcastnet": 1, "unet": 16, "convlstm": 4}
+NOWCASTER_GRID = {"evolution": 8, "nowcastnet": 1, "unet": 16, "convlstm": 4}
 
 
-def build_nowcaster(name, in_channels, t_in, t_out, base):
-    """NowcastNet, NowcastUNet or ConvLSTMNet: (B, in_channels, t_in, H, W) -> (B, 1, t_out, H, W)."""
+def build_nowcaster(name, in_channels, t_in, t_out, base, vil_channel=0):
+    """EvolutionNet, NowcastNet, NowcastUNet or ConvLSTMNet: (B, in_channels, t_in, H, W) -> (B, 1, t_out, H, W)."""
+    if name == "evolution":
+        return EvolutionNet(in_channels, t_in, t_out, base, vil_channel=vil_channel)
     if name == "unet":
         return NowcastUNet(in_channels, t_in, t_out, base)
     if name == "convlstm":
@@ -1387,6 +1457,70 @@ class Persistence:
         return last.expand(-1, -1, self.t_out, -1, -1)
 
 
+class ShiftExtrapolation:
+    """Reference nowcast: the last frame moved along one motion vector per window (steering_motion: the shift
+    that best maps the first input frame onto the last, an exhaustive search by cross-correlation), bilinear,
+    no rain from outside the grid. x (B, C, T_in, H, W) -> (B, 1, T_out, H, W)."""
+    name = "shift"
+
+    def __init__(self, vil_channel=0, t_out=1):
+        self.vil_channel, self.t_out = vil_channel, t_out
+
+    def __call__(self, x):
+        b, _, _, h, w = x.shape
+        velocity = steering_motion(x[:, self.vil_channel])                                      # (B, 2)
+        lead = torch.arange(1, self.t_out + 1, device=x.device, dtype=x.dtype)
+        d = (lead.view(1, -1, 1) * velocity[:, None])[..., None, None].expand(b, self.t_out, 2, h, w)
+        return warp(x[:, self.vil_channel, -1], d).unsqueeze(1)
+
+
+PYSTEPS_MISSING = ("note: the optical-flow reference is skipped: pysteps is not installed "
+                   "(pip install pysteps opencv-python-headless)")
+
+
+def pysteps_methods():
+    """pysteps' dense Lucas-Kanade motion and semi-Lagrangian extrapolation, imported only here (without its
+    banner); None when pysteps or OpenCV is missing."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):        # pysteps prints where its config file is
+            from pysteps import extrapolation, motion
+            motion.get_method("LK")(np.zeros((2, 8, 8)))       # fails here if OpenCV is missing
+    except ImportError:
+        return None
+    return motion.get_method("LK"), extrapolation.get_method("semilagrangian")
+
+
+class OpticalFlow:
+    """Reference nowcast, the SEVIR paper's optical flow with the field's library, pysteps: Lucas-Kanade
+    motion from the last `n_frames` input VIL frames, the last frame advected along it for each lead
+    (semi-Lagrangian); what is advected in from outside the grid is no rain. Runs on the CPU.
+    x (B, C, T_in, H, W) -> (B, 1, T_out, H, W)."""
+    name = "optical_flow"
+
+    def __init__(self, methods, vil_channel=0, t_out=1, n_frames=3):
+        (self.motion, self.extrapolate), self.vil_channel, self.t_out, self.n_frames = methods, vil_channel, t_out, n_frames
+
+    def __call__(self, x):
+        frames = x[:, self.vil_channel, -self.n_frames:].double().cpu().numpy()      # (B, n, H, W)
+        out = np.empty((len(frames), 1, self.t_out) + frames.shape[-2:], np.float32)
+        for b, f in enumerate(frames):
+            with warnings.catch_warnings():          # pysteps warns on nearly empty fields; its result stands
+                warnings.simplefilter("ignore", RuntimeWarning)
+                velocity = self.motion(f)                                           # (2, H, W) pixels per frame
+                out[b, 0] = np.nan_to_num(self.extrapolate(f[-1], velocity, self.t_out), nan=0.0)
+        return torch.from_numpy(out).to(x.device)
+
+
+def nowcast_references(vil_channel, t_out):
+    """Persistence, pysteps' optical flow (where pysteps is installed, else one note says how) and the
+    one-vector shift."""
+    methods = pysteps_methods()
+    if methods is None:
+        print(PYSTEPS_MISSING)
+    flow = [OpticalFlow(methods, vil_channel, t_out)] if methods else []
+    return [Persistence(vil_channel, t_out)] + flow + [ShiftExtrapolation(vil_channel, t_out)]
+
+
 class IRLookup:
     """Reference synthetic radar: mean VIL for each IR brightness-temperature bin, fitted on training data.
 
@@ -1606,12 +1740,13 @@ def plot_loss(history, path):
 def plot_skill(metrics, path):
     """CSI, POD and success ratio per threshold, model against reference; CSI-M per lead if any."""
     plt = _plt()
-    ref = metrics["reference"]
+    names = ["model"] + metrics.get("references", [metrics["reference"]])
+    styles = ("o-", "s--", "^:", "v-.")
     per_lead = "csi_m_per_lead" in metrics["model"]
     fig, axes = plt.subplots(1, 4 if per_lead else 3, figsize=(16 if per_lead else 12, 3.6))
     t = SEVIR_THRESHOLDS
     for ax, score in zip(axes, ("csi", "pod", "sucr")):
-        for name, style in (("model", "o-"), (ref, "s--")):
+        for name, style in zip(names, styles):
             ax.plot(range(len(t)), [metrics[name][f"{score}_{v}"] for v in t], style, label=name)
         ax.set_xticks(range(len(t)), [str(v) for v in t])
         ax.set_xlabel("VIL threshold (code)")
@@ -1621,7 +1756,7 @@ def plot_skill(metrics, path):
     axes[0].legend()
     if per_lead:
         ax = axes[3]
-        for name, style in (("model", "o-"), (ref, "s--")):
+        for name, style in zip(names, styles):
             lead = metrics[name]["csi_m_per_lead"]
             ax.plot([5 * (i + 1) for i in range(len(lead))], lead, style, label=name)
         ax.set_xlabel("lead time (min)")
@@ -1663,9 +1798,10 @@ def forecast_gif(model, val_dataset, device, path, cmap="sevir", index=None):
     _show_if_notebook(path)
 
 
-def report(model, reference, data, cfg, device, history=(), extra=None, num_samples=3, split="test",
+def report(model, references, data, cfg, device, history=(), extra=None, num_samples=3, split="test",
            cmap="sevir", checkpoint="best.pt", epoch=None):
-    """Score model and reference on the same held-out windows; write metrics.json and every figure.
+    """Score model and reference forecasts (one or a list) on the same held-out windows; write metrics.json
+    and every figure.
 
     The scores are on data.test (split="test", the default) or data.val, with the other held-out
     split's scores beside them. The default (best.pt, test) writes metrics.json, predictions.png,
@@ -1674,6 +1810,7 @@ def report(model, reference, data, cfg, device, history=(), extra=None, num_samp
     """
     if split not in ("val", "test"):
         raise UserError(f"--split={split!r}: val or test")
+    references = list(references) if isinstance(references, (list, tuple)) else [references]
     out = Path(cfg.OUT_DIR)
     stem = Path(checkpoint).stem
     tag = ("" if stem == "best" else f"_{stem}") + ("" if split == "test" else f"_{split}")
@@ -1683,13 +1820,15 @@ def report(model, reference, data, cfg, device, history=(), extra=None, num_samp
         loader = make_loader(dataset, cfg, device, shuffle=False)
         result = {"split": name, "n_events": len(dataset.ids), "n_samples": len(dataset),
                   "period": [f"{times.min()}", f"{times.max()}"],
-                  "model": evaluate(model, loader, device)[1], reference.name: evaluate(reference, loader, device)[1]}
+                  "model": evaluate(model, loader, device)[1],
+                  **{r.name: evaluate(r, loader, device)[1] for r in references}}
         return result, loader
 
     shown = getattr(data, split)
     metrics, loader = scores(split)
-    _, no_rain = evaluate(lambda x: torch.zeros_like(reference(x)), loader, device)     # the trivial forecast
-    metrics = {"checkpoint": Path(checkpoint).name, "epoch": epoch, "data": data.kind, "reference": reference.name,
+    _, no_rain = evaluate(lambda x: torch.zeros_like(references[0](x)), loader, device)     # the trivial forecast
+    metrics = {"checkpoint": Path(checkpoint).name, "epoch": epoch, "data": data.kind, "reference": references[0].name,
+               "references": [r.name for r in references],
                **metrics,
                "no_rain": {"mse": no_rain["mse"], "mae": no_rain["mae"]},
                "beside": scores("val" if split == "test" else "test")[0],
@@ -1714,29 +1853,30 @@ def report(model, reference, data, cfg, device, history=(), extra=None, num_samp
 
 
 def print_table(metrics):
-    """Model beside its reference forecast, one score a row, on the reported split; validation below."""
-    ref = metrics["reference"]
+    """Model beside its reference forecasts, one score a row, on the reported split; validation below."""
+    refs = metrics.get("references", [metrics["reference"]])
     rows = ["mse", "mae", "csi_m", "csi_pool4_m", "csi_pool16_m"] + [f"csi_{t}" for t in SEVIR_THRESHOLDS] \
         + [f"pod_{t}" for t in SEVIR_THRESHOLDS] + [f"sucr_{t}" for t in SEVIR_THRESHOLDS] \
         + [f"bias_{t}" for t in SEVIR_THRESHOLDS]
 
     def fmt(v):
-        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3g}"
     name = {"test": "TEST", "val": "VALIDATION"}[metrics["split"]]
     print(f"\n{name} scores of {metrics['checkpoint']} (epoch {metrics['epoch']}): {metrics['n_events']} events, "
           f"{metrics['n_samples']} samples ({metrics['data']} data). Higher is better except mse/mae; bias is the "
           f"frequency bias, best at 1; n/a: neither forecast nor truth reached the threshold (0 in CSI-M)")
-    print(f"  {'score':<14}{'model':>10}{ref:>14}{'no rain':>10}")
+    names = ["model"] + refs
+    print(f"  {'score':<14}" + "".join(f"{n:>14}" for n in names) + f"{'no rain':>10}")
     for r in rows:
         trivial = fmt(metrics["no_rain"][r]) if r in metrics.get("no_rain", {}) else ""
-        print(f"  {r:<14}{fmt(metrics['model'][r]):>10}{fmt(metrics[ref][r]):>14}{trivial:>10}")
+        print(f"  {r:<14}" + "".join(f"{fmt(metrics[n][r]):>14}" for n in names) + f"{trivial:>10}")
     if "csi_m_per_lead" in metrics["model"]:
-        print("  CSI-M per lead (min): " + "  ".join(
-            f"+{5 * (k + 1)}: {fmt(m)}/{fmt(r)}" for k, (m, r) in
-            enumerate(zip(metrics["model"]["csi_m_per_lead"], metrics[ref]["csi_m_per_lead"]))))
+        print(f"  CSI-M per lead (min), {' / '.join(names)}: " + "  ".join(
+            f"+{5 * (k + 1)}: " + "/".join(fmt(metrics[n]["csi_m_per_lead"][k]) for n in names)
+            for k in range(len(metrics["model"]["csi_m_per_lead"]))))
     other = metrics["beside"]
-    print(f"  ({other['split']}, {other['n_events']} events: MSE {fmt(other['model']['mse'])} / {fmt(other[ref]['mse'])}, "
-          f"CSI-M {fmt(other['model']['csi_m'])} / {fmt(other[ref]['csi_m'])}, model / {ref})")
+    print(f"  ({other['split']}, {other['n_events']} events: MSE " + " / ".join(fmt(other[n]["mse"]) for n in names)
+          + ", CSI-M " + " / ".join(fmt(other[n]["csi_m"]) for n in names) + f", {' / '.join(names)})")
 
 
 # ======================================================================================

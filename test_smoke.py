@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 
@@ -506,6 +507,91 @@ def test_persistence_on_a_steady_field_scores_csi_1():
     assert m["mse"] == 0 and all(m[f"csi_{t}"] == 1 for t in common.SEVIR_THRESHOLDS if (field * 255 >= t).any())
 
 
+def moving_blob(t_in, t_out, step=(1, 2), size=48, channels=1, vil_channel=0):
+    """x (1, channels, t_in, S, S), y (1, 1, t_out, S, S): a Gaussian blob moving `step` = (dx, dy) pixels
+    a frame, VIL at vil_channel."""
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    def frame(k):
+        cx, cy = 12 + step[0] * k, 14 + step[1] * k
+        return 0.9 * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 3.0 ** 2))
+    frames = torch.stack([frame(k) for k in range(t_in + t_out)])
+    x = torch.zeros(1, channels, t_in, size, size)
+    x[0, vil_channel] = frames[:t_in]
+    return x, frames[None, None, t_in:]
+
+
+def centre(field):
+    """(x, y) centre of mass of a (H, W) field."""
+    yy, xx = torch.meshgrid(torch.arange(field.shape[0]).float(), torch.arange(field.shape[1]).float(), indexing="ij")
+    return float((field * xx).sum() / field.sum()), float((field * yy).sum() / field.sum())
+
+
+@pytest.mark.skipif(common.pysteps_methods() is None, reason="needs pysteps and opencv-python-headless")
+def test_optical_flow_moves_a_shifted_blob_to_where_it_goes():
+    x, y = moving_blob(t_in=6, t_out=4, channels=2, vil_channel=1)
+    flow = common.OpticalFlow(common.pysteps_methods(), vil_channel=1, t_out=4)
+    pred = flow(x)
+    assert pred.shape == y.shape and pred.dtype == x.dtype and torch.isfinite(pred).all()
+    for k in range(4):                                               # +k+1 frames: (1, 2) pixels a frame
+        px, py = centre(pred[0, 0, k])
+        tx, ty = centre(y[0, 0, k])
+        assert abs(px - tx) < 0.5 and abs(py - ty) < 0.5, (k, px, py, tx, ty)
+    persistence = common.Persistence(1, t_out=4)(x)
+    assert (pred - y).abs().mean() < 0.3 * (persistence - y).abs().mean()
+    # what comes in from outside the grid is no rain, not NaN
+    edge, _ = moving_blob(t_in=3, t_out=1, step=(-6, 0), size=32)
+    assert torch.isfinite(common.OpticalFlow(common.pysteps_methods(), t_out=8)(edge)).all()
+
+
+def test_optical_flow_is_skipped_with_one_line_when_pysteps_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pysteps", None)               # import pysteps -> ImportError
+    assert common.pysteps_methods() is None
+    refs = common.nowcast_references(vil_channel=0, t_out=2)
+    assert [r.name for r in refs] == ["persistence", "shift"]
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "pip install pysteps opencv-python-headless" in out
+
+
+def test_shift_reference_finds_the_one_motion_vector():
+    x, y = moving_blob(t_in=12, t_out=3, step=(1, -1), size=64)
+    x[..., 40:, :] = 0                                                 # keep the blob away from the edges
+    pred = common.ShiftExtrapolation(0, t_out=3)(x)
+    for k in range(3):
+        px, py = centre(pred[0, 0, k])
+        tx, ty = centre(y[0, 0, k])
+        assert abs(px - tx) < 0.3 and abs(py - ty) < 0.3
+
+
+def test_warp_moves_a_frame_by_its_displacement():
+    frame = torch.zeros(1, 16, 16)
+    frame[0, 5, 4] = 1.0
+    d = torch.zeros(1, 2, 2, 16, 16)
+    d[:, 0, 0], d[:, 1, 0], d[:, 1, 1] = 3.0, -2.0, 1.0               # (dx, dy) = (3, 0) and (-2, 1)
+    out = common.warp(frame, d)
+    assert out[0, 0, 5, 7] == pytest.approx(1.0) and out[0, 1, 6, 2] == pytest.approx(1.0)
+    assert out.sum() == pytest.approx(2.0)
+    d[:, 0, 0] = 20.0                                                 # moved off the grid: no rain left
+    assert common.warp(frame, d)[0, 0].sum() == 0
+
+
+def test_evolution_net_starts_as_the_shift_and_learns_growth_and_motion():
+    torch.manual_seed(0)
+    x, y = moving_blob(t_in=4, t_out=2, step=(1, 0), size=32, channels=2, vil_channel=1)
+    y = y * torch.tensor([1.3, 1.6]).view(1, 1, 2, 1, 1)              # the cell grows as it moves
+    y[..., 20:, 20:] = y[..., :12, :12].flip(-1)                      # and a second one moves the other way
+    model = common.EvolutionNet(in_channels=2, t_in=4, t_out=2, base=4, vil_channel=1)
+    assert torch.allclose(model(x), common.ShiftExtrapolation(1, t_out=2)(x))   # untrained: the shift reference
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = F.mse_loss(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+
+
 def test_ir_lookup_learns_a_monotone_relation():
     shift, scale = common.SEVIR_ZSCORE["ir107"]
     temps = torch.linspace(-7000, 2000, 64)                            # deg C x 100
@@ -923,7 +1009,7 @@ def test_workers_give_the_same_metrics(tmp_path, sample):
 # The SEVIR benchmark protocol, nowcasting models, losses
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["nowcastnet", "unet", "convlstm"])
+@pytest.mark.parametrize("name", ["evolution", "nowcastnet", "unet", "convlstm"])
 def test_nowcasters_forecast_twelve_frames(name):
     model = common.build_nowcaster(name, 2, 13, 12, base=4)
     x = torch.rand(2, 2, 13, 32, 32)

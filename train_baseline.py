@@ -9,14 +9,15 @@ Run `python train_baseline.py --help` for every setting; override any with --key
 """
 import common
 import torch
-from common import Persistence, SEVIRVIL
+from common import SEVIRVIL
 
 
 class Config:
     CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; at the default, a generated sample is used if absent
     SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/ (and the other types)
     OUT_DIR = "outputs/train_baseline"       # checkpoints, history, metrics and figures
-    MODEL = "nowcastnet"                     # nowcastnet (notebook 05), unet (SEVIR paper baseline), convlstm
+    MODEL = "evolution"                      # evolution (motion + growth applied to the last frame), nowcastnet
+                                             # (notebook 05), unet (SEVIR paper baseline), convlstm
     LOSS = "mse"                             # mse, mae, or bmse (balanced MSE: weights rise with VIL intensity)
     PROTOCOL = "none"                        # sevir: T_IN=13, T_OUT=12, TARGET_SIZE=384, Earthformer's split
     T_IN = 12                                # input frames (5 min apart): 12 = the last hour
@@ -54,7 +55,8 @@ def build_model(cfg):
 
 
 def build_reference(cfg, data):
-    return Persistence(vil_channel=0, t_out=cfg.T_OUT)
+    """Persistence, pysteps' optical flow (if installed) and the one-motion-vector shift."""
+    return common.nowcast_references(vil_channel=0, t_out=cfg.T_OUT)
 
 
 def main(argv=None):

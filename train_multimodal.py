@@ -9,7 +9,7 @@ Run `python train_multimodal.py --help` for every setting; override any with --k
 """
 import common
 import torch
-from common import Persistence, SEVIRMultimodal
+from common import SEVIRMultimodal
 
 
 class Config:
@@ -17,7 +17,8 @@ class Config:
     SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ir107/, lght/
     OUT_DIR = "outputs/train_multimodal"     # checkpoints, history, metrics and figures
     MODALITIES = ("vil", "ir069", "ir107")   # input channels, in order; vil is required (it is the target); lght too
-    MODEL = "nowcastnet"                     # nowcastnet (notebook 06), unet (SEVIR paper baseline), convlstm
+    MODEL = "evolution"                      # evolution (motion + growth applied to the last frame), nowcastnet
+                                             # (notebook 06), unet (SEVIR paper baseline), convlstm
     LOSS = "mse"                             # mse, mae, or bmse (balanced MSE: weights rise with VIL intensity)
     PROTOCOL = "none"                        # sevir: T_IN=13, T_OUT=12, TARGET_SIZE=384, Earthformer's split
     T_IN = 12                                # input frames (5 min apart): 12 = the last hour
@@ -53,12 +54,14 @@ def build_data(cfg):
 
 
 def build_model(cfg):
-    """MultimodalNowcastNet, NowcastUNet or ConvLSTMNet with one input channel per modality."""
-    return common.build_nowcaster(cfg.MODEL, len(cfg.MODALITIES), cfg.T_IN, cfg.T_OUT, cfg.BASE)
+    """EvolutionNet, MultimodalNowcastNet, NowcastUNet or ConvLSTMNet with one input channel per modality."""
+    return common.build_nowcaster(cfg.MODEL, len(cfg.MODALITIES), cfg.T_IN, cfg.T_OUT, cfg.BASE,
+                                  vil_channel=cfg.MODALITIES.index("vil"))
 
 
 def build_reference(cfg, data):
-    return Persistence(vil_channel=cfg.MODALITIES.index("vil"), t_out=cfg.T_OUT)
+    """Persistence, pysteps' optical flow (if installed) and the one-motion-vector shift, on the VIL channel."""
+    return common.nowcast_references(vil_channel=cfg.MODALITIES.index("vil"), t_out=cfg.T_OUT)
 
 
 def main(argv=None):
