@@ -42,9 +42,31 @@ def sample(tmp_path_factory):
     return common.make_sample_sevir(root, n_events=5, seed=0), root
 
 
-def run_script(script, *args, cwd):
+def run_process(script, *args, cwd):
+    """`python script args` in a child process (where the process itself is tested: exit status, imports)."""
     return subprocess.run([sys.executable, str(HERE / script), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
+
+
+def run_script(script, *args, cwd):
+    """`python script args` as common.run runs it, in this process (no second import of torch): the exit
+    status, stdout and stderr, as subprocess.run gives them. A bug's exception propagates as it is."""
+    import contextlib
+    import importlib
+    module = importlib.import_module(script[:-3])
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                common.run(lambda: module.main(list(args)))
+                code = 0
+            except SystemExit as e:
+                code = e.code or 0
+    finally:
+        os.chdir(here)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def data_args(sample):
@@ -102,7 +124,7 @@ def test_target_size_must_halve():
 def test_help_and_cli_error_exit_status(tmp_path):
     r = run_script("train_synthetic.py", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "--input_mods" in r.stdout and "satellite inputs" in r.stdout
-    r = run_script("train_synthetic.py", "--epochz=3", cwd=tmp_path)
+    r = run_process("train_synthetic.py", "--epochz=3", cwd=tmp_path)     # the real process's status
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown key --epochz" in r.stderr
     r = run_script("train_synthetic.py", "--catalog_path=/nowhere/CATALOG.csv", cwd=tmp_path)
@@ -616,8 +638,8 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     calls = []
     real_fit = common.fit
     monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append(k.get("select")) or real_fit(*a, **k))
-    train_advanced.main(TINY[:-4] + ["--target_size=64", "--epochs=3", "--vgg_weights=none"] + data_args(sample)
-                        + [f"--out_dir={out}"])
+    train_advanced.main(TINY[:-4] + ["--target_size=64", "--epochs=3", "--vgg_weights=none", "--max_train=1",
+                                     "--max_val=1", "--batch_size=7"] + data_args(sample) + [f"--out_dir={out}"])
     assert calls == ["mse"]
     history = pd.read_csv(out / "history.csv")
     assert {"train_mse", "train_perceptual", "val_mse", "val_perceptual", "val_loss"} <= set(history.columns)
@@ -630,7 +652,7 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     ("train_baseline.py", ["--t_in=4", "--t_out=2"]),
     ("train_multimodal.py", ["--t_in=3", "--modalities=vil,ir107,lght"]),
     ("train_synthetic.py", ["--input_mods=ir069,ir107,lght"]),
-    ("train_advanced.py", ["--vgg_weights=none", "--target_size=64"]),
+    ("train_advanced.py", ["--vgg_weights=none", "--target_size=64", "--max_train=1", "--batch_size=7"]),
 ])
 def test_script_end_to_end(tmp_path, sample, script, extra):
     import shutil
@@ -847,7 +869,7 @@ def test_a_script_pasted_into_a_cell_runs_with_its_edited_config(tmp_path, sampl
     out = tmp_path / "out"
     size = 64 if script == "train_advanced.py" else 32
     text = edit_config((HERE / script).read_text(), CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]),
-                       OUT_DIR=str(out), TARGET_SIZE=size, BASE=4, EPOCHS=1, BATCH_SIZE=2, MAX_TRAIN=2,
+                       OUT_DIR=str(out), TARGET_SIZE=size, BASE=4, EPOCHS=1, BATCH_SIZE=2, MAX_TRAIN=1,
                        MAX_VAL=1, **({"VGG_WEIGHTS": "none"} if script == "train_advanced.py" else {}))
     run_in_cell(text)
     assert (out / "metrics.json").exists() and (out / "predictions.png").exists()
@@ -1048,14 +1070,17 @@ def test_balanced_mse_weights_rise_with_intensity():
     assert common.LOSSES["mae"](pred, y).item() == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("model", ["unet", "convlstm"])
+@pytest.mark.parametrize("model", ["evolution", "unet", "convlstm"])
 def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_path, sample, model):
-    out = tmp_path / "out"
-    r = run_script("train_baseline.py", "--protocol=sevir", f"--model={model}", "--max_train=2", "--max_val=1",
-                   "--epochs=1", *data_args(sample), f"--out_dir={out}", cwd=tmp_path)
+    out = tmp_path / "out"                  # the protocol's 13 -> 12 frames and windows, on a tiny grid
+    r = run_script("train_baseline.py", "--protocol=sevir", f"--model={model}", "--max_train=1", "--max_val=1",
+                   "--epochs=1", "--target_size=32", "--base=4", "--batch_size=3", *data_args(sample),
+                   f"--out_dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["model"]["csi_m_per_lead"]) == 12 and len(metrics["persistence"]["mse_per_lead"]) == 12
+    assert metrics["references"] == ["persistence"] + (["optical_flow"] if common.pysteps_methods() else []) + ["shift"]
+    for name in ["model"] + metrics["references"]:
+        assert len(metrics[name]["csi_m_per_lead"]) == 12 and len(metrics[name]["mse_per_lead"]) == 12
     assert metrics["n_samples"] == 3 and (out / "forecast.gif").stat().st_size > 0
     r = run_script("visualize.py", str(out), "--split=val", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1070,7 +1095,7 @@ def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_p
 
 def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
     args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=2", "--max_train=2", "--max_val=1",
-            "--t_in=4", "--t_out=2", *data_args(sample)]
+            "--t_in=4", "--t_out=2", "--model=nowcastnet", *data_args(sample)]     # no BatchNorm: equal sums
     for more in (["--epochs=1"], ["--resume=true"]):                # the same history as the two processes'
         one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", *more, cwd=tmp_path)
         assert one.returncode == 0, one.stderr[-2000:]
@@ -1335,8 +1360,8 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("stop, background", [(signal.SIGINT, False), (signal.SIGTERM, False),
-                                              (signal.SIGTERM, True)])  # Ctrl-C; a scheduler, Colab; `cmd &`
+@pytest.mark.parametrize("stop, background", [(signal.SIGINT, False),     # Ctrl-C
+                                              (signal.SIGTERM, True)])    # a scheduler, Colab; even under `cmd &`
 def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sample, stop, background):
     out = tmp_path / "out dir"                                         # a space: the command must quote it
     args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",

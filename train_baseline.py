@@ -1,9 +1,11 @@
 """Baseline radar nowcasting (notebook 05): the next VIL frames from the last ones.
 
-    VIL, T_IN frames  ->  VIL, T_OUT frames,   MODEL: NowcastNet (the notebook's Conv3D), a U-Net over
-    time stacked as channels (the SEVIR paper's baseline) or an encoder-forecaster ConvLSTM; LOSS: MSE.
+    VIL, T_IN frames  ->  VIL, T_OUT frames,   MODEL: EvolutionNet (motion and growth applied to the last
+    frame, after NowcastNet's evolution network), NowcastNet (the notebook's Conv3D), a U-Net over time
+    stacked as channels (the SEVIR paper's baseline) or an encoder-forecaster ConvLSTM; LOSS: MAE.
 
-Reference forecast: persistence (the last observed frame, repeated).
+Reference forecasts: persistence (the last frame, repeated), optical flow (pysteps' Lucas-Kanade motion and
+semi-Lagrangian extrapolation, as the SEVIR paper) and the last frame moved along one motion vector (shift).
 --protocol=sevir sets the SEVIR benchmark: 13 -> 12 frames at 384 x 384, Earthformer's split and windows.
 Run `python train_baseline.py --help` for every setting; override any with --key=value.
 """
@@ -18,13 +20,13 @@ class Config:
     OUT_DIR = "outputs/train_baseline"       # checkpoints, history, metrics and figures
     MODEL = "evolution"                      # evolution (motion + growth applied to the last frame), nowcastnet
                                              # (notebook 05), unet (SEVIR paper baseline), convlstm
-    LOSS = "mse"                             # mse, mae, or bmse (balanced MSE: weights rise with VIL intensity)
+    LOSS = "mae"                             # mae, mse, or bmse (balanced MSE: weights rise with VIL intensity)
     PROTOCOL = "none"                        # sevir: T_IN=13, T_OUT=12, TARGET_SIZE=384, Earthformer's split
     T_IN = 12                                # input frames (5 min apart): 12 = the last hour
     T_OUT = 1                                # frames to forecast: 1 = the next 5 minutes
     TARGET_SIZE = 96                         # grid in pixels; VIL is 384 (1 km), 96 = 4 km pixels
     BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
-    EPOCHS = 2                               # passes over every window of every training event
+    EPOCHS = 8                               # passes over every window of every training event
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 1e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
@@ -41,7 +43,7 @@ class Config:
 
 def build_data(cfg):
     """Usable VIL events split by date into train / validation / test; windows of T_IN + T_OUT frames
-    resized to TARGET_SIZE (random per event and epoch in training, fixed every 12 frames when held out)."""
+    resized to TARGET_SIZE (every window in training, shuffled each epoch; one every 12 frames held out)."""
     data = common.load_events(cfg, mods=("vil",))
     kw = dict(t_in=cfg.T_IN, t_out=cfg.T_OUT, target_size=cfg.TARGET_SIZE)
     data.train = SEVIRVIL(data.train_events, data.root, train=True, **kw)     # x (1, T_IN, S, S), y (1, T_OUT, S, S)

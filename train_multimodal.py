@@ -1,9 +1,11 @@
 """Multimodal nowcasting (notebook 06): the next VIL frames from radar plus satellite infrared.
 
-    VIL + IR069 + IR107, T_IN frames  ->  VIL, T_OUT frames,   MODEL: MultimodalNowcastNet (NowcastNet
-    with one input channel per modality), a U-Net over time stacked as channels, or a ConvLSTM; LOSS: MSE.
+    VIL + IR069 + IR107, T_IN frames  ->  VIL, T_OUT frames,   MODEL: EvolutionNet (motion and growth applied
+    to the last VIL frame), MultimodalNowcastNet (NowcastNet with one input channel per modality), a U-Net
+    over time stacked as channels, or a ConvLSTM; LOSS: MAE.
 
-Reference forecast: persistence (the last observed VIL frame, repeated).
+Reference forecasts: persistence (the last VIL frame, repeated), optical flow (pysteps' Lucas-Kanade motion and
+semi-Lagrangian extrapolation, as the SEVIR paper) and the last frame moved along one motion vector (shift).
 --protocol=sevir sets the SEVIR benchmark: 13 -> 12 frames at 384 x 384, Earthformer's split and windows.
 Run `python train_multimodal.py --help` for every setting; override any with --key=value.
 """
@@ -19,13 +21,13 @@ class Config:
     MODALITIES = ("vil", "ir069", "ir107")   # input channels, in order; vil is required (it is the target); lght too
     MODEL = "evolution"                      # evolution (motion + growth applied to the last frame), nowcastnet
                                              # (notebook 06), unet (SEVIR paper baseline), convlstm
-    LOSS = "mse"                             # mse, mae, or bmse (balanced MSE: weights rise with VIL intensity)
+    LOSS = "mae"                             # mae, mse, or bmse (balanced MSE: weights rise with VIL intensity)
     PROTOCOL = "none"                        # sevir: T_IN=13, T_OUT=12, TARGET_SIZE=384, Earthformer's split
     T_IN = 12                                # input frames (5 min apart): 12 = the last hour
     T_OUT = 1                                # VIL frames to forecast: 1 = the next 5 minutes
     TARGET_SIZE = 96                         # common grid in pixels (VIL 384, IR 192 are resized to it)
     BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
-    EPOCHS = 2                               # passes over every window of every training event
+    EPOCHS = 8                               # passes over every window of every training event
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 1e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
