@@ -69,6 +69,41 @@ def run_script(script, *args, cwd):
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
+def run_alone(script, *args, cwd, beside=("common.py",)):
+    """`python script args` for a copy of script in a folder that holds only it and `beside` (as in Colab), in
+    this process: that folder alone on sys.path in place of this one, common imported from it anew."""
+    import contextlib
+    import runpy
+    import shutil
+    alone = Path(cwd) / f"alone_{Path(script).stem}"
+    alone.mkdir(exist_ok=True)
+    for name in (script, *beside):
+        shutil.copy(HERE / name, alone / name)
+    ours = [n for n in sys.modules if n in ("common", "visualize") or n.startswith("train_")]
+    saved = {n: sys.modules.pop(n) for n in ours}, list(sys.path), sys.argv, os.getcwd()
+    sys.path[:] = [str(alone)] + [p for p in sys.path if p and Path(p).resolve() != HERE]
+    sys.argv = [str(alone / script), *args]
+    out, err = io.StringIO(), io.StringIO()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(alone / script), run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code = e.code or 0
+        loaded = sys.modules.get("common")
+        assert loaded is not None and Path(loaded.__file__).parent == alone     # common came from beside it
+    finally:
+        for n in [n for n in sys.modules if n in ("common", "visualize") or n.startswith("train_")]:
+            del sys.modules[n]
+        sys.modules.update(saved[0])
+        sys.path[:], sys.argv = saved[1], saved[2]
+        os.chdir(saved[3])
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def data_args(sample):
     catalog, root = sample
     return [f"--catalog_path={catalog}", f"--sevir_root={root}"]
@@ -584,6 +619,19 @@ def test_shift_reference_finds_the_one_motion_vector():
         assert abs(px - tx) < 0.3 and abs(py - ty) < 0.3
 
 
+def test_flip_rotate_turns_inputs_and_targets_alike():
+    x = torch.arange(2 * 3 * 4 * 8 * 8, dtype=torch.float32).reshape(2, 3, 4, 8, 8)
+    y = x[:, :1, -2:].clone()
+    views = set()
+    torch.manual_seed(0)
+    for _ in range(64):
+        tx, ty = common.flip_rotate(x, y)
+        assert torch.equal(tx[:, :1, -2:], ty)                       # the same transform for both
+        assert torch.equal(tx.flatten(-2).sort(-1).values, x.flatten(-2).sort(-1).values)   # pixels moved, not changed
+        views.add(tuple(tx[0, 0, 0].flatten()[:3].tolist()))
+    assert len(views) == 8                                            # all 8 turns and flips of the square
+
+
 def test_warp_moves_a_frame_by_its_displacement():
     frame = torch.zeros(1, 16, 16)
     frame[0, 5, 4] = 1.0
@@ -638,7 +686,7 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     calls = []
     real_fit = common.fit
     monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append(k.get("select")) or real_fit(*a, **k))
-    train_advanced.main(TINY[:-4] + ["--target_size=64", "--epochs=3", "--vgg_weights=none", "--max_train=1",
+    train_advanced.main(TINY[:-4] + ["--target_size=64", "--epochs=2", "--vgg_weights=none", "--max_train=1",
                                      "--max_val=1", "--batch_size=7"] + data_args(sample) + [f"--out_dir={out}"])
     assert calls == ["mse"]
     history = pd.read_csv(out / "history.csv")
@@ -655,14 +703,8 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     ("train_advanced.py", ["--vgg_weights=none", "--target_size=64", "--max_train=1", "--batch_size=7"]),
 ])
 def test_script_end_to_end(tmp_path, sample, script, extra):
-    import shutil
-    alone = tmp_path / "colab"                                       # the script and common.py, nothing else
-    alone.mkdir()
-    for name in (script, "common.py"):
-        shutil.copy(HERE / name, alone / name)
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(alone / script), *TINY, *extra, *data_args(sample), f"--out_dir={out}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = tmp_path / "out"                                           # the script and common.py, nothing else
+    r = run_alone(script, *TINY, *extra, *data_args(sample), f"--out_dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("config.json", "history.csv", "last.pt", "best.pt", "metrics.json", "predictions.png",
                  "loss.png", "skill.png"):
@@ -730,7 +772,7 @@ def test_downsampling_keeps_the_mean_and_a_single_bright_pixel(tmp_path):
 
 def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sample, monkeypatch):
     import train_synthetic
-    args = TINY[:-3] + ["--batch_size=2", "--max_train=3", "--max_val=1"] + data_args(sample)
+    args = TINY[:-3] + ["--batch_size=4", "--max_train=1", "--max_val=1"] + data_args(sample)
     train_synthetic.main(args + ["--epochs=2", f"--out_dir={tmp_path / 'straight'}"])
     real_epoch = common.train_epoch
 
@@ -905,13 +947,7 @@ def test_a_pasted_cell_resumes_shows_help_and_errors_without_a_banner(tmp_path, 
     # visualize.py rebuilds the pasted run from the script beside it, and says what it needs without it
     r = run_script("visualize.py", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    import shutil
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    for name in ("visualize.py", "common.py"):
-        shutil.copy(HERE / name, alone / name)
-    r = subprocess.run([sys.executable, str(alone / "visualize.py"), str(out)], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300)
+    r = run_alone("visualize.py", str(out), cwd=tmp_path)
     assert r.returncode == 2 and "put train_synthetic.py beside visualize.py" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -1000,7 +1036,7 @@ def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
     writer = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); import common\n"
               f"common.save_checkpoint({{'model': {{}}, 'epoch': 0, 'w': torch.zeros(1)}}, {str(path)!r}); print('ready', flush=True)\n"
               f"for e in range(1, 10**6): common.save_checkpoint({{'model': {{}}, 'epoch': e, 'w': torch.rand(4_000_000)}}, {str(path)!r})\n")
-    for delay in (0.3, 0.7):
+    for delay in (0.5,):
         p = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "ready"
         time.sleep(delay)
@@ -1019,7 +1055,7 @@ def test_unwritable_out_dir_is_found_before_any_data(tmp_path):
 
 def test_workers_give_the_same_metrics(tmp_path, sample):
     import train_baseline
-    args = TINY + ["--t_in=3", "--t_out=2"] + data_args(sample)
+    args = TINY + ["--t_in=3"] + data_args(sample)
     train_baseline.main(args + [f"--out_dir={tmp_path / 'w0'}"])
     train_baseline.main(args + [f"--out_dir={tmp_path / 'w2'}", "--num_workers=2"])
     w0 = json.loads((tmp_path / "w0/metrics.json").read_text())
@@ -1070,10 +1106,9 @@ def test_balanced_mse_weights_rise_with_intensity():
     assert common.LOSSES["mae"](pred, y).item() == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("model", ["evolution", "unet", "convlstm"])
-def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_path, sample, model):
+def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_path, sample):
     out = tmp_path / "out"                  # the protocol's 13 -> 12 frames and windows, on a tiny grid
-    r = run_script("train_baseline.py", "--protocol=sevir", f"--model={model}", "--max_train=1", "--max_val=1",
+    r = run_script("train_baseline.py", "--protocol=sevir", "--max_train=1", "--max_val=1",
                    "--epochs=1", "--target_size=32", "--base=4", "--batch_size=3", *data_args(sample),
                    f"--out_dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1087,6 +1122,7 @@ def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_p
     val = json.loads((out / "metrics_val.json").read_text())
     assert val["split"] == "val" and (out / "forecast_val.gif").exists() and (out / "skill_val.png").exists()
     assert val["beside"]["model"] == metrics["model"] and val["model"] == metrics["beside"]["model"]
+    assert val["references"] == metrics["references"] and all(val["beside"][n] == metrics[n] for n in val["references"])
 
 
 # --------------------------------------------------------------------------------------
@@ -1095,20 +1131,24 @@ def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_p
 
 def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
     args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=2", "--max_train=2", "--max_val=1",
-            "--t_in=4", "--t_out=2", "--model=nowcastnet", *data_args(sample)]     # no BatchNorm: equal sums
+            "--t_in=4", "--t_out=1", "--model=nowcastnet", *data_args(sample)]     # no BatchNorm: equal sums
     for more in (["--epochs=1"], ["--resume=true"]):                # the same history as the two processes'
         one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", *more, cwd=tmp_path)
         assert one.returncode == 0, one.stderr[-2000:]
-    def torchrun(*more):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(HERE / "train_baseline.py"), *args, f"--out_dir={tmp_path / 'two'}", *more],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    first = torchrun("--epochs=1")                                   # interrupted after one epoch ...
-    assert first.returncode == 0, first.stderr[-3000:]
-    two = torchrun("--resume=true")                                  # ... and resumed under torchrun
+    # one torchrun: each of the two processes runs one epoch, then resumes from its last.pt for the second
+    driver = tmp_path / "driver.py"
+    two_args = args + [f"--out_dir={tmp_path / 'two'}"]
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport common, train_baseline\n"
+                      f"args = {two_args!r}\n"
+                      "common.run(lambda: train_baseline.main(args + ['--epochs=1']))\n"
+                      "print('FIRST RUN ENDED', flush=True)\n"
+                      "common.run(lambda: train_baseline.main(args + ['--resume=true']))\n")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(driver)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "resumed from" in two.stdout
+    first, resumed = two.stdout.split("FIRST RUN ENDED")
+    assert "epoch 1/1" in first and "resumed from" in resumed               # interrupted, then resumed
     a = json.loads((tmp_path / "one/metrics.json").read_text())
     b = json.loads((tmp_path / "two/metrics.json").read_text())
     assert a["n_samples"] == b["n_samples"]
@@ -1116,21 +1156,32 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
         assert b["model"][key] == pytest.approx(a["model"][key], rel=1e-4, abs=1e-7), key
     scalars = lambda d: {k: float("nan") if v is None else v for k, v in d.items() if not isinstance(v, list)}
     assert scalars(b["persistence"]) == pytest.approx(scalars(a["persistence"]), rel=1e-9, nan_ok=True)
-    assert two.stdout.count("epoch 2/2") == 1                        # only rank 0 reports
+    assert two.stdout.count("epoch 2/2") == 1 and two.stdout.count("FIRST RUN ENDED") == 1   # only rank 0 prints
 
 
 # --------------------------------------------------------------------------------------
 # Scale: python common.py download, against a local HTTP server that honours Range
 # --------------------------------------------------------------------------------------
 
-@pytest.fixture()
-def bucket(tmp_path):
-    """A SEVIR-like bucket (CATALOG.csv, data/<type>/...) served on 127.0.0.1, counting bytes."""
-    import http.server
-    import threading
-    root = tmp_path / "bucket"
+@pytest.fixture(scope="session")
+def bucket_files(tmp_path_factory):
+    """The files of a 10-event bucket, generated once: CATALOG.csv and data/<type>/..."""
+    root = tmp_path_factory.mktemp("bucket")
     common.make_sample_sevir(root / "data", n_events=10, seed=2)
     (root / "data" / "CATALOG.csv").rename(root / "CATALOG.csv")
+    return root
+
+
+@pytest.fixture()
+def bucket(tmp_path, bucket_files):
+    """A SEVIR-like bucket (CATALOG.csv, data/<type>/...) served on 127.0.0.1, counting bytes. Its HDF5 files
+    are hard links to the session's (only read); its catalog is a copy each test may edit."""
+    import http.server
+    import shutil
+    import threading
+    root = tmp_path / "bucket"
+    shutil.copytree(bucket_files / "data", root / "data", copy_function=os.link)
+    shutil.copy(bucket_files / "CATALOG.csv", root / "CATALOG.csv")
     state = {"served": 0, "fail_next": 0, "limit": None, "paths": [], "extra": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):

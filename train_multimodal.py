@@ -2,7 +2,7 @@
 
     VIL + IR069 + IR107, T_IN frames  ->  VIL, T_OUT frames,   MODEL: EvolutionNet (motion and growth applied
     to the last VIL frame), MultimodalNowcastNet (NowcastNet with one input channel per modality), a U-Net
-    over time stacked as channels, or a ConvLSTM; LOSS: MAE.
+    over time stacked as channels, or a ConvLSTM; LOSS: balanced MSE + MAE.
 
 Reference forecasts: persistence (the last VIL frame, repeated), optical flow (pysteps' Lucas-Kanade motion and
 semi-Lagrangian extrapolation, as the SEVIR paper) and the last frame moved along one motion vector (shift).
@@ -19,17 +19,17 @@ class Config:
     SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ir107/, lght/
     OUT_DIR = "outputs/train_multimodal"     # checkpoints, history, metrics and figures
     MODALITIES = ("vil", "ir069", "ir107")   # input channels, in order; vil is required (it is the target); lght too
-    MODEL = "evolution"                      # evolution (motion + growth applied to the last frame), nowcastnet
-                                             # (notebook 06), unet (SEVIR paper baseline), convlstm
-    LOSS = "mae"                             # mae, mse, or bmse (balanced MSE: weights rise with VIL intensity)
+    MODEL = "evolution"                      # evolution (last frame moved, grown), nowcastnet (notebook 06), unet, convlstm
+    LOSS = "bmse_bmae"                       # bmse_bmae (balanced MSE + MAE, Shi et al. 2017), mse (notebooks), mae, bmse
     PROTOCOL = "none"                        # sevir: T_IN=13, T_OUT=12, TARGET_SIZE=384, Earthformer's split
     T_IN = 12                                # input frames (5 min apart): 12 = the last hour
     T_OUT = 1                                # VIL frames to forecast: 1 = the next 5 minutes
     TARGET_SIZE = 96                         # common grid in pixels (VIL 384, IR 192 are resized to it)
     BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
-    EPOCHS = 8                               # passes over every window of every training event
+    EPOCHS = 7                               # passes over every window of every training event
     BATCH_SIZE = 4                           # samples per optimizer step
-    LR = 1e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
+    LR = 3e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
+    AUGMENT = True                           # train on random quarter turns and flips of each batch (8 views)
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
     MAX_VAL = 0                              # validation events to use (spread over the period), 0 = all
     MAX_TEST = 0                             # test events to use (spread over the period), 0 = all
@@ -83,7 +83,7 @@ def main(argv=None):
     scheduler = common.cosine_schedule(optimizer, cfg.EPOCHS * len(train_loader))
     with common.locked(out):                           # one run at a time writes in OUT_DIR
         history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device,
-                             scheduler)
+                             scheduler, augment=common.flip_rotate if cfg.AUGMENT else None)
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
         common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 
