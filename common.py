@@ -1210,7 +1210,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
     snapshot, saved_at = None, time.monotonic()         # snapshot: last.pt as of the last finished epoch
     try:
         for epoch in range(start, cfg.EPOCHS + 1):
-            t0 = time.time()
+            t0, lr = time.time(), optimizer.param_groups[0]["lr"]          # the rate this epoch starts at
             plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             train = train_epoch(model, loader_epoch(train_loader, epoch), loss_fn, optimizer, device, epoch, scaler,
                                 None if plateau else scheduler, augment)
@@ -1221,7 +1221,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
             best_val = min(best_val, val[select])
             history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
                             **{f"val_{k}": v for k, v in val.items()},
-                            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
+                            "lr": lr, "seconds": round(time.time() - t0, 2)})
             if is_main():
                 write_history(out / "history.csv", history)
                 snapshot = _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra)
@@ -1383,8 +1383,9 @@ class SkillScore:
     255 * value >= t. Counts accumulate on the tensors' device; compute() moves them to the CPU.
     Pooled CSI (csi_pool4_m, csi_pool16_m) max-pools both fields over k x k tiles first.
 
-    A threshold reached by neither forecast nor truth (0/0) leaves its own CSI, POD, SUCR and BIAS
-    undefined: NaN, printed n/a. CSI-M (and the pooled and per-lead CSI-M) follows Earthformer: the
+    A score whose denominator is 0 is undefined: NaN, printed n/a. CSI when neither forecast nor truth reached
+    the threshold; POD and BIAS when the truth never did; SUCR when the forecast never did. Pooled CSI is on
+    k x k tiles of the scored grid (pixel_km in metrics.json), not of SEVIR's 1 km grid. CSI-M (and the pooled and per-lead CSI-M) follows Earthformer: the
     mean over all six thresholds with an undefined CSI counted as 0, so it always averages the same
     set. BIAS is the frequency bias (H + F) / (H + M); Earthformer's "bias" column is another quantity.
     """
@@ -1583,7 +1584,7 @@ class IRLookup:
 
 def fit_ir_lookup(cfg, data):
     """The synthetic-radar reference: IRLookup on IR107 (on IR069 when that is the only IR input), fitted
-    on frames 0, 12, 24, 36, 48 of every training event (the same frames each run)."""
+    on frames 0, 4, 8, ..., 48 of every training event (the held-out frames; the same each run)."""
     mods = cfg.INPUT_MODS
     fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, target_size=cfg.TARGET_SIZE,
                                    train=False, ir_norm=cfg.IR_NORM)
@@ -1687,9 +1688,12 @@ def _plt():
     return plt
 
 
+FIGURE_DPI = 80                        # figures' resolution (forecast.gif: 3/4 of it)
+
+
 def _save_figure(fig, path):
     """Write the figure, free it, and show the file when running inside a notebook."""
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
     _plt().close(fig)
     _show_if_notebook(path)
 
@@ -1723,10 +1727,18 @@ def _finish_vil_figure(fig, axes, im, cmap, path):
 
 
 def _samples(dataset, num_samples, candidates=48):
-    """The validation items with the most VIL in their target, among up to `candidates` spread over the set."""
+    """The held-out items with the most VIL in their target, among up to `candidates` spread over the set, each
+    from another event while there are events left (so the rows show different storms)."""
     pool = np.unique(np.linspace(0, len(dataset) - 1, min(candidates, len(dataset))).astype(int))
     rain = {int(i): float(item[1].sum()) for i in pool if (item := dataset[int(i)]) is not None}
-    return sorted(sorted(rain, key=rain.get, reverse=True)[:num_samples])
+    ranked = sorted(rain, key=rain.get, reverse=True)
+    chosen, events = [], set()
+    for i in ranked:                                   # the rainiest item of each event first
+        if dataset.event_and_start(i)[0] not in events:
+            chosen.append(i)
+            events.add(dataset.event_and_start(i)[0])
+    chosen += [i for i in ranked if i not in chosen]
+    return sorted(chosen[:num_samples])
 
 
 def _ir_image(mod, frame, ir_norm):
@@ -1817,7 +1829,7 @@ def forecast_gif(model, val_dataset, device, path, cmap="sevir", index=None):
         title.set_text(f"sample {i}: {label}")
         return left, right, title
 
-    FuncAnimation(fig, draw, frames=len(frames)).save(path, writer=PillowWriter(fps=3), dpi=60)
+    FuncAnimation(fig, draw, frames=len(frames)).save(path, writer=PillowWriter(fps=3), dpi=FIGURE_DPI * 3 // 4)
     plt.close(fig)
     _show_if_notebook(path)
 
@@ -1851,7 +1863,9 @@ def report(model, references, data, cfg, device, history=(), extra=None, num_sam
     shown = getattr(data, split)
     metrics, loader = scores(split)
     _, no_rain = evaluate(lambda x: torch.zeros_like(references[0](x)), loader, device)     # the trivial forecast
-    metrics = {"checkpoint": Path(checkpoint).name, "epoch": epoch, "data": data.kind, "reference": references[0].name,
+    metrics = {"checkpoint": Path(checkpoint).name, "epoch": epoch, "data": data.kind,
+               "pixel_km": NATIVE_SIZE["vil"] / shown.target_size,        # pooled CSI's k x k tiles are k times this
+               "reference": references[0].name,
                "references": [r.name for r in references],
                **metrics,
                "no_rain": {"mse": no_rain["mse"], "mae": no_rain["mae"]},
@@ -1866,8 +1880,8 @@ def report(model, references, data, cfg, device, history=(), extra=None, num_sam
         plot(model, shown, device, num_samples=num_samples, path=out / written[1], cmap=cmap)
         plot_skill(metrics, out / written[2])
         if history:
-            plot_loss(history, out / "loss.png")
-            written.append("loss.png")
+            plot_loss(history, out / f"loss{tag}.png")
+            written.append(f"loss{tag}.png")
         if getattr(cfg, "T_OUT", 1) > 1:
             forecast_gif(model, shown, device, out / f"forecast{tag}.gif", cmap=cmap)
             written.append(f"forecast{tag}.gif")
@@ -1886,9 +1900,12 @@ def print_table(metrics):
     def fmt(v):
         return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3g}"
     name = {"test": "TEST", "val": "VALIDATION"}[metrics["split"]]
+    km = metrics.get("pixel_km")
+    grid = f"; {km:g} km pixels: pool4 = {4 * km:g} km tiles, pool16 = {16 * km:g} km" if km else ""
     print(f"\n{name} scores of {metrics['checkpoint']} (epoch {metrics['epoch']}): {metrics['n_events']} events, "
-          f"{metrics['n_samples']} samples ({metrics['data']} data). Higher is better except mse/mae; bias is the "
-          f"frequency bias, best at 1; n/a: neither forecast nor truth reached the threshold (0 in CSI-M)")
+          f"{metrics['n_samples']} samples ({metrics['data']} data{grid}). Higher is better except mse/mae; bias is "
+          f"the frequency bias, best at 1. n/a: undefined; CSI when neither forecast nor truth reached the "
+          f"threshold (0 in CSI-M), POD and bias when the truth never did, sucr when the forecast never did")
     names = ["model"] + refs
     print(f"  {'score':<14}" + "".join(f"{n:>14}" for n in names) + f"{'no rain':>10}")
     for r in rows:
@@ -2200,10 +2217,16 @@ def barrier():
 
 
 def all_reduce_sum(t):
-    """Sum a tensor over processes (a no-op in one process)."""
+    """Sum a tensor over processes, in place (a no-op in one process). NCCL reduces only CUDA tensors: a CPU
+    tensor goes through this process's GPU and back."""
     if dist_info()[1] > 1:
         import torch.distributed as dist
-        dist.all_reduce(t)
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t)
     return t
 
 

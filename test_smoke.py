@@ -42,10 +42,10 @@ def sample(tmp_path_factory):
     return common.make_sample_sevir(root, n_events=5, seed=0), root
 
 
-def run_process(script, *args, cwd):
-    """`python script args` in a child process (where the process itself is tested: exit status, imports)."""
-    return subprocess.run([sys.executable, str(HERE / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture(autouse=True)
+def small_figures(monkeypatch):
+    """Figures at a quarter of their resolution: the same figures, drawn faster."""
+    monkeypatch.setattr(common, "FIGURE_DPI", 20)
 
 
 def run_script(script, *args, cwd):
@@ -159,7 +159,7 @@ def test_target_size_must_halve():
 def test_help_and_cli_error_exit_status(tmp_path):
     r = run_script("train_synthetic.py", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "--input_mods" in r.stdout and "satellite inputs" in r.stdout
-    r = run_process("train_synthetic.py", "--epochz=3", cwd=tmp_path)     # the real process's status
+    r = run_script("train_synthetic.py", "--epochz=3", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown key --epochz" in r.stderr
     r = run_script("train_synthetic.py", "--catalog_path=/nowhere/CATALOG.csv", cwd=tmp_path)
@@ -662,6 +662,43 @@ def test_evolution_net_starts_as_the_shift_and_learns_growth_and_motion():
     assert loss.item() < 0.3 * first
 
 
+def test_the_table_prints_small_scores_with_three_significant_digits(capsys):
+    scores = {"mse": 3.54e-5, "mae": 0.00154, "csi_m": 0.638, "csi_pool4_m": 0.801, "csi_pool16_m": 0.873,
+              **{f"{k}_{t}": float("nan") for k in ("csi", "pod", "sucr", "bias") for t in common.SEVIR_THRESHOLDS}}
+    metrics = {"reference": "persistence", "references": ["persistence", "shift"], "split": "test", "checkpoint": "best.pt",
+               "epoch": 3, "n_events": 8, "n_samples": 32, "data": "sample", "pixel_km": 4.0,
+               "model": {**scores, "mse": 1.52e-5}, "persistence": scores, "shift": {**scores, "mse": 6.2e-6},
+               "no_rain": {"mse": 1.42e-3, "mae": 0.0128},
+               "beside": {"split": "val", "n_events": 8, "model": {"mse": 2.98e-4, "csi_m": 0.5},
+                          "persistence": {"mse": 4.34e-4, "csi_m": 0.4}, "shift": {"mse": 1e-4, "csi_m": 0.45}}}
+    common.print_table(metrics)
+    out = capsys.readouterr().out
+    assert "0.0000" not in out and "0.0003" not in out
+    mse_row = next(line for line in out.splitlines() if line.strip().startswith("mse"))
+    assert mse_row.split()[1:] == ["1.52e-05", "3.54e-05", "6.2e-06", "0.00142"]
+    assert "MSE 0.000298 / 0.000434 / 0.0001" in out                  # the validation line too
+    assert "4 km pixels: pool4 = 16 km tiles, pool16 = 64 km" in out
+    assert "POD and bias when the truth never did" in out and "sucr when the forecast never did" in out
+
+
+def test_figure_rows_come_from_different_events():
+    class Held:                                  # 3 events x 4 windows; event 0 is the rainiest in every window
+        items = [(e, s) for e in range(3) for s in range(4)]
+
+        def __len__(self):
+            return len(self.items)
+
+        def event_and_start(self, i):
+            return self.items[i]
+
+        def __getitem__(self, i):
+            e, s = self.items[i]
+            return torch.zeros(1), torch.full((1,), 10.0 * (e == 0) + s)
+    picked = common._samples(Held(), 3)
+    assert [Held.items[i][0] for i in picked] == [0, 1, 2]               # one storm per row
+    assert len(common._samples(Held(), 5)) == 5                          # more rows than events: the next rainiest
+
+
 def test_ir_lookup_learns_a_monotone_relation():
     shift, scale = common.SEVIR_ZSCORE["ir107"]
     temps = torch.linspace(-7000, 2000, 64)                            # deg C x 100
@@ -719,6 +756,8 @@ def test_script_end_to_end(tmp_path, sample, script, extra):
         f"{s}_{t}" for s in ("csi", "pod", "sucr", "bias") for t in common.SEVIR_THRESHOLDS}
     assert keys <= set(metrics["model"]) and keys <= set(metrics[ref])
     assert metrics["data"] == "sample" and metrics["n_samples"] > 0 and metrics["split"] == "test"
+    size = 64 if script == "train_advanced.py" else 32
+    assert metrics["pixel_km"] == 384 / size and f"{384 // size} km pixels: pool4 = {4 * 384 // size} km" in r.stdout
     assert "model" in r.stdout and ref in r.stdout                   # the table printed at the end
     if script == "train_advanced.py":
         assert metrics["perceptual_backbone"] == "untrained"
@@ -729,8 +768,8 @@ def test_script_end_to_end(tmp_path, sample, script, extra):
 def test_best_model_is_chosen_on_validation_and_scored_on_test(tmp_path, sample):
     import train_synthetic
     out = tmp_path / "run"
-    train_synthetic.main(TINY[:-3] + ["--epochs=3", "--batch_size=2", "--loss=mse"] + data_args(sample)
-                         + [f"--out_dir={out}"])
+    train_synthetic.main(TINY[:-3] + ["--epochs=3", "--batch_size=4", "--max_train=1", "--loss=mse"]
+                         + data_args(sample) + [f"--out_dir={out}"])
     cfg = common.parse_config(train_synthetic.Config, data_args(sample))
     data = train_synthetic.build_data(cfg)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -791,6 +830,8 @@ def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sa
     last = torch.load(tmp_path / "split/last.pt", weights_only=True)
     assert last["epoch"] == 2 and len(last["history"]) == 2
     assert len((tmp_path / "split/history.csv").read_text().strip().splitlines()) == 3
+    lr = pd.read_csv(tmp_path / "straight/history.csv")["lr"]
+    assert lr.iloc[-1] > 0 and lr.iloc[0] > 0            # the rate each epoch trained at, not the one after it
 
     with pytest.raises(common.UserError, match="already holds a run"):
         train_synthetic.main(args + ["--epochs=1", f"--out_dir={tmp_path / 'split'}"])
@@ -806,6 +847,11 @@ def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sa
     again = json.loads((tmp_path / "straight/metrics.json").read_text())
     assert again["model"] == straight["model"] and again["ir_lookup"] == straight["ir_lookup"]
     assert all((tmp_path / "straight" / n).exists() for n in ("predictions.png", "skill.png", "loss.png"))
+    drawn = []                                      # the whole run's curve, whichever checkpoint is rescored
+    monkeypatch.setattr(common, "plot_loss", lambda history, path: drawn.append((len(history), Path(path).name)))
+    for target in ("straight", "straight/last.pt"):
+        assert run_script("visualize.py", str(tmp_path / target), cwd=tmp_path).returncode == 0
+    assert drawn == [(2, "loss.png"), (2, "loss_last.png")]
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
@@ -831,6 +877,11 @@ def test_the_notebooks_calls_build_the_same_networks_and_figures(tmp_path, sampl
     """Each class and figure function called exactly as notebooks 05, 06, 07 and 07A call them."""
     model = common.NowcastNet(12, 1)                                   # NowcastNet(Config.T_IN, Config.T_OUT)
     assert model(torch.rand(2, 1, 12, 16, 16)).shape == (2, 1, 1, 16, 16)
+    notebook = {f"{name}.{p}": torch.randn(shape if p == "weight" else shape[:1])   # notebook 05's layers
+                for name, shape in (("enc1", (32, 1, 3, 3, 3)), ("enc2", (64, 32, 3, 3, 3)), ("enc3", (128, 64, 3, 3, 3)),
+                                    ("dec1", (64, 128, 3, 3, 3)), ("dec2", (32, 64, 3, 3, 3)), ("out", (1, 32, 1, 1, 1)))
+                for p in ("weight", "bias")}
+    model.load_state_dict(notebook)                                    # strict: the same names and shapes
     assert common.count_parameters(model) == pytest.approx(555e3, rel=0.01)           # base 32
     mm = common.MultimodalNowcastNet(3, 12, 1)                         # in_channels=3, t_in=12, t_out=1
     assert mm(torch.rand(2, 3, 12, 16, 16)).shape == (2, 1, 1, 16, 16) and mm.enc1.in_channels == 3
@@ -1055,7 +1106,7 @@ def test_unwritable_out_dir_is_found_before_any_data(tmp_path):
 
 def test_workers_give_the_same_metrics(tmp_path, sample):
     import train_baseline
-    args = TINY + ["--t_in=3"] + data_args(sample)
+    args = TINY + ["--t_in=3", "--max_train=1", "--batch_size=4"] + data_args(sample)
     train_baseline.main(args + [f"--out_dir={tmp_path / 'w0'}"])
     train_baseline.main(args + [f"--out_dir={tmp_path / 'w2'}", "--num_workers=2"])
     w0 = json.loads((tmp_path / "w0/metrics.json").read_text())

@@ -1,6 +1,6 @@
 """Synthetic radar (notebook 07): VIL where no radar exists, from satellite infrared at the same time.
 
-    IR069 + IR107 (+ optional lightning)  ->  VIL,   SyntheticRadarUNet (4-level U-Net), LOSS: MSE.
+    IR069 + IR107 (+ optional lightning)  ->  VIL,   SyntheticRadarUNet (4-level U-Net), LOSS: MAE (notebook: MSE).
 
 Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
 Run `python train_synthetic.py --help` for every setting; override any with --key=value.

@@ -64,8 +64,14 @@ def main(argv=None):
     model = script.build_model(cfg).to(device)
     common.load_weights(model, ckpt_path)
     print(f"{name}: epoch {ckpt['epoch']} of {ckpt_path}, {opts.SPLIT} events")
+    history = ckpt["history"]                      # up to the checkpoint's epoch; the run's own curve is longer
+    run_history = ckpt_path.parent / "history.csv"
+    if run_history.is_file():
+        import pandas as pd
+        rows = pd.read_csv(run_history).to_dict("records")
+        history = rows if len(rows) >= len(history) else history
     with common.locked(ckpt_path.parent):          # not while a run writes there
-        common.report(model, script.build_reference(cfg, data), data, cfg, device, history=ckpt["history"],
+        common.report(model, script.build_reference(cfg, data), data, cfg, device, history=history,
                       extra=ckpt.get("extra"), num_samples=opts.NUM_SAMPLES, split=opts.SPLIT, cmap=opts.CMAP,
                       checkpoint=ckpt_path.name, epoch=ckpt["epoch"])
 
