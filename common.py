@@ -3,10 +3,12 @@
     1. data        what one sample is: SEVIRVIL (05), SEVIRMultimodal (06), SyntheticRadarDataset (07)
     2. events      catalog -> usable events -> train / validation / test by date; DataLoaders
     3. models      NowcastNet, MultimodalNowcastNet, UNetBlock, SyntheticRadarUNet, ResidualBlock,
-                   AdvancedUNet (the notebooks'), then NowcastUNet and ConvLSTMNet for nowcasting
-    4. losses      VGGPerceptualLoss (07A), balanced MSE
+                   AdvancedUNet (the notebooks'), then EvolutionNet (the nowcasters' default), NowcastUNet
+                   and ConvLSTMNet for nowcasting
+    4. losses      VGGPerceptualLoss (07A), balanced MSE (+ MAE)
     5. loop        train_epoch(), evaluate(), fit(); checkpoints written atomically, loaded weights_only
-    6. metrics     SkillScore (CSI, POD, SUCR, frequency bias at SEVIR's thresholds); reference forecasts
+    6. metrics     SkillScore (CSI, POD, SUCR, frequency bias at SEVIR's thresholds); reference forecasts:
+                   persistence, the one-vector shift, pysteps' optical flow, the IR lookup
     7. figures     visualize_predictions, visualize_multimodal (the notebooks'), curves, forecast.gif, report()
     8. config      Config overrides from the command line, errors a user can fix, devices, torchrun
     9. sample      make_sample_sevir: a generated dataset in SEVIR's exact format
@@ -115,7 +117,7 @@ class _SEVIREvents(Dataset):
     """Shared machinery: per-modality file/index arrays, lazy per-process HDF5 handles, windows.
 
     Items are (event, first frame) pairs of windows of `length` frames. Training takes every window of
-    every event (as Earthformer; the sampler shuffles them each epoch); held-out sets take windows
+    every event (the sampler shuffles them each epoch; Earthformer trains on the held-out stride); held-out sets take windows
     starting every `val_stride` frames (12, an hour, as Earthformer: frames 0-24, 12-36, 24-48 for
     13 -> 12), the same ones each run. (The subclasses still accept the `seed` argument of earlier
     versions; the training order now comes from the DataLoader's sampler, seeded by SEED.)
@@ -776,10 +778,11 @@ class NowcastUNet(nn.Module):
 class EvolutionNet(nn.Module):
     """Motion and growth applied to the last frame, after NowcastNet's evolution network (Zhang et al.,
     Nature 2023). The storm's steering motion is measured in the input (steering_motion: the shift that best
-    maps the first VIL frame onto the last); a U-Net over the input frames stacked as channels predicts, for
-    each lead k, a local correction to that velocity and an intensity change s_k (growth and decay). The
-    forecast is the last VIL frame moved k steps along the velocity (bilinear backward warp, differentiable;
-    what comes in from outside the grid is no rain) plus s_k.
+    maps the first VIL frame onto the last) and every input frame is moved along it to the last frame's time;
+    a U-Net over these aligned frames, stacked as channels, predicts for each lead k a local correction to the
+    velocity and an intensity change s_k (growth and decay). The forecast is the last VIL frame moved k steps
+    along the velocity (bilinear backward warp, differentiable; what comes in from outside the grid is no
+    rain) plus s_k.
 
     The U-Net's heads start at zero, so an untrained EvolutionNet is the ShiftExtrapolation reference; training
     learns where the motion differs from it and how cells grow and decay.
@@ -859,31 +862,35 @@ class ConvLSTMCell(nn.Module):
 
 class ConvLSTMNet(nn.Module):
     """Encoder-forecaster ConvLSTM: frames are encoded to 1/4 resolution, one ConvLSTM reads the T_in
-    inputs, a second one starts from its state and rolls out T_out steps, each decoded to VIL.
+    inputs, a second one starts from its state and rolls out T_out steps, each decoded to a change of the
+    last input frame (its VIL channel, vil_channel). The decoder's last layer starts at zero, so training
+    starts from persistence: with a sigmoid output instead, an absolute loss on mostly clear sky drove it to
+    the no-rain forecast and held it there.
 
-    x: (B, C, T_in, H, W) -> (B, 1, T_out, H, W) in [0, 1]; H, W divisible by 4.
+    x: (B, C, T_in, H, W) -> (B, 1, T_out, H, W); H, W divisible by 4.
     """
 
-    def __init__(self, in_channels=1, t_out=12, base=32):
+    def __init__(self, in_channels=1, t_out=12, base=32, vil_channel=0):
         super().__init__()
-        hidden, self.t_out = 2 * base, t_out
+        hidden, self.t_out, self.vil_channel = 2 * base, t_out, vil_channel
         self.encode = nn.Sequential(nn.Conv2d(in_channels, base, 3, stride=2, padding=1), nn.ReLU(inplace=True),
                                     nn.Conv2d(base, hidden, 3, stride=2, padding=1), nn.ReLU(inplace=True))
         self.encoder, self.forecaster = ConvLSTMCell(hidden, hidden), ConvLSTMCell(hidden, hidden)
         self.decode = nn.Sequential(nn.ConvTranspose2d(hidden, base, 4, stride=2, padding=1), nn.ReLU(inplace=True),
                                     nn.ConvTranspose2d(base, base, 4, stride=2, padding=1), nn.ReLU(inplace=True),
                                     nn.Conv2d(base, 1, 1))
-        nn.init.constant_(self.decode[-1].bias, -4.0)          # start near clear sky, as the U-Nets
+        nn.init.zeros_(self.decode[-1].weight)
+        nn.init.zeros_(self.decode[-1].bias)
 
     def forward(self, x):
         b, _, t_in, h, w = x.shape
         state = (x.new_zeros(b, self.encoder.conv.out_channels // 4, h // 4, w // 4),) * 2
         for t in range(t_in):
             state = self.encoder(self.encode(x[:, :, t]), state)   # (B, hidden, H/4, W/4)
-        frames = []
+        last, frames = x[:, self.vil_channel, -1:], []              # (B, 1, H, W)
         for _ in range(self.t_out):
             state = self.forecaster(state[0], state)
-            frames.append(torch.sigmoid(self.decode(state[0])))      # (B, 1, H, W)
+            frames.append(last + self.decode(state[0]))              # (B, 1, H, W)
         return torch.stack(frames, 2)                                # (B, 1, T_out, H, W)
 
 
@@ -898,7 +905,7 @@ def build_nowcaster(name, in_channels, t_in, t_out, base, vil_channel=0):
     if name == "unet":
         return NowcastUNet(in_channels, t_in, t_out, base)
     if name == "convlstm":
-        return ConvLSTMNet(in_channels, t_out, base)
+        return ConvLSTMNet(in_channels, t_out, base, vil_channel=vil_channel)
     if in_channels == 1:
         return NowcastNet(t_in, t_out, base)
     return MultimodalNowcastNet(in_channels, t_in, t_out, base)
