@@ -28,7 +28,7 @@ class Config:
     BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
     EPOCHS = 6                               # passes over every window of every training event (3 inputs: 2 min)
     BATCH_SIZE = 4                           # samples per optimizer step
-    LR = 3e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
+    LR = 1e-3                                # Adam learning rate, peak of a cosine decay to 0 (3e-3 learnt slower here)
     AUGMENT = True                           # train on random quarter turns and flips of each batch (8 views)
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
     MAX_VAL = 0                              # validation events to use (spread over the period), 0 = all
