@@ -1468,9 +1468,9 @@ def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sam
     out = tmp_path / "out dir"                                         # a space: the command must quote it
     args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
             "--max_val=1", *data_args(sample), f"--out_dir={out}"]
-    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None   # as `&` does
+    sigint = signal.SIG_IGN if background else signal.SIG_DFL          # as `&` does; as a terminal does
     p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=ignore_sigint)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     for line in p.stdout:
         if line.startswith("epoch 2/500"):
             break
