@@ -1741,9 +1741,10 @@ def _samples(dataset, num_samples, candidates=48):
     ranked = sorted(rain, key=rain.get, reverse=True)
     chosen, events = [], set()
     for i in ranked:                                   # the rainiest item of each event first
-        if dataset.event_and_start(i)[0] not in events:
+        event = dataset.event_and_start(i)[0]
+        if event not in events:
             chosen.append(i)
-            events.add(dataset.event_and_start(i)[0])
+            events.add(event)
     chosen += [i for i in ranked if i not in chosen]
     return sorted(chosen[:num_samples])
 
@@ -1783,7 +1784,7 @@ def plot_loss(history, path):
 def plot_skill(metrics, path):
     """CSI, POD and success ratio per threshold, model against reference; CSI-M per lead if any."""
     plt = _plt()
-    names = ["model"] + metrics.get("references", [metrics["reference"]])
+    names = ["model"] + metrics["references"]
     styles = ("o-", "s--", "^:", "v-.")
     per_lead = "csi_m_per_lead" in metrics["model"]
     fig, axes = plt.subplots(1, 4 if per_lead else 3, figsize=(16 if per_lead else 12, 3.6))
@@ -1899,7 +1900,7 @@ def report(model, references, data, cfg, device, history=(), extra=None, num_sam
 
 def print_table(metrics):
     """Model beside its reference forecasts, one score a row, on the reported split; validation below."""
-    refs = metrics.get("references", [metrics["reference"]])
+    refs = metrics["references"]
     rows = ["mse", "mae", "csi_m", "csi_pool4_m", "csi_pool16_m"] + [f"csi_{t}" for t in SEVIR_THRESHOLDS] \
         + [f"pod_{t}" for t in SEVIR_THRESHOLDS] + [f"sucr_{t}" for t in SEVIR_THRESHOLDS] \
         + [f"bias_{t}" for t in SEVIR_THRESHOLDS]
@@ -2746,21 +2747,20 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
     # 1. items/s of each dataset class against the floor; the protocol's windows (13 + 12 VIL frames at 384)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         protocol = parse_config(__import__("train_baseline").Config, data_args + ["--protocol=sevir"])
-        datasets["protocol"] = (protocol, __import__("train_baseline").build_data(protocol).test)
-    for script, (cfg, ds) in datasets.items():
+        protocol_windows = __import__("train_baseline").build_data(protocol).test
+    for script, (cfg, ds) in {**datasets, "protocol": (protocol, protocol_windows)}.items():
         n = len(ds)
         item = _rate(lambda i: ds[i], n, repeat=3)
         floor = _rate(_floor_reader(ds), n, repeat=3)
         limit = 1.3 if type(ds).__name__ == "SEVIRVIL" else 1.5      # the scripts' `common` is not __main__
         rows.append((f"{type(ds).__name__} items/s ({script}{'' if script == 'protocol' else ' defaults'})",
                      f"{item:.1f}", f"floor {floor:.1f}/s, floor/dataset {floor / item:.2f} (<= {limit})"))
-    del datasets["protocol"]
 
     # 1b. bytes read per item and items/s (warm): SEVIR's layout against a prepared copy at the same grid,
     # for each script's defaults and for the protocol (13 + 12 VIL frames at 384)
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         cases = [(s, cfg, __import__(s).build_data(cfg).train) for s, (cfg, _) in datasets.items()]
-        cases.append(("protocol", protocol, __import__("train_baseline").build_data(protocol).test))
+        cases.append(("protocol", protocol, protocol_windows))
         measured = []
         for name, cfg, ds in cases:
             mods = tuple(ds.mods)
