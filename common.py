@@ -929,18 +929,31 @@ class VGGPerceptualLoss(nn.Module):
 
     def __init__(self, weights="imagenet"):
         super().__init__()
-        from torchvision.models import VGG16_Weights, vgg16
+        features, channels = [], 3                # VGG16's layers up to relu4_3, as torchvision numbers them
+        for width in (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512):
+            if width == "pool":
+                features.append(nn.MaxPool2d(2, 2))
+            else:
+                features += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+                channels = width
+        features = nn.Sequential(*features)
+        for conv in features[::2]:                 # torchvision's initialisation of VGG16 (used untrained)
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
         self.backbone = "untrained"
-        vgg = None
         if weights == "imagenet":
+            from torchvision.models import VGG16_Weights
             try:
-                vgg = vgg16(weights=VGG16_Weights.IMAGENET1K_V1, progress=False)
+                state = torch.hub.load_state_dict_from_url(VGG16_Weights.IMAGENET1K_V1.url, progress=False,
+                                                           check_hash=True)        # hub cache, else download
+                features.load_state_dict({k[len("features."):]: v for k, v in state.items()
+                                          if k.startswith("features.") and int(k.split(".")[1]) < len(features)})
                 self.backbone = "imagenet"
             except Exception as e:             # offline, blocked, corrupt cache: all mean "no weights"
                 print(f"note: VGG16 ImageNet weights unavailable ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                      "the perceptual loss uses untrained VGG16 layers. Put vgg16-397923af.pth in "
+                      "this VGG16 has untrained layers. Put vgg16-397923af.pth in "
                       "~/.cache/torch/hub/checkpoints/ to use them.")
-        features = (vgg or vgg16(weights=None)).features[:23]      # up to relu4_3; the classifier is dropped
         self.slices = nn.ModuleList([features[:4], features[4:9], features[9:16], features[16:23]])
         self.requires_grad_(False)
         self.eval()
@@ -986,7 +999,15 @@ def balanced_mse_mae(pred, y):
     return (bmse_weights(y) * (err ** 2 + err.abs())).mean()
 
 
-LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "bmse": balanced_mse, "bmse_bmae": balanced_mse_mae}
+def balanced_mse_plain_mae(pred, y):
+    """B-MSE + unweighted MAE: the median where errors are small (clear sky, light rain), the intensity-weighted
+    mean where they are large (the cores), so intense cells are not washed out and clear sky stays clear."""
+    err = pred - y
+    return (bmse_weights(y) * err ** 2 + err.abs()).mean()
+
+
+LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "bmse": balanced_mse, "bmse_bmae": balanced_mse_mae,
+          "bmse_mae": balanced_mse_plain_mae}
 
 
 # ======================================================================================
@@ -1061,6 +1082,31 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None, s
         n += len(x)
         bar.set_postfix(loss=f"{sums[0] / n:.5f}")
     return _mean_terms(terms, sums, n)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model, loader, device, n_batches):
+    """Re-estimate every BatchNorm's running mean and variance from `n_batches` training batches with the
+    weights as they are now ("precise BN"). The running averages kept during training lag behind weights
+    that still move fast; scored with them, a deep U-Net's validation scores swing from epoch to epoch."""
+    net = unwrap(model)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or n_batches <= 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                              # a plain mean over the batches below
+    net.train()
+    for i, (x, _) in enumerate(batches(loader, "training")):
+        if i == n_batches:
+            break
+        net(to_device(x, device))
+    world = dist_info()[1]
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        for t in (m.running_mean, m.running_var):      # every process scores with the same statistics
+            all_reduce_sum(t).div_(world)
 
 
 def flip_rotate(x, y):
@@ -1182,12 +1228,13 @@ def cosine_schedule(optimizer, total_steps, warmup=20):
 
 
 def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler=None, extra=None,
-        select="loss", augment=None):
+        select="loss", augment=None, bn_batches=0):
     """Train for cfg.EPOCHS epochs with validation, history.csv, last.pt / best.pt and resume.
 
     loss_fn(pred, y) returns the loss, or a dict of terms with the loss under "loss" (each term is logged).
     The validation term `select` picks best.pt and steps a ReduceLROnPlateau scheduler; any other
-    scheduler steps once per training batch. last.pt (model,
+    scheduler steps once per training batch. With bn_batches > 0 the BatchNorm statistics are re-estimated
+    on that many training batches before each validation (recompute_batchnorm). last.pt (model,
     optimizer, scheduler, random state) is written at most every CHECKPOINT_EVERY_S seconds, after the
     last epoch and on Ctrl-C or SIGTERM, always as of a finished epoch, so a resumed run continues exactly;
     best.pt holds the weights without the optimizer. `extra` (a small dict) goes into every checkpoint.
@@ -1221,6 +1268,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
             plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             train = train_epoch(model, loader_epoch(train_loader, epoch), loss_fn, optimizer, device, epoch, scaler,
                                 None if plateau else scheduler, augment)
+            recompute_batchnorm(model, train_loader, device, bn_batches)
             val, metrics = evaluate(model, val_loader, device, loss_fn)
             if plateau:
                 scheduler.step(val[select])
@@ -1475,6 +1523,42 @@ class SkillScore:
 def _csi_mean(csi):
     """CSI-M as Earthformer: the mean over every threshold, an undefined (NaN) CSI counted as 0."""
     return float(np.nan_to_num(np.asarray(csi, dtype=np.float64), nan=0.0).mean())
+
+
+def radial_power_spectrum(power):
+    """Radially averaged power of a 2-D power spectrum |FFT|^2 (H, W) of a square grid: (H // 2,) values,
+    bin k holding the wavenumbers within half a step of k cycles per grid width, k = 1 ... H // 2
+    (wavelength H / k pixels). The mean (k = 0) and the corners beyond H / 2 are left out."""
+    n = power.shape[-1]
+    freq = torch.fft.fftfreq(n, device=power.device) * n               # cycles per grid width
+    k = torch.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2).round().long().flatten()
+    keep = (k >= 1) & (k <= n // 2)
+    total = torch.zeros(n // 2 + 1, dtype=torch.float64, device=power.device)
+    count = torch.zeros_like(total)
+    total.index_add_(0, k[keep], power.flatten()[keep].double())
+    count.index_add_(0, k[keep], torch.ones_like(total[k[keep]]))
+    return (total / count.clamp(min=1))[1:]
+
+
+@torch.inference_mode()
+def power_spectra(forecasts, loader, device, pixel_km):
+    """Mean radially averaged power spectrum of the truth and of each forecast over a loader's frames (the
+    field's picture of blur: a blurred forecast has less power than the truth at small wavelengths).
+    forecasts: {name: model or callable} giving (B, 1, H, W). Returns {"wavelength_km": [...], "truth": [...],
+    name: [...]}, longest wavelength first; under torchrun the sums of every process."""
+    forecasts = {name: unwrap(f).eval() if isinstance(f, nn.Module) else f for name, f in forecasts.items()}
+    sums, n = {}, 0
+    for x, y in batches(loader, "spectrum"):
+        x, y = to_device(x, device), to_device(y, device)
+        fields = {"truth": y, **{name: f(x).float().clamp(0, 1) for name, f in forecasts.items()}}
+        for name, field in fields.items():                        # (B, 1, H, W) each
+            power = torch.fft.fft2(field.double()[:, 0]).abs().pow(2).sum(0) / field[0, 0].numel()
+            sums[name] = sums.get(name, 0) + power
+        n += len(y)
+    total = all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64, device=device))[0]
+    spectra = {name: (radial_power_spectrum(all_reduce_sum(p)) / total).tolist() for name, p in sums.items()}
+    size = next(iter(sums.values())).shape[-1]
+    return {"wavelength_km": [size * pixel_km / k for k in range(1, size // 2 + 1)], **spectra}
 
 
 class Persistence:
@@ -1810,6 +1894,23 @@ def plot_skill(metrics, path):
     _save_figure(fig, path)
 
 
+def plot_spectrum(spectra, path):
+    """Radially averaged power spectrum of truth, model and references against wavelength (km), large scales
+    on the left: a forecast below the truth at the right-hand end is blurred."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [n for n in spectra if n != "wavelength_km"]
+    for name, style in zip(names, ("k-", "o-", "s--", "^:", "v-.")):
+        ax.loglog(spectra["wavelength_km"], spectra[name], style, markersize=3, label=name)
+    ax.invert_xaxis()
+    ax.set_xlabel("wavelength (km)")
+    ax.set_ylabel("power (VIL / 255)$^2$")
+    ax.set_title("radially averaged power spectrum, test frames")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    _save_figure(fig, path)
+
+
 def forecast_gif(model, val_dataset, device, path, cmap="sevir", index=None):
     """Animated GIF: the input VIL frames, then ground truth beside prediction, frame by frame."""
     plt = _plt()
@@ -1871,13 +1972,18 @@ def report(model, references, data, cfg, device, history=(), extra=None, num_sam
     shown = getattr(data, split)
     metrics, loader = scores(split)
     _, no_rain = evaluate(lambda x: torch.zeros_like(references[0](x)), loader, device)     # the trivial forecast
+    pixel_km = NATIVE_SIZE["vil"] / shown.target_size          # pooled CSI's k x k tiles are k times this
+    spectra = None
+    if hasattr(shown, "input_mods"):                           # synthetic radar: how blurred is it?
+        spectra = power_spectra({"model": model, **{r.name: r for r in references}}, loader, device, pixel_km)
     metrics = {"checkpoint": Path(checkpoint).name, "epoch": epoch, "data": data.kind,
-               "pixel_km": NATIVE_SIZE["vil"] / shown.target_size,        # pooled CSI's k x k tiles are k times this
+               "pixel_km": pixel_km,
                "reference": references[0].name,
                "references": [r.name for r in references],
                **metrics,
                "no_rain": {"mse": no_rain["mse"], "mae": no_rain["mae"]},
                "beside": scores("val" if split == "test" else "test")[0],
+               **({"spectrum": spectra} if spectra else {}),
                **(extra or {})}
     if is_main():                                  # every process scored its share; rank 0 writes
         write_json(out / f"metrics{tag}.json", metrics)
@@ -1890,6 +1996,9 @@ def report(model, references, data, cfg, device, history=(), extra=None, num_sam
         if history:
             plot_loss(history, out / f"loss{tag}.png")
             written.append(f"loss{tag}.png")
+        if spectra:
+            plot_spectrum(spectra, out / f"spectrum{tag}.png")
+            written.append(f"spectrum{tag}.png")
         if getattr(cfg, "T_OUT", 1) > 1:
             forecast_gif(model, shown, device, out / f"forecast{tag}.gif", cmap=cmap)
             written.append(f"forecast{tag}.gif")
@@ -2109,11 +2218,13 @@ def check_config(cfg, size_multiple=1):
             need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = all)" if key != "NUM_WORKERS" else "must be >= 0")
     if hasattr(cfg, "LR"):
         need(0 < cfg.LR < math.inf, "LR", "must be > 0")
-    for key, low in (("SEED", 0), ("BASE", 1), ("LR_PATIENCE", 0)):
+    for key, low in (("SEED", 0), ("BASE", 1), ("LR_PATIENCE", 0), ("BN_BATCHES", 0)):
         if hasattr(cfg, key):
             need(low <= getattr(cfg, key) < 2 ** 32, key, f"must be >= {low}")
     if hasattr(cfg, "PERCEPTUAL_WEIGHT"):
         need(0 <= cfg.PERCEPTUAL_WEIGHT < math.inf, "PERCEPTUAL_WEIGHT", "must be >= 0")
+    if hasattr(cfg, "PERCEPTUAL_POOL"):
+        need(cfg.PERCEPTUAL_POOL in (1, 2, 4, 8), "PERCEPTUAL_POOL", "one of 1, 2, 4, 8")
     if hasattr(cfg, "VGG_WEIGHTS"):
         need(cfg.VGG_WEIGHTS in ("imagenet", "none"), "VGG_WEIGHTS", "one of imagenet, none")
     if hasattr(cfg, "OUT_DIR"):

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -709,6 +710,27 @@ def test_ir_lookup_learns_a_monotone_relation():
     assert pred.shape == y.shape and (pred - y).abs().max() < 0.03
 
 
+def test_a_sine_wave_puts_its_power_at_its_wavelength():
+    n, waves = 64, 8                                                    # 8 cycles across the grid: 8 pixels each
+    x = torch.arange(n, dtype=torch.float64)
+    for field in (torch.sin(2 * np.pi * waves * x / n)[None, :].expand(n, n),            # waves along x
+                  torch.sin(2 * np.pi * waves * x / n)[:, None].expand(n, n)):           # and along y
+        spectrum = common.radial_power_spectrum(torch.fft.fft2(field).abs() ** 2 / field.numel())
+        assert spectrum.shape == (n // 2,)
+        assert int(spectrum.argmax()) + 1 == waves and spectrum[waves - 1] > 1e6 * spectrum[waves + 1]
+    assert common.radial_power_spectrum(torch.zeros(n, n)).abs().max() == 0
+    # through the loader: wavelengths in km, blur removes power at small scales only
+    y = (0.5 + 0.5 * torch.sin(2 * np.pi * 16 * x / n))[None, None, None, :].expand(4, 1, n, n).float()
+    blurred = lambda t: F.avg_pool2d(t, 5, 1, 2, count_include_pad=False)
+    loader = torch.utils.data.DataLoader(list(zip(y, y)), batch_size=2, collate_fn=common.collate_skipping)
+    spectra = common.power_spectra({"model": lambda t: t, "blurred": blurred}, loader, torch.device("cpu"),
+                                   pixel_km=3.0)
+    assert spectra["wavelength_km"][0] == n * 3.0 and spectra["wavelength_km"][15] == 12.0       # 16 cycles: 12 km
+    assert np.allclose(spectra["model"], spectra["truth"])
+    peak = int(np.argmax(spectra["truth"]))
+    assert peak == 15 and spectra["blurred"][peak] < 0.5 * spectra["truth"][peak]
+
+
 # --------------------------------------------------------------------------------------
 # The scripts end to end, through their command line
 # --------------------------------------------------------------------------------------
@@ -721,11 +743,13 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     import train_advanced
     out = tmp_path / "adv"
     calls = []
-    real_fit = common.fit
+    real_fit, real_bn = common.fit, common.recompute_batchnorm
     monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append(k.get("select")) or real_fit(*a, **k))
+    monkeypatch.setattr(common, "recompute_batchnorm", lambda *a: calls.append(a[-1]) or real_bn(*a))
     train_advanced.main(TINY[:-4] + ["--target_size=64", "--epochs=2", "--vgg_weights=none", "--max_train=1",
-                                     "--max_val=1", "--batch_size=7"] + data_args(sample) + [f"--out_dir={out}"])
-    assert calls == ["mse"]
+                                     "--max_val=1", "--batch_size=7", "--loss=mse", "--perceptual_pool=2"]
+                        + data_args(sample) + [f"--out_dir={out}"])
+    assert calls == ["mse", 4, 4]                       # 07A's choice on MSE; BatchNorm re-estimated each epoch
     history = pd.read_csv(out / "history.csv")
     assert {"train_mse", "train_perceptual", "val_mse", "val_perceptual", "val_loss"} <= set(history.columns)
     assert np.allclose(history["val_loss"], history["val_mse"] + 0.1 * history["val_perceptual"], rtol=1e-5)
@@ -733,13 +757,29 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     assert best["epoch"] == history.loc[history["val_mse"].idxmin(), "epoch"]
 
 
+def test_batchnorm_statistics_are_re_estimated_from_training_batches():
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    x = torch.randn(12, 1, 4, 4) * 3 + 5
+    loader = torch.utils.data.DataLoader(list(zip(x, x)), batch_size=4, collate_fn=common.collate_skipping)
+    net[1].running_mean.fill_(100.0)                                   # stale, as after fast-moving weights
+    common.recompute_batchnorm(net, loader, torch.device("cpu"), n_batches=2)
+    with torch.no_grad():
+        first = net[0](x[:8])                                          # the two batches it may use
+        var = torch.stack([first[:4].var((0, 2, 3)), first[4:].var((0, 2, 3))]).mean(0)
+    assert torch.allclose(net[1].running_mean, first.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(net[1].running_var, var, rtol=1e-4) and net[1].momentum == 0.1
+
+
 @pytest.mark.parametrize("script, extra", [
     ("train_baseline.py", ["--t_in=4", "--t_out=2"]),
     ("train_multimodal.py", ["--t_in=3", "--modalities=vil,ir107,lght"]),
     ("train_synthetic.py", ["--input_mods=ir069,ir107,lght"]),
-    ("train_advanced.py", ["--vgg_weights=none", "--target_size=64", "--max_train=1", "--batch_size=7"]),
+    ("train_advanced.py", ["--target_size=64", "--max_train=1", "--batch_size=7"]),      # no ImageNet weights
 ])
-def test_script_end_to_end(tmp_path, sample, script, extra):
+def test_script_end_to_end(tmp_path, sample, script, extra, monkeypatch):
+    def offline(*args, **kwargs):                                      # never download weights in a test
+        raise OSError("offline")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     out = tmp_path / "out"                                           # the script and common.py, nothing else
     r = run_alone(script, *TINY, *extra, *data_args(sample), f"--out_dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -759,8 +799,15 @@ def test_script_end_to_end(tmp_path, sample, script, extra):
     size = 64 if script == "train_advanced.py" else 32
     assert metrics["pixel_km"] == 384 / size and f"{384 // size} km pixels: pool4 = {4 * 384 // size} km" in r.stdout
     assert "model" in r.stdout and ref in r.stdout                   # the table printed at the end
-    if script == "train_advanced.py":
-        assert metrics["perceptual_backbone"] == "untrained"
+    if script == "train_advanced.py":                                # said, recorded, and the term left out
+        assert metrics["perceptual_backbone"] == "off" and "weights unavailable" in r.stdout
+        assert "train_perceptual" not in pd.read_csv(out / "history.csv").columns
+    if ref == "ir_lookup":                                           # synthetic radar: how sharp is it?
+        spectrum = metrics["spectrum"]
+        assert (out / "spectrum.png").stat().st_size > 0 and set(spectrum) == {"wavelength_km", "truth", "model", ref}
+        assert spectrum["wavelength_km"][0] == 384.0 and len(spectrum["model"]) == size // 2
+    else:
+        assert "spectrum" not in metrics and not (out / "spectrum.png").exists()
     if "--t_out=2" in extra:
         assert (out / "forecast.gif").stat().st_size > 0 and len(metrics["model"]["csi_m_per_lead"]) == 2
 
@@ -840,13 +887,15 @@ def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sa
     with pytest.raises(common.UserError, match="no checkpoint"):
         train_synthetic.main(args + [f"--out_dir={tmp_path / 'fresh'}", "--resume=true"])
 
-    for name in ("metrics.json", "predictions.png", "skill.png", "loss.png"):
+    figures = ("predictions.png", "skill.png", "loss.png", "spectrum.png")
+    for name in ("metrics.json", *figures):
         (tmp_path / "straight" / name).unlink()
     r = run_script("visualize.py", str(tmp_path / "straight"), "--num_samples=2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((tmp_path / "straight/metrics.json").read_text())
     assert again["model"] == straight["model"] and again["ir_lookup"] == straight["ir_lookup"]
-    assert all((tmp_path / "straight" / n).exists() for n in ("predictions.png", "skill.png", "loss.png"))
+    assert again["spectrum"] == straight["spectrum"]
+    assert all((tmp_path / "straight" / n).exists() for n in figures)
     drawn = []                                      # the whole run's curve, whichever checkpoint is rescored
     monkeypatch.setattr(common, "plot_loss", lambda history, path: drawn.append((len(history), Path(path).name)))
     for target in ("straight", "straight/last.pt"):
@@ -925,6 +974,22 @@ def test_vgg_perceptual_loss_without_weights():
     assert value.item() > 0 and a.grad is not None and loss(a, a).item() == 0
 
 
+def test_vgg_perceptual_loss_uses_imagenet_weights_from_the_hub_cache(tmp_path, monkeypatch, capsys):
+    from torchvision.models import VGG16_Weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))                     # nothing here: untrained, said once
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert common.VGGPerceptualLoss().backbone == "untrained" and "weights unavailable" in capsys.readouterr().out
+    layers = [m for block in common.VGGPerceptualLoss(weights="none").slices for m in block]
+    state = {f"features.{i}.{k}": torch.randn_like(v) for i, m in enumerate(layers)   # torchvision's names
+             for k, v in m.state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(2, 2)                    # the rest of VGG16 is not loaded
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)             # the failed download made it
+    torch.save(state, cache / Path(VGG16_Weights.IMAGENET1K_V1.url).name)
+    loss = common.VGGPerceptualLoss()
+    assert loss.backbone == "imagenet" and torch.equal(loss.slices[3][-2].weight, state["features.21.weight"])
+
+
 # --------------------------------------------------------------------------------------
 # Colab and Jupyter: a script pasted into a cell, %run with flags
 # --------------------------------------------------------------------------------------
@@ -963,7 +1028,7 @@ def test_a_script_pasted_into_a_cell_runs_with_its_edited_config(tmp_path, sampl
     size = 64 if script == "train_advanced.py" else 32
     text = edit_config((HERE / script).read_text(), CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]),
                        OUT_DIR=str(out), TARGET_SIZE=size, BASE=4, EPOCHS=1, BATCH_SIZE=2, MAX_TRAIN=1,
-                       MAX_VAL=1, **({"VGG_WEIGHTS": "none"} if script == "train_advanced.py" else {}))
+                       MAX_VAL=1, **({"VGG_WEIGHTS": "none", "PERCEPTUAL_POOL": 4} if script == "train_advanced.py" else {}))
     run_in_cell(text)
     assert (out / "metrics.json").exists() and (out / "predictions.png").exists()
     assert torch.load(out / "best.pt", weights_only=True)["script"] == script[:-3]
@@ -1181,7 +1246,7 @@ def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_p
 # --------------------------------------------------------------------------------------
 
 def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
-    args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=2", "--max_train=2", "--max_val=1",
+    args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=2", "--max_train=1", "--max_val=1",
             "--t_in=4", "--t_out=1", "--model=nowcastnet", *data_args(sample)]     # no BatchNorm: equal sums
     for more in (["--epochs=1"], ["--resume=true"]):                # the same history as the two processes'
         one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", *more, cwd=tmp_path)
@@ -1462,24 +1527,26 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("stop, background", [(signal.SIGINT, False),     # Ctrl-C
-                                              (signal.SIGTERM, True)])    # a scheduler, Colab; even under `cmd &`
-def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sample, stop, background):
-    out = tmp_path / "out dir"                                         # a space: the command must quote it
-    args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
-            "--max_val=1", *data_args(sample), f"--out_dir={out}"]
-    sigint = signal.SIG_IGN if background else signal.SIG_DFL          # as `&` does; as a terminal does
-    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
-    for line in p.stdout:
-        if line.startswith("epoch 2/500"):
-            break
-    p.send_signal(stop)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert f"{HERE / 'train_synthetic.py'} " in err and f"'--out_dir={out}'" in err and "--resume=true" in err
-    epoch = common.load_checkpoint(out / "last.pt")["epoch"]
-    assert epoch >= 2
+def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sample):
+    runs = []                       # Ctrl-C in a terminal; SIGTERM (a scheduler, Colab) to a job run as `cmd &`
+    for stop, sigint in ((signal.SIGINT, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_IGN)):    # both at once
+        out = tmp_path / f"out dir {stop.name}"                         # a space: the command must quote it
+        args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
+                "--max_val=1", *data_args(sample), f"--out_dir={out}"]
+        p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda sigint=sigint: signal.signal(signal.SIGINT, sigint))
+        runs.append((p, stop, out))
+    for p, stop, out in runs:
+        for line in p.stdout:
+            if line.startswith("epoch 2/500"):
+                break
+        p.send_signal(stop)
+    for p, stop, out in runs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and "Traceback" not in err, (stop, err[-2000:])
+        assert f"{HERE / 'train_synthetic.py'} " in err and f"'--out_dir={out}'" in err and "--resume=true" in err
+        epoch = common.load_checkpoint(out / "last.pt")["epoch"]
+        assert epoch >= 2
     r = run_script("train_synthetic.py", *TINY[:-3], f"--epochs={epoch}", "--max_train=2", "--max_val=1",
                    *data_args(sample), f"--out_dir={out}", "--resume=true", cwd=tmp_path)
     assert r.returncode == 0 and "nothing left to train" in r.stdout

@@ -1,7 +1,8 @@
 """Sharper synthetic radar (notebook 07A): a deep residual U-Net with a perceptual loss.
 
     IR069 + IR107 (+ optional lightning)  ->  VIL,   AdvancedUNet (5 levels, residual blocks),
-    loss = MSE + 0.1 x VGG16 perceptual; ReduceLROnPlateau and best.pt on the validation MSE.
+    loss = balanced MSE + MAE (+ 0.1 x VGG16 perceptual with ImageNet weights); ReduceLROnPlateau and best.pt
+    on the validation MSE, BatchNorm statistics re-estimated before each validation.
 
 Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
 Run `python train_advanced.py --help` for every setting; override any with --key=value.
@@ -19,12 +20,16 @@ class Config:
     INPUT_MODS = ("ir069", "ir107")          # satellite inputs; add lght for lightning (as the SEVIR paper)
     TARGET_SIZE = 128                        # common grid in pixels (notebook: 384); a multiple of 32
     BASE = 8                                 # U-Net width (notebook: 32 = 94 M parameters, too slow for a laptop CPU)
-    PERCEPTUAL_WEIGHT = 0.1                  # loss = MSE + PERCEPTUAL_WEIGHT x VGG perceptual loss
-    VGG_WEIGHTS = "imagenet"                 # imagenet (torch hub cache or download), or none: untrained layers
-    EPOCHS = 2                               # passes over every frame of every training event
-    BATCH_SIZE = 4                           # samples per optimizer step
-    LR = 1e-3                                # Adam learning rate (notebook: 1e-4, slower to converge on the sample)
-    LR_PATIENCE = 2                          # ReduceLROnPlateau: halve LR after this many epochs without improvement
+    LOSS = "bmse_mae"                        # pixel term: bmse_mae (balanced MSE + MAE), mse (notebook 07A), mae, ...
+    PERCEPTUAL_WEIGHT = 0.1                  # loss = LOSS + PERCEPTUAL_WEIGHT x VGG perceptual loss (notebook 07A)
+    PERCEPTUAL_POOL = 1                      # VGG16 sees both fields average-pooled k x k (1 = notebook; cost ~ 1/k^2)
+    VGG_WEIGHTS = "imagenet"                 # imagenet (hub cache or download; if unavailable the perceptual term is
+                                             # left out), or none: use untrained VGG16 layers anyway
+    BN_BATCHES = 4                           # re-estimate BatchNorm statistics on this many batches per epoch (0: off)
+    EPOCHS = 6                               # passes over every frame of every training event
+    BATCH_SIZE = 16                          # samples per optimizer step
+    LR = 2e-3                                # Adam learning rate (notebook: 1e-4, slower to converge on the sample)
+    LR_PATIENCE = 0                          # ReduceLROnPlateau: halve LR after this many epochs without improvement
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
     MAX_VAL = 0                              # validation events to use (spread over the period), 0 = all
     MAX_TEST = 0                             # test events to use (spread over the period), 0 = all
@@ -68,21 +73,33 @@ def main(argv=None):
           f"{'+'.join(cfg.INPUT_MODS)} -> vil at {cfg.TARGET_SIZE}x{cfg.TARGET_SIZE}, device {device}")
 
     perceptual = VGGPerceptualLoss(weights=cfg.VGG_WEIGHTS).to(device)
-    print(f"perceptual loss: VGG16 to relu4_3, {perceptual.backbone} weights")
+    # Untrained VGG16 features made the sample's intense cores worse (README), so without ImageNet weights the
+    # term is left out unless --vgg_weights=none asks for untrained layers.
+    use_perceptual = cfg.PERCEPTUAL_WEIGHT > 0 and (perceptual.backbone == "imagenet" or cfg.VGG_WEIGHTS == "none")
+    backbone = perceptual.backbone if use_perceptual else "off"
+    if use_perceptual:
+        print(f"perceptual loss: VGG16 to relu4_3, {backbone} weights, x {cfg.PERCEPTUAL_WEIGHT}")
+    elif cfg.PERCEPTUAL_WEIGHT > 0:
+        print("perceptual loss: off (no ImageNet weights; --vgg_weights=none uses untrained layers)")
+    pixel_loss = common.LOSSES[cfg.LOSS]
 
-    def loss_fn(pred, y):                                    # (B, 1, S, S) each; both terms are logged
-        mse, perc = F.mse_loss(pred, y), perceptual(pred, y)
-        return {"loss": mse + cfg.PERCEPTUAL_WEIGHT * perc, "mse": mse, "perceptual": perc}
+    def loss_fn(pred, y):                                    # (B, 1, S, S) each; every term is logged
+        terms = {"loss": pixel_loss(pred, y), "mse": F.mse_loss(pred, y)}
+        if use_perceptual:
+            k = cfg.PERCEPTUAL_POOL
+            terms["perceptual"] = perceptual(F.avg_pool2d(pred, k), F.avg_pool2d(y, k))
+            terms["loss"] = terms["loss"] + cfg.PERCEPTUAL_WEIGHT * terms["perceptual"]
+        return terms
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.LR)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                                            patience=cfg.LR_PATIENCE)
     train_loader = common.make_loader(data.train, cfg, device, shuffle=True)
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
-    extra = {"perceptual_backbone": perceptual.backbone}
+    extra = {"perceptual_backbone": backbone}
     with common.locked(out):                           # one run at a time writes in OUT_DIR
         history = common.fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler,
-                             extra=extra, select="mse")           # as notebook 07A: the validation MSE decides
+                             extra=extra, select="mse", bn_batches=cfg.BN_BATCHES)   # as notebook 07A: MSE decides
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
         common.report(model, build_reference(cfg, data), data, cfg, device, history, extra, epoch=best["epoch"])
 
