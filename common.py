@@ -3020,7 +3020,7 @@ def _sync(device):
 
 
 def _train_step_cost(script, device):
-    """(seconds per training step, FLOPs per sample, batch) of a script's default model and loss."""
+    """(seconds per training step, FLOPs per sample, batch) of a script's default model and pixel loss."""
     from torch.utils.flop_counter import FlopCounterMode
     module = __import__(script)
     cfg = module.Config()
@@ -3032,13 +3032,7 @@ def _train_step_cost(script, device):
     else:
         x, y = torch.rand(b, len(cfg.INPUT_MODS), s, s), torch.rand(b, 1, s, s)
     x, y = x.to(device), y.to(device)
-    if script == "train_advanced":
-        vgg = VGGPerceptualLoss(weights="none").to(device)
-
-        def loss_fn(p, t):
-            return F.mse_loss(p, t) + cfg.PERCEPTUAL_WEIGHT * vgg(p, t)
-    else:
-        loss_fn = F.mse_loss
+    loss_fn = LOSSES[cfg.LOSS]            # train_advanced's perceptual term is off without ImageNet weights
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     amp = amp_dtype(device)
 

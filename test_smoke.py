@@ -1275,6 +1275,36 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
     assert two.stdout.count("epoch 2/2") == 1 and two.stdout.count("FIRST RUN ENDED") == 1   # only rank 0 prints
 
 
+def test_collectives_under_nccl_reach_it_on_the_gpu(monkeypatch):
+    """NCCL reduces CUDA tensors only: whatever the loop sums over processes (loss terms of an epoch, skill
+    counts, spectra) must reach all_reduce on the GPU, also when it was built on the CPU. No GPU here: a
+    CPU copy stands for the tensor moved to CUDA, and all_reduce checks that it got one."""
+    import torch.distributed as dist
+    on_gpu, reached = set(), []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        target = args[0] if args else kwargs.get("device")
+        if isinstance(target, (torch.device, str)) and torch.device(target).type == "cuda":
+            moved = self.clone()
+            on_gpu.add(id(moved))
+            return moved
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(common, "dist_info", lambda: (0, 2))              # two processes ...
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")          # ... under NCCL
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: reached.append(id(t) in on_gpu) or t.mul_(2))
+    assert common._mean_terms({"loss": None}, [3.0], 2) == {"loss": 1.5}     # both processes: 6 over 4 samples
+    skill = common.SkillScore()
+    skill.update(torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16))
+    skill.all_reduce()
+    y = torch.rand(2, 1, 8, 8)
+    loader = torch.utils.data.DataLoader(list(zip(y, y)), batch_size=2, collate_fn=common.collate_skipping)
+    common.power_spectra({}, loader, torch.device("cpu"), pixel_km=1.0)
+    assert len(reached) > 5 and all(reached)
+
+
 # --------------------------------------------------------------------------------------
 # Scale: python common.py download, against a local HTTP server that honours Range
 # --------------------------------------------------------------------------------------
