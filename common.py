@@ -1,19 +1,25 @@
-"""Shared code for the StormFusion-SEVIR scripts, in the notebooks' order.
+"""Shared code for the StormFusion-SEVIR scripts, in two parts.
 
-    1. data        what one sample is: SEVIRVIL (05), SEVIRMultimodal (06), SyntheticRadarDataset (07)
-    2. events      catalog -> usable events -> train / validation / test by date; DataLoaders
-    3. models      NowcastNet, MultimodalNowcastNet, UNetBlock, SyntheticRadarUNet, ResidualBlock,
+Part 1 is the notebooks' code in their order, under their names and signatures (read it beside notebooks
+05, 06, 07 and 07A; each script's main() calls into it from top to bottom):
+    1. data        the errors a user can fix; what one sample is: SEVIRVIL (05), SEVIRMultimodal (06),
+                   SyntheticRadarDataset (07); the loaders
+    2. models      NowcastNet, MultimodalNowcastNet, UNetBlock, SyntheticRadarUNet, ResidualBlock,
                    AdvancedUNet (the notebooks'), then EvolutionNet (the nowcasters' default), NowcastUNet
                    and ConvLSTMNet for nowcasting
-    4. losses      VGGPerceptualLoss (07A), balanced MSE (+ MAE)
-    5. loop        train_epoch(), evaluate(), fit(); checkpoints written atomically, loaded weights_only
-    6. metrics     SkillScore (CSI, POD, SUCR, frequency bias at SEVIR's thresholds); reference forecasts:
-                   persistence, the one-vector shift, pysteps' optical flow, the IR lookup
-    7. figures     visualize_predictions, visualize_multimodal (the notebooks'), curves, forecast.gif, report()
-    8. config      Config overrides from the command line, errors a user can fix, devices, torchrun
-    9. sample      make_sample_sevir: a generated dataset in SEVIR's exact format
-   10. download    a SEVIR subset over HTTP range requests
-   11. bench       speed and memory on this machine; the command line below
+    3. losses      VGGPerceptualLoss (07A), balanced MSE (+ MAE)
+    4. loop        train_epoch(), evaluate(), fit()
+    5. metrics     SkillScore (CSI, POD, SUCR, frequency bias at SEVIR's thresholds), power spectra; reference
+                   forecasts: persistence, the one-vector shift, pysteps' optical flow, the IR lookup
+    6. figures     visualize_predictions, visualize_multimodal (the notebooks'), curves, spectra, forecast.gif
+Part 2 is the machinery, which a reader of the notebooks does not need to follow a sample or a step:
+    7. events      catalog -> usable events -> train / validation / test by date
+    8. run files   report() (metrics.json and every figure), checkpoints written atomically and loaded
+                   weights_only, one run per folder, resume
+    9. config      Config overrides from the command line, devices, torchrun
+   10. sample      make_sample_sevir: a generated dataset in SEVIR's exact format
+   11. download    a SEVIR subset over HTTP range requests; prepare: a copy that reads only what a sample needs
+   12. bench       speed and memory on this machine; the command line below
 
     python common.py sample --out DIR [--events N]       a generated sample dataset
     python common.py download --out DIR [--max-events N] a subset of the real SEVIR
@@ -57,9 +63,33 @@ if _LOADING:
     signal.signal(signal.SIGINT, _sigint)
 
 
+# ######################################################################################
+# Part 1. The notebooks' code, in their order (05, 06, 07, 07A)
+# ######################################################################################
+
 # ======================================================================================
-# 1. Data: one sample of each script (notebooks 05, 06, 07)
+# 1. Data: the errors a user can fix, one sample of each script, the loaders (notebooks 05, 06, 07)
 # ======================================================================================
+
+class RunError(Exception):
+    """A run cannot go on; shown as one line, exit status 1."""
+    code, label = 1, "error"
+
+
+class UserError(RunError):
+    """A mistake the user can fix (path, config value, file); one line, exit status 2."""
+    code = 2
+
+
+class Interrupted(RunError):
+    """Ctrl-C or SIGTERM; one line (with how to resume), exit status 130."""
+    code, label = 130, "interrupted"
+
+
+class HelpShown(RunError):
+    """--help was printed; exit status 0."""
+    code = 0
+
 
 N_FRAMES = 49                                     # frames per SEVIR event, 5 minutes apart
 # SEVIR layout facts (see the SEVIR paper and its tutorial)
@@ -113,14 +143,19 @@ def lightning_to_grid(flashes, size=48):
     return grid
 
 
+def data_end(ds):
+    """The byte where a contiguous dataset's data ends in its file (0 for chunked or empty data)."""
+    offset = ds.id.get_offset() if ds.chunks is None else None
+    return 0 if offset is None else offset + ds.id.get_storage_size()
+
+
 class _SEVIREvents(Dataset):
     """Shared machinery: per-modality file/index arrays, lazy per-process HDF5 handles, windows.
 
     Items are (event, first frame) pairs of windows of `length` frames. Training takes every window of
-    every event (the sampler shuffles them each epoch; Earthformer trains on the held-out stride); held-out sets take windows
-    starting every `val_stride` frames (12, an hour, as Earthformer: frames 0-24, 12-36, 24-48 for
-    13 -> 12), the same ones each run. (The subclasses still accept the `seed` argument of earlier
-    versions; the training order now comes from the DataLoader's sampler, seeded by SEED.)
+    every event, in the order of the DataLoader's sampler (shuffled from SEED each epoch); Earthformer trains
+    on its held-out stride only. Held-out sets take windows starting every `val_stride` frames (12, an hour,
+    as Earthformer: frames 0-24, 12-36, 24-48 for 13 -> 12), the same ones each run.
     """
 
     def __init__(self, events, root, mods, length, train, val_stride, ir_norm):
@@ -202,7 +237,7 @@ class _SEVIREvents(Dataset):
 class SEVIRVIL(_SEVIREvents):
     """VIL -> VIL nowcasting (notebook 05). x: (1, t_in, S, S), y: (1, t_out, S, S), VIL code / 255."""
 
-    def __init__(self, events, root, t_in=12, t_out=1, target_size=None, train=True, val_stride=12, seed=0):
+    def __init__(self, events, root, t_in=12, t_out=1, target_size=None, train=True, val_stride=12):
         super().__init__(events, root, ("vil",), t_in + t_out, train, val_stride, "sevir")
         self.t_in, self.t_out, self.target_size = t_in, t_out, target_size
 
@@ -215,7 +250,7 @@ class SEVIRMultimodal(_SEVIREvents):
     """Modalities stacked as channels -> VIL (notebook 06). x: (C, t_in, S, S), y: (1, t_out, S, S) VIL."""
 
     def __init__(self, events, root, mods=("vil", "ir069", "ir107"), t_in=12, t_out=1, target_size=192,
-                 train=True, val_stride=12, ir_norm="sevir", seed=0):
+                 train=True, val_stride=12, ir_norm="sevir"):
         if "vil" not in mods:
             raise UserError("SEVIRMultimodal needs vil among its modalities (it is the target)")
         super().__init__(events, root, mods, t_in + t_out, train, val_stride, ir_norm)
@@ -239,338 +274,13 @@ class SyntheticRadarDataset(_SEVIREvents):
     """
 
     def __init__(self, events, root, input_mods=("ir069", "ir107"), target_size=192, train=True,
-                 val_stride=4, ir_norm="sevir", seed=0):
+                 val_stride=4, ir_norm="sevir"):
         super().__init__(events, root, tuple(input_mods) + ("vil",), 1, train, val_stride, ir_norm)
         self.input_mods, self.target_size = tuple(input_mods), target_size
 
     def sample(self, e, t):
         x = torch.cat([self.read(mod, e, t, t + 1, self.target_size) for mod in self.input_mods])
         return x, self.read("vil", e, t, t + 1, self.target_size)
-
-
-# ======================================================================================
-# 2. Events: catalog, usable events, train / validation / test, loaders
-# ======================================================================================
-
-DEFAULT_ROOT = "data/sevir"                      # where real SEVIR is looked for by default
-DEFAULT_CATALOG = "data/sevir/CATALOG.csv"
-SAMPLE_ROOT = "data/sevir_sample"                # where the generated sample goes when SEVIR is absent
-SAMPLE_MARKER = "GENERATED_SAMPLE.txt"           # marks a folder as generated data, not real weather
-SAMPLE_MARKER_TEXT = ("Generated by common.make_sample_sevir: SEVIR's file format with synthetic weather, "
-                      "not real data. Sample version 2.\n")   # a default sample of another version is made again
-SAMPLE_EVENTS = 32                               # events in the default sample: 16 train, 8 validation, 8 test
-# Earthformer's cfg_sevir.yaml: train time_utc <= 2019-01-01 < validation <= 2019-06-01 < test.
-EARTHFORMER_SPLIT = ("2019-01-01", "2019-06-01")
-
-
-def load_events(cfg, mods):
-    """Catalog -> usable events -> train / validation / test events by SPLIT_DATES, each cut to
-    MAX_TRAIN / MAX_VAL / MAX_TEST events spread over its period.
-
-    Validation chooses the model (best.pt, learning-rate schedule); the final scores are on test.
-    Returns a namespace with train_events, val_events, test_events, root and kind ("sample" or "sevir").
-    """
-    from types import SimpleNamespace
-    catalog, root, kind = resolve_data(cfg)
-    events = load_catalog(catalog, root, mods=mods)               # pct_missing == 0, as the SEVIR paper
-    train, val, test = split_by_dates(events, cfg.SPLIT_DATES)
-    train, val, test = spread(train, cfg.MAX_TRAIN), spread(val, cfg.MAX_VAL), spread(test, cfg.MAX_TEST)
-    first, second = cfg.SPLIT_DATES
-    print(f"split: {len(train)} train events (time_utc <= {first}), {len(val)} validation (to {second}), "
-          f"{len(test)} test (after {second})")
-    return SimpleNamespace(train_events=train, val_events=val, test_events=test, root=root, kind=kind)
-
-
-def resolve_data(cfg):
-    """(catalog_path, root, kind): real SEVIR where named or found, else the generated sample."""
-    for key in ("CATALOG_PATH", "SEVIR_ROOT"):
-        if not str(getattr(cfg, key)).strip():
-            raise UserError(f"--{key.lower()} is empty: name the SEVIR catalog and its folder")
-    catalog, root = Path(cfg.CATALOG_PATH), Path(cfg.SEVIR_ROOT)
-    at_defaults = cfg.CATALOG_PATH == DEFAULT_CATALOG and cfg.SEVIR_ROOT == DEFAULT_ROOT
-    if at_defaults and not catalog.exists():
-        sample_catalog, marker = Path(SAMPLE_ROOT) / "CATALOG.csv", Path(SAMPLE_ROOT) / SAMPLE_MARKER
-        if not sample_catalog.exists():
-            print(f"No SEVIR catalog at {catalog}: generating a sample dataset in {SAMPLE_ROOT} (once).")
-            make_sample_sevir(SAMPLE_ROOT)
-        elif marker.exists() and marker.read_text() != SAMPLE_MARKER_TEXT:
-            print(f"The generated sample in {SAMPLE_ROOT} is of an older version: generating it again.")
-            make_sample_sevir(SAMPLE_ROOT)
-        print("Using GENERATED sample data, not real weather. For SEVIR: --catalog_path=.../CATALOG.csv "
-              "--sevir_root=...  (see README)")
-        catalog, root = sample_catalog, Path(SAMPLE_ROOT)
-    if not catalog.exists():
-        raise UserError(f"catalog not found: {catalog}")
-    if not root.is_dir():
-        raise UserError(f"SEVIR root folder not found: {root}")
-    kind = "sample" if (root / SAMPLE_MARKER).exists() else "sevir"
-    return catalog, root, kind
-
-
-CATALOG_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "minute_offsets", "episode_id",
-                   "event_id", "event_type", "llcrnrlat", "llcrnrlon", "urcrnrlat", "urcrnrlon", "proj",
-                   "size_x", "size_y", "height_m", "width_m", "data_min", "data_max", "pct_missing"]
-NEEDED_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "pct_missing"]
-
-
-def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_missing=0.0):
-    """One row per usable event: `id`, `time_utc`, `event_type`, and `<mod>_file`, `<mod>_index` per modality.
-
-    Usable: every requested modality has exactly one catalog row (ids duplicated within a
-    modality are dropped, as SEVIR's reference loaders do) with a safe file_name, a whole-number
-    file_index and a clear time_utc; pct_missing <= max_pct_missing; its file opens and holds the
-    dataset in SEVIR's layout and dtype, the index is in range and the file's id there is the
-    event's. Each file is opened once; one summary line counts the events dropped for each reason.
-    """
-    mods = tuple(mods)
-    df = read_catalog(catalog_path)
-    df = df[df["img_type"].isin(mods)]
-    if df.empty:
-        raise UserError(f"catalog {catalog_path} has no rows of type {', '.join(mods)}")
-    all_ids = df["id"].unique()
-    gone, dropped = set(), {}                               # ids left out; reason -> how many (first reason counts)
-
-    def drop(reason, ids):
-        new = set(ids) - gone
-        if new:
-            gone.update(new)
-            dropped[reason] = dropped.get(reason, 0) + len(new)
-
-    df, rejects = _catalog_rejects(df, len(mods), max_pct_missing)
-    for reason, ids in rejects:
-        drop(reason, ids)
-
-    df = df[~df["id"].isin(gone)]
-    problems = pd.Series(_check_files(df, root), dtype=object)       # each file opened once
-    for reason in dict.fromkeys(problems):
-        drop(reason, df.loc[problems.index[problems == reason], "id"])
-
-    df = df[~df["id"].isin(gone)]
-    reasons = ", ".join(f"{r}: {n}" for r, n in dropped.items())
-    print(f"catalog: {df['id'].nunique()} usable events of {len(all_ids)} with {'+'.join(mods)}"
-          + (f" (dropped {reasons})" if reasons else ""))
-    if df.empty:
-        raise UserError(f"no usable events in {catalog_path} under {root}: dropped {reasons}")
-    wide = df.pivot(index="id", columns="img_type", values=["file_name", "file_index"])
-    events = pd.DataFrame({"id": wide.index})
-    first = df.drop_duplicates("id").set_index("id")
-    events["time_utc"] = first.loc[events["id"], "time_utc"].to_numpy()
-    events["event_type"] = first.loc[events["id"], "event_type"].to_numpy() if "event_type" in first else ""
-    for mod in mods:
-        events[f"{mod}_file"] = wide[("file_name", mod)].to_numpy()
-        events[f"{mod}_index"] = wide[("file_index", mod)].to_numpy().astype(np.int64)
-    return events.sort_values(["time_utc", "id"]).reset_index(drop=True)
-
-
-def read_catalog(path):
-    """Read a SEVIR CATALOG.csv into a DataFrame with parsed time_utc; UserError if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
-    if not os.access(path, os.R_OK):
-        raise UserError(f"catalog {path}: no permission to read it")
-    try:
-        header = pd.read_csv(path, nrows=0).columns
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path} is not a CSV catalog ({type(e).__name__})") from None
-    missing = [c for c in NEEDED_COLUMNS if c not in header]
-    if missing:
-        raise UserError(f"{path} lacks SEVIR catalog columns: {', '.join(missing)}")
-    use = NEEDED_COLUMNS + [c for c in ("event_type", "size_x") if c in header]
-    try:
-        df = pd.read_csv(path, usecols=use, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path} is not a readable CSV catalog: {e}".splitlines()[0]) from None
-    if df.empty:
-        raise UserError(f"catalog {path} has no rows")
-    df["img_type"] = df["img_type"].str.strip().str.lower()
-    index = df["file_index"].str.strip()
-    df["file_index"] = np.where(index.str.fullmatch(r"\d+"), index, "-1").astype(np.int64)   # "3.7" is no index
-    df["pct_missing"] = pd.to_numeric(df["pct_missing"], errors="coerce").fillna(1.0)
-    df["size_x"] = df["size_x"] if "size_x" in df else ""
-    df["time_utc"] = _catalog_times(df["time_utc"])
-    return df
-
-
-def _catalog_times(text):
-    """time_utc as Timestamps; NaT where it cannot be read for certain.
-
-    SEVIR writes "2019-05-12 18:30:00". A spreadsheet may write "5/12/2019 18:30" (month first) or
-    "12/5/2019 18:30" (day first): the order is taken from rows that can be read only one way (a
-    number above 12); when none can, or they disagree, the slashed dates are ambiguous and left NaT.
-    """
-    t = pd.to_datetime(text, format="%Y-%m-%d %H:%M:%S", errors="coerce")
-    parts = text.str.extract(r"^\s*(\d{1,2})/(\d{1,2})/\d{4} \d{1,2}:\d{2}(?::\d{2})?\s*$").astype(float)
-    slashed = parts[0].notna() & t.isna()
-    first_is_day, second_is_day = (parts[0] > 12).any(), (parts[1] > 12).any()
-    if slashed.any() and first_is_day != second_is_day:
-        order = "%d/%m/%Y %H:%M" if first_is_day else "%m/%d/%Y %H:%M"
-        minutes = text[slashed].str.strip().str.replace(r"(:\d{2}):\d{2}$", r"\1", regex=True)   # drop seconds
-        t[slashed] = pd.to_datetime(minutes, format=order, errors="coerce")
-    return t
-
-
-def _catalog_rejects(df, n_mods, max_pct_missing):
-    """(rows kept, [(reason, ids)]) for the rules the catalog alone can check, on rows of the wanted types.
-
-    A file_name must be a relative path that stays inside the data root (a catalog may come from anyone).
-    Then Earthformer's order, so the same events pass: rows with pct_missing above the limit go first;
-    then an id needs a row of every type, and exactly one (an id with two rows of a type loses both).
-    """
-    unsafe = df["file_name"].map(unsafe_file_name).notna()
-    if unsafe.any():
-        example = df.loc[unsafe, "file_name"].iloc[0]
-        print(f"warning: catalog rows with an unsafe file_name are refused, e.g. {example!r} "
-              f"({unsafe_file_name(example)})", file=sys.stderr)
-    unsafe_ids = df.loc[unsafe, "id"]
-    df = df[~df["id"].isin(unsafe_ids)]
-    bad_pct = df["pct_missing"] > max_pct_missing
-    kept = df[~bad_pct]
-    rows_per = kept.groupby(["id", "img_type"]).size()
-
-    def n_types(rows):
-        return rows.drop_duplicates(["id", "img_type"]).groupby("id").size()
-    before, after = n_types(df), n_types(kept).reindex(df["id"].unique(), fill_value=0)
-    return kept, [("unsafe file_name", unsafe_ids),
-                  ("missing modality", before[before < n_mods].index),
-                  (f"pct_missing > {max_pct_missing:g}", after[after < n_mods].index),
-                  ("duplicated id", rows_per[rows_per > 1].index.get_level_values("id")),
-                  ("bad time_utc", kept.loc[kept["time_utc"].isna(), "id"]),
-                  ("bad file_index", kept.loc[kept["file_index"] < 0, "id"])]
-
-
-def unsafe_file_name(name):
-    """Why a catalog file_name may not be used, or None: it must be a relative path inside the root."""
-    if not name or "\0" in name:
-        return "empty" if not name else "holds a NUL"
-    if "\\" in name or re.match(r"^[A-Za-z]:", name):
-        return "a backslash or a drive letter"
-    if name.startswith("/"):
-        return "an absolute path"
-    if ".." in name.split("/"):
-        return "a '..' segment"
-    return None
-
-
-def writable_folder(folder, marker, what):
-    """Check, before writing anything, that `folder` may be written by a tool that marks its folders with
-    the file `marker`: absent, empty, or already marked (so never a folder of someone's real data)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{what} {folder}: it is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).exists():
-        raise UserError(f"{what} {folder}: the folder holds files this tool did not write (no {marker}); "
-                        f"choose a new or empty folder")
-    existing = next(p for p in [folder.resolve(), *folder.resolve().parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {folder}: {existing} is not writable")
-
-
-def inside(path, root):
-    """Whether `path`, with every link resolved, lies inside the folder `root`."""
-    return Path(path).resolve().is_relative_to(Path(root).resolve())
-
-
-def _check_files(df, root):
-    """Open each file of the catalog once and check what its rows need; returns {row label: reason} for
-    the rows that cannot be used. A file with a problem is named once on stderr."""
-    bad = {}
-    for file_name, group in df.groupby("file_name", sort=False):
-        path = Path(root) / file_name
-        if not path.is_file():
-            bad.update({i: "missing file" for i in group.index})
-            continue
-        warned = set()
-        try:
-            with h5py.File(path, "r") as f:
-                ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["id"][()]] if "id" in f else None
-                for row in group.itertuples():
-                    problem = _row_problem(f, row, path, ids)
-                    if problem:
-                        reason, what = problem
-                        bad[row.Index] = reason
-                        if what and reason not in warned:
-                            warned.add(reason)
-                            print(f"warning: {path}: {what}; rows with this problem are not used", file=sys.stderr)
-        except OSError as e:
-            print(f"warning: cannot read {path}: {str(e).splitlines()[0]}", file=sys.stderr)
-            bad.update({i: "unreadable file" for i in group.index})
-    return bad
-
-
-def _row_problem(f, row, path, ids):
-    """(reason, what to say or None) when catalog row `row` cannot be read from the open file f, else None.
-
-    Checks what a sample relies on: the dataset has SEVIR's layout (N, H, W, 49) with square frames of
-    the catalog's size_x and the stored dtype; the index is in range and the file's `id` there is the
-    row's id; the data is all in the file; lightning is an (n, 5) list.
-    """
-    if row.img_type == "lght":
-        if row.id not in f:
-            return "no dataset in file", None
-        shape = f[row.id].shape
-        return None if len(shape) == 2 and shape[1] == 5 else ("bad lightning data", f"{row.id} is {shape}, not (n, 5)")
-    if row.img_type not in f:
-        return "no dataset in file", None
-    ds, want = f[row.img_type], np.dtype(EVENT_DTYPE[row.img_type])
-    size = int(row.size_x) if str(row.size_x).isdigit() else NATIVE_SIZE[row.img_type]
-    if ds.shape[1:] != (size, size, N_FRAMES) or ds.dtype != want:
-        return "bad shape or dtype", f"{row.img_type} is {ds.dtype} {ds.shape}, expected {want} (N, {size}, {size}, 49)"
-    if not 0 <= row.file_index < ds.shape[0]:
-        return "file_index out of range", None
-    if ids is not None and (row.file_index >= len(ids) or ids[row.file_index] != row.id):
-        return "id differs from the catalog", f"its id at {row.file_index} is not the catalog's {row.id}"
-    if data_end(ds) > path.stat().st_size:
-        return "truncated file", "it is shorter than the data it describes"
-    return None
-
-
-def data_end(ds):
-    """The byte where a contiguous dataset's data ends in its file (0 for chunked or empty data)."""
-    offset = ds.id.get_offset() if ds.chunks is None else None
-    return 0 if offset is None else offset + ds.id.get_storage_size()
-
-
-def split_by_dates(events, dates):
-    """Events split by time_utc at each date, Earthformer's rule: (.., d1], (d1, d2], (d2, ..).
-
-    An event stamped exactly on a date belongs to the earlier side, as in Earthformer's loader
-    (`start_date < time_utc <= end_date`). Two dates give [train, validation, test]. A side without
-    events is a UserError naming the dates and the span of the events.
-    """
-    cuts = [_parse_date(d) for d in dates]
-    if None in cuts:
-        raise UserError(f"split dates {', '.join(map(str, dates))}: expected dates like 2019-06-01")
-    t, edges = events["time_utc"], [None] + cuts + [None]
-    names = ["train", "validation", "test"] if len(cuts) == 2 else ["first", "second"]
-    sides = []
-    for name, lo, hi in zip(names, edges[:-1], edges[1:]):
-        keep = np.ones(len(events), dtype=bool)
-        if lo is not None:
-            keep &= (t > lo).to_numpy()
-        if hi is not None:
-            keep &= (t <= hi).to_numpy()
-        if not keep.any():
-            rule = " < ".join([f"{lo:%Y-%m-%d %H:%M}"] * (lo is not None) + ["time_utc"]) + \
-                (f" <= {hi:%Y-%m-%d %H:%M}" if hi is not None else "")
-            span = f"{t.min():%Y-%m-%d %H:%M} .. {t.max():%Y-%m-%d %H:%M}"
-            raise UserError(f"no {name} events ({rule}; the {len(events)} events run {span}): "
-                            f"choose other --split_dates")
-        sides.append(events[keep].reset_index(drop=True))
-    return sides
-
-
-def split_events(events, split_date="2019-06-01"):
-    """Two sides by time_utc with the same boundary rule: (.., split_date] and (split_date, ..)."""
-    before, after = split_by_dates(events, [split_date])
-    return before, after
-
-
-def spread(events, n):
-    """n of the events spread evenly over their period (every k-th by time, the same ones each run); all if n is 0."""
-    if not n or n >= len(events):
-        return events
-    return events.iloc[(np.arange(n) * len(events)) // n].reset_index(drop=True)
 
 
 def collate_skipping(batch):
@@ -638,7 +348,7 @@ def loader_epoch(loader, epoch):
 
 
 # ======================================================================================
-# 3. Models (the notebooks' architectures, under their names, then the nowcasting alternatives)
+# 2. Models: the notebooks' networks under their names, then the nowcasting alternatives
 # ======================================================================================
 
 class NowcastNet(nn.Module):
@@ -916,7 +626,7 @@ def count_parameters(model):
 
 
 # ======================================================================================
-# 4. Losses: the perceptual loss (notebook 07A), balanced MSE
+# 3. Losses: the perceptual loss (notebook 07A), balanced MSE
 # ======================================================================================
 
 class VGGPerceptualLoss(nn.Module):
@@ -1011,7 +721,7 @@ LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "bmse": balanced_mse, "bmse_bmae"
 
 
 # ======================================================================================
-# 5. Training loop and checkpoints
+# 4. Training loop: train_epoch, evaluate, fit
 # ======================================================================================
 
 def prepare_model(model, cfg, device):
@@ -1084,6 +794,17 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None, s
     return _mean_terms(terms, sums, n)
 
 
+def flip_rotate(x, y):
+    """The batch turned by a random quarter turn and flipped or not, inputs and targets alike (the last two
+    axes, a square grid): storms move and grow alike in every direction, so each window counts 8 times."""
+    turns, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
+
+    def turn(t):
+        t = torch.rot90(t, turns, (-2, -1))
+        return t.flip(-1) if flip else t
+    return turn(x), turn(y)
+
+
 @torch.no_grad()
 def recompute_batchnorm(model, loader, device, n_batches):
     """Re-estimate every BatchNorm's running mean and variance from `n_batches` training batches with the
@@ -1107,17 +828,6 @@ def recompute_batchnorm(model, loader, device, n_batches):
         m.momentum = momentum
         for t in (m.running_mean, m.running_var):      # every process scores with the same statistics
             all_reduce_sum(t).div_(world)
-
-
-def flip_rotate(x, y):
-    """The batch turned by a random quarter turn and flipped or not, inputs and targets alike (the last two
-    axes, a square grid): storms move and grow alike in every direction, so each window counts 8 times."""
-    turns, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
-
-    def turn(t):
-        t = torch.rot90(t, turns, (-2, -1))
-        return t.flip(-1) if flip else t
-    return turn(x), turn(y)
 
 
 def loss_terms(loss):
@@ -1155,70 +865,6 @@ def evaluate(forecast, loader, device, loss_fn=None):
     return (means if loss_fn is not None else None), skill.all_reduce().compute()
 
 
-# A run's files in OUT_DIR: any of them means the folder already holds a run.
-RUN_FILES = ("last.pt", "best.pt", "metrics.json", "history.csv")
-# Config keys that may change when a run is resumed; every other key must match the checkpoint.
-RESUMABLE_KEYS = {"EPOCHS", "RESUME", "OVERWRITE", "NUM_WORKERS", "DEVICE", "OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}
-CHECKPOINT_EVERY_S = 60           # last.pt at most this often (and after the last epoch, and on Ctrl-C)
-
-
-def check_out_dir(cfg):
-    """Check, before any data is read and without writing anything, that OUT_DIR can take this run:
-    writable, and not holding an earlier run unless RESUME or OVERWRITE says what to do with it."""
-    out = Path(cfg.OUT_DIR).expanduser().resolve()        # (an empty OUT_DIR is refused by check_config)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"cannot write to OUT_DIR {out}: it is a file")
-    existing = next((p for p in [out, *out.parents] if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to OUT_DIR {out}: {existing} is not a writable folder")
-    held = [f for f in RUN_FILES if (out / f).exists()]
-    if cfg.RESUME and not (out / "last.pt").exists():
-        raise UserError(f"--resume=true but there is no checkpoint {out / 'last.pt'}")
-    if held and not cfg.RESUME and not cfg.OVERWRITE:
-        how = ("--resume=true continues it, --overwrite=true replaces it, --out_dir=... starts elsewhere"
-               if started_from_file() else               # a notebook cell: the Config is edited in the cell
-               "RESUME = True in the Config continues it, OVERWRITE = True replaces it, another OUT_DIR starts elsewhere")
-        raise UserError(f"{out} already holds a run ({', '.join(held)}): {how}")
-    return out
-
-
-@contextlib.contextmanager
-def locked(out):
-    """Hold OUT_DIR for this process: a second run there stops with one line. A lock left by a process that
-    no longer runs is taken over. (Rank 0 alone writes, so only it locks.)"""
-    if not is_main():
-        yield out
-        return
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / ".lock"
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            break
-        except FileExistsError:
-            pid = lock.read_text().strip() if lock.exists() else ""
-            if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
-                raise UserError(f"{out} is in use by another run (process {pid}); wait for it or use --out_dir=...")
-            lock.unlink(missing_ok=True)                         # stale: its process is gone (or is us)
-    try:
-        yield out
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cosine_schedule(optimizer, total_steps, warmup=20):
     """Learning rate: a short linear warm-up, then a cosine decay to 0 at `total_steps` (stepped per batch).
     The factor is computed from the step count alone, so a resumed run with more epochs decays to the new end."""
@@ -1240,32 +886,13 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
     best.pt holds the weights without the optimizer. `extra` (a small dict) goes into every checkpoint.
     Returns the history: one dict per epoch.
     """
-    out = Path(cfg.OUT_DIR)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
-    start, best_val, history = 1, float("inf"), []
-    if cfg.RESUME:
-        ckpt = load_checkpoint(out / "last.pt")
-        check_same_config(ckpt["config"], config_dict(cfg), out / "last.pt")
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler"):
-            scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        start, best_val, history = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["history"]
-        print(f"resumed from {out / 'last.pt'} after epoch {ckpt['epoch']} (best val {best_val:.5f})"
-              + (f"; nothing left to train (--epochs={cfg.EPOCHS}): reporting best.pt" if start > cfg.EPOCHS else ""))
-    elif is_main():
-        for name in RUN_FILES:                                       # --overwrite=true: the earlier run goes
-            (out / name).unlink(missing_ok=True)
-        write_json(out / "config.json", config_dict(cfg))
-
-    snapshot, saved_at = None, time.monotonic()         # snapshot: last.pt as of the last finished epoch
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    start, best_val, history = start_or_resume(model, optimizer, scheduler, cfg)
+    saver = EpochSaver(cfg)
     try:
         for epoch in range(start, cfg.EPOCHS + 1):
             t0, lr = time.time(), optimizer.param_groups[0]["lr"]          # the rate this epoch starts at
-            plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             train = train_epoch(model, loader_epoch(train_loader, epoch), loss_fn, optimizer, device, epoch, scaler,
                                 None if plateau else scheduler, augment)
             recompute_batchnorm(model, train_loader, device, bn_batches)
@@ -1277,25 +904,14 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
             history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
                             **{f"val_{k}": v for k, v in val.items()},
                             "lr": lr, "seconds": round(time.time() - t0, 2)})
-            if is_main():
-                write_history(out / "history.csv", history)
-                snapshot = _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra)
-                if improved:
-                    save_checkpoint({k: v for k, v in snapshot.items() if k not in TRAINING_STATE}, out / "best.pt")
-                if epoch == cfg.EPOCHS or time.monotonic() - saved_at >= CHECKPOINT_EVERY_S:
-                    save_checkpoint(snapshot, out / "last.pt")
-                    snapshot, saved_at = None, time.monotonic()
+            saver.epoch_done(model, optimizer, scheduler, epoch, best_val, metrics, history, extra, improved)
             print(f"epoch {epoch}/{cfg.EPOCHS}  train {_terms_text(train)}  val {_terms_text(val)}  "
                   f"CSI-M {metrics['csi_m']:.3f}  {history[-1]['seconds']:.0f}s" + ("  * best" if improved else ""))
     except BaseException as e:                           # Ctrl-C, SIGTERM (see run()), a stop or a bug
-        if snapshot is not None:
-            save_checkpoint(snapshot, out / "last.pt")   # keep the last finished epoch
+        saver.keep_last_epoch()
         if not isinstance(e, KeyboardInterrupt):
             raise
-        if not (out / "last.pt").exists():
-            raise Interrupted("before the first epoch ended: nothing was saved; run the same command again") from None
-        done = load_checkpoint(out / "last.pt")["epoch"] if is_main() else "?"
-        raise Interrupted(f"{out / 'last.pt'} holds epoch {done}. {resume_hint(cfg)}") from None
+        raise saver.interrupted() from None
     barrier()                                      # the others read best.pt next: wait for rank 0's writes
     return history
 
@@ -1306,124 +922,8 @@ def _terms_text(terms):
     return f"{terms['loss']:.5f}" + (f" ({rest})" if rest else "")
 
 
-# What last.pt holds beyond best.pt: the state to continue training.
-TRAINING_STATE = ("optimizer", "scheduler", "rng")
-
-
-def _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra=None):
-    """The checkpoint as of now, copied to the CPU (it may be written later, after more training)."""
-    weights = unwrap(model).state_dict()
-    for name, p in weights.items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise RunError(f"model weight {name} is not finite after epoch {epoch}: not saved; "
-                           f"checkpoints are as they were")
-    return _cpu_copy({
-        "model": weights, "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "config": config_dict(cfg), "epoch": epoch, "best_val": best_val, "metrics": metrics,
-        "history": [dict(row) for row in history], "extra": extra or {}, "script": cfg.script,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
-
-
-def _cpu_copy(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
-
-
-def check_same_config(saved, current, path):
-    differ = sorted(k for k in set(saved) | set(current)
-                    if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
-    if differ:
-        detail = ", ".join(f"{k.lower()}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differ)
-        raise UserError(f"cannot resume {path}: it was made with another configuration ({detail})")
-
-
-def write_history(path, history):
-    tmp = _tmp_name(path)
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
-
-
-def _tmp_name(path):
-    """A temporary name beside `path`, private to this process: two writers never share one."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, fsync, then rename: an interruption leaves the previous file intact."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:                    # a full disk, or Ctrl-C mid-write: no half file left
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise RunError(f"could not save {path} ({e.strerror or e}); the previous {path.name} is kept") from None
-        raise
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint holding code is refused, not run."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    import zipfile
-    if not zipfile.is_zipfile(path):                     # torch.save writes a zip archive
-        raise UserError(f"{path} is not a checkpoint (not a file written by torch.save)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"{path} holds more than tensors and plain values; refused "
-                            f"(loaded with weights_only=True)") from None
-        raise UserError(f"{path} is not a checkpoint of these scripts ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError(f"{path} is not a checkpoint of these scripts (no model weights in it)")
-    return ckpt
-
-
-def load_weights(model, path):
-    """Load a checkpoint's model weights into a (possibly wrapped) model; returns the checkpoint."""
-    ckpt = load_checkpoint(path)
-    try:
-        unwrap(model).load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit {type(unwrap(model)).__name__} as configured "
-                        f"({str(e).splitlines()[0].strip()}...)") from None
-    return ckpt
-
-
-def write_json(path, obj):
-    """JSON with NaN written as null, atomically."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ======================================================================================
-# 6. Metrics and reference forecasts
+# 5. Skill scores and reference forecasts
 # ======================================================================================
 
 SEVIR_THRESHOLDS = (16, 74, 133, 160, 181, 219)   # VIL codes: ~0.15, 0.78, 3.5, 7.1, 12.1, 32 kg/m^2
@@ -1685,7 +1185,7 @@ def fit_ir_lookup(cfg, data):
 
 
 # ======================================================================================
-# 7. Figures and the final report
+# 6. Figures (the notebooks' two, then the run's curves and animations)
 # ======================================================================================
 
 def visualize_predictions(model, val_dataset, device, num_samples=3, path="predictions.png", cmap="sevir"):
@@ -1943,6 +1443,327 @@ def forecast_gif(model, val_dataset, device, path, cmap="sevir", index=None):
     _show_if_notebook(path)
 
 
+# ######################################################################################
+# Part 2. The machinery: catalog checks, run files, configuration, devices, tools
+# ######################################################################################
+
+# ======================================================================================
+# 7. Events: catalog, usable events, train / validation / test
+# ======================================================================================
+
+DEFAULT_ROOT = "data/sevir"                      # where real SEVIR is looked for by default
+DEFAULT_CATALOG = "data/sevir/CATALOG.csv"
+SAMPLE_ROOT = "data/sevir_sample"                # where the generated sample goes when SEVIR is absent
+SAMPLE_MARKER = "GENERATED_SAMPLE.txt"           # marks a folder as generated data, not real weather
+SAMPLE_MARKER_TEXT = ("Generated by common.make_sample_sevir: SEVIR's file format with synthetic weather, "
+                      "not real data. Sample version 2.\n")   # a default sample of another version is made again
+SAMPLE_EVENTS = 32                               # events in the default sample: 16 train, 8 validation, 8 test
+# Earthformer's cfg_sevir.yaml: train time_utc <= 2019-01-01 < validation <= 2019-06-01 < test.
+EARTHFORMER_SPLIT = ("2019-01-01", "2019-06-01")
+
+
+def load_events(cfg, mods):
+    """Catalog -> usable events -> train / validation / test events by SPLIT_DATES, each cut to
+    MAX_TRAIN / MAX_VAL / MAX_TEST events spread over its period.
+
+    Validation chooses the model (best.pt, learning-rate schedule); the final scores are on test.
+    Returns a namespace with train_events, val_events, test_events, root and kind ("sample" or "sevir").
+    """
+    from types import SimpleNamespace
+    catalog, root, kind = resolve_data(cfg)
+    events = load_catalog(catalog, root, mods=mods)               # pct_missing == 0, as the SEVIR paper
+    train, val, test = split_by_dates(events, cfg.SPLIT_DATES)
+    train, val, test = spread(train, cfg.MAX_TRAIN), spread(val, cfg.MAX_VAL), spread(test, cfg.MAX_TEST)
+    first, second = cfg.SPLIT_DATES
+    print(f"split: {len(train)} train events (time_utc <= {first}), {len(val)} validation (to {second}), "
+          f"{len(test)} test (after {second})")
+    return SimpleNamespace(train_events=train, val_events=val, test_events=test, root=root, kind=kind)
+
+
+def resolve_data(cfg):
+    """(catalog_path, root, kind): real SEVIR where named or found, else the generated sample."""
+    for key in ("CATALOG_PATH", "SEVIR_ROOT"):
+        if not str(getattr(cfg, key)).strip():
+            raise UserError(f"--{key.lower()} is empty: name the SEVIR catalog and its folder")
+    catalog, root = Path(cfg.CATALOG_PATH), Path(cfg.SEVIR_ROOT)
+    at_defaults = cfg.CATALOG_PATH == DEFAULT_CATALOG and cfg.SEVIR_ROOT == DEFAULT_ROOT
+    if at_defaults and not catalog.exists():
+        sample_catalog, marker = Path(SAMPLE_ROOT) / "CATALOG.csv", Path(SAMPLE_ROOT) / SAMPLE_MARKER
+        if not sample_catalog.exists():
+            print(f"No SEVIR catalog at {catalog}: generating a sample dataset in {SAMPLE_ROOT} (once).")
+            make_sample_sevir(SAMPLE_ROOT)
+        elif marker.exists() and marker.read_text() != SAMPLE_MARKER_TEXT:
+            print(f"The generated sample in {SAMPLE_ROOT} is of an older version: generating it again.")
+            make_sample_sevir(SAMPLE_ROOT)
+        print("Using GENERATED sample data, not real weather. For SEVIR: --catalog_path=.../CATALOG.csv "
+              "--sevir_root=...  (see README)")
+        catalog, root = sample_catalog, Path(SAMPLE_ROOT)
+    if not catalog.exists():
+        raise UserError(f"catalog not found: {catalog}")
+    if not root.is_dir():
+        raise UserError(f"SEVIR root folder not found: {root}")
+    kind = "sample" if (root / SAMPLE_MARKER).exists() else "sevir"
+    return catalog, root, kind
+
+
+CATALOG_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "minute_offsets", "episode_id",
+                   "event_id", "event_type", "llcrnrlat", "llcrnrlon", "urcrnrlat", "urcrnrlon", "proj",
+                   "size_x", "size_y", "height_m", "width_m", "data_min", "data_max", "pct_missing"]
+NEEDED_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "pct_missing"]
+
+
+def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_missing=0.0):
+    """One row per usable event: `id`, `time_utc`, `event_type`, and `<mod>_file`, `<mod>_index` per modality.
+
+    Usable: every requested modality has exactly one catalog row (ids duplicated within a
+    modality are dropped, as SEVIR's reference loaders do) with a safe file_name, a whole-number
+    file_index and a clear time_utc; pct_missing <= max_pct_missing; its file opens and holds the
+    dataset in SEVIR's layout and dtype, the index is in range and the file's id there is the
+    event's. Each file is opened once; one summary line counts the events dropped for each reason.
+    """
+    mods = tuple(mods)
+    df = read_catalog(catalog_path)
+    df = df[df["img_type"].isin(mods)]
+    if df.empty:
+        raise UserError(f"catalog {catalog_path} has no rows of type {', '.join(mods)}")
+    all_ids = df["id"].unique()
+    gone, dropped = set(), {}                               # ids left out; reason -> how many (first reason counts)
+
+    def drop(reason, ids):
+        new = set(ids) - gone
+        if new:
+            gone.update(new)
+            dropped[reason] = dropped.get(reason, 0) + len(new)
+
+    df, rejects = _catalog_rejects(df, len(mods), max_pct_missing)
+    for reason, ids in rejects:
+        drop(reason, ids)
+
+    df = df[~df["id"].isin(gone)]
+    problems = pd.Series(_check_files(df, root), dtype=object)       # each file opened once
+    for reason in dict.fromkeys(problems):
+        drop(reason, df.loc[problems.index[problems == reason], "id"])
+
+    df = df[~df["id"].isin(gone)]
+    reasons = ", ".join(f"{r}: {n}" for r, n in dropped.items())
+    print(f"catalog: {df['id'].nunique()} usable events of {len(all_ids)} with {'+'.join(mods)}"
+          + (f" (dropped {reasons})" if reasons else ""))
+    if df.empty:
+        raise UserError(f"no usable events in {catalog_path} under {root}: dropped {reasons}")
+    wide = df.pivot(index="id", columns="img_type", values=["file_name", "file_index"])
+    events = pd.DataFrame({"id": wide.index})
+    first = df.drop_duplicates("id").set_index("id")
+    events["time_utc"] = first.loc[events["id"], "time_utc"].to_numpy()
+    events["event_type"] = first.loc[events["id"], "event_type"].to_numpy() if "event_type" in first else ""
+    for mod in mods:
+        events[f"{mod}_file"] = wide[("file_name", mod)].to_numpy()
+        events[f"{mod}_index"] = wide[("file_index", mod)].to_numpy().astype(np.int64)
+    return events.sort_values(["time_utc", "id"]).reset_index(drop=True)
+
+
+def read_catalog(path):
+    """Read a SEVIR CATALOG.csv into a DataFrame with parsed time_utc; UserError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if not os.access(path, os.R_OK):
+        raise UserError(f"catalog {path}: no permission to read it")
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not a CSV catalog ({type(e).__name__})") from None
+    missing = [c for c in NEEDED_COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"{path} lacks SEVIR catalog columns: {', '.join(missing)}")
+    use = NEEDED_COLUMNS + [c for c in ("event_type", "size_x") if c in header]
+    try:
+        df = pd.read_csv(path, usecols=use, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not a readable CSV catalog: {e}".splitlines()[0]) from None
+    if df.empty:
+        raise UserError(f"catalog {path} has no rows")
+    df["img_type"] = df["img_type"].str.strip().str.lower()
+    index = df["file_index"].str.strip()
+    df["file_index"] = np.where(index.str.fullmatch(r"\d+"), index, "-1").astype(np.int64)   # "3.7" is no index
+    df["pct_missing"] = pd.to_numeric(df["pct_missing"], errors="coerce").fillna(1.0)
+    df["size_x"] = df["size_x"] if "size_x" in df else ""
+    df["time_utc"] = _catalog_times(df["time_utc"])
+    return df
+
+
+def _catalog_times(text):
+    """time_utc as Timestamps; NaT where it cannot be read for certain.
+
+    SEVIR writes "2019-05-12 18:30:00". A spreadsheet may write "5/12/2019 18:30" (month first) or
+    "12/5/2019 18:30" (day first): the order is taken from rows that can be read only one way (a
+    number above 12); when none can, or they disagree, the slashed dates are ambiguous and left NaT.
+    """
+    t = pd.to_datetime(text, format="%Y-%m-%d %H:%M:%S", errors="coerce")
+    parts = text.str.extract(r"^\s*(\d{1,2})/(\d{1,2})/\d{4} \d{1,2}:\d{2}(?::\d{2})?\s*$").astype(float)
+    slashed = parts[0].notna() & t.isna()
+    first_is_day, second_is_day = (parts[0] > 12).any(), (parts[1] > 12).any()
+    if slashed.any() and first_is_day != second_is_day:
+        order = "%d/%m/%Y %H:%M" if first_is_day else "%m/%d/%Y %H:%M"
+        minutes = text[slashed].str.strip().str.replace(r"(:\d{2}):\d{2}$", r"\1", regex=True)   # drop seconds
+        t[slashed] = pd.to_datetime(minutes, format=order, errors="coerce")
+    return t
+
+
+def _catalog_rejects(df, n_mods, max_pct_missing):
+    """(rows kept, [(reason, ids)]) for the rules the catalog alone can check, on rows of the wanted types.
+
+    A file_name must be a relative path that stays inside the data root (a catalog may come from anyone).
+    Then Earthformer's order, so the same events pass: rows with pct_missing above the limit go first;
+    then an id needs a row of every type, and exactly one (an id with two rows of a type loses both).
+    """
+    unsafe = df["file_name"].map(unsafe_file_name).notna()
+    if unsafe.any():
+        example = df.loc[unsafe, "file_name"].iloc[0]
+        print(f"warning: catalog rows with an unsafe file_name are refused, e.g. {example!r} "
+              f"({unsafe_file_name(example)})", file=sys.stderr)
+    unsafe_ids = df.loc[unsafe, "id"]
+    df = df[~df["id"].isin(unsafe_ids)]
+    bad_pct = df["pct_missing"] > max_pct_missing
+    kept = df[~bad_pct]
+    rows_per = kept.groupby(["id", "img_type"]).size()
+
+    def n_types(rows):
+        return rows.drop_duplicates(["id", "img_type"]).groupby("id").size()
+    before, after = n_types(df), n_types(kept).reindex(df["id"].unique(), fill_value=0)
+    return kept, [("unsafe file_name", unsafe_ids),
+                  ("missing modality", before[before < n_mods].index),
+                  (f"pct_missing > {max_pct_missing:g}", after[after < n_mods].index),
+                  ("duplicated id", rows_per[rows_per > 1].index.get_level_values("id")),
+                  ("bad time_utc", kept.loc[kept["time_utc"].isna(), "id"]),
+                  ("bad file_index", kept.loc[kept["file_index"] < 0, "id"])]
+
+
+def unsafe_file_name(name):
+    """Why a catalog file_name may not be used, or None: it must be a relative path inside the root."""
+    if not name or "\0" in name:
+        return "empty" if not name else "holds a NUL"
+    if "\\" in name or re.match(r"^[A-Za-z]:", name):
+        return "a backslash or a drive letter"
+    if name.startswith("/"):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a '..' segment"
+    return None
+
+
+def writable_folder(folder, marker, what):
+    """Check, before writing anything, that `folder` may be written by a tool that marks its folders with
+    the file `marker`: absent, empty, or already marked (so never a folder of someone's real data)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder}: it is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).exists():
+        raise UserError(f"{what} {folder}: the folder holds files this tool did not write (no {marker}); "
+                        f"choose a new or empty folder")
+    existing = next(p for p in [folder.resolve(), *folder.resolve().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {folder}: {existing} is not writable")
+
+
+def inside(path, root):
+    """Whether `path`, with every link resolved, lies inside the folder `root`."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
+def _check_files(df, root):
+    """Open each file of the catalog once and check what its rows need; returns {row label: reason} for
+    the rows that cannot be used. A file with a problem is named once on stderr."""
+    bad = {}
+    for file_name, group in df.groupby("file_name", sort=False):
+        path = Path(root) / file_name
+        if not path.is_file():
+            bad.update({i: "missing file" for i in group.index})
+            continue
+        warned = set()
+        try:
+            with h5py.File(path, "r") as f:
+                ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["id"][()]] if "id" in f else None
+                for row in group.itertuples():
+                    problem = _row_problem(f, row, path, ids)
+                    if problem:
+                        reason, what = problem
+                        bad[row.Index] = reason
+                        if what and reason not in warned:
+                            warned.add(reason)
+                            print(f"warning: {path}: {what}; rows with this problem are not used", file=sys.stderr)
+        except OSError as e:
+            print(f"warning: cannot read {path}: {str(e).splitlines()[0]}", file=sys.stderr)
+            bad.update({i: "unreadable file" for i in group.index})
+    return bad
+
+
+def _row_problem(f, row, path, ids):
+    """(reason, what to say or None) when catalog row `row` cannot be read from the open file f, else None.
+
+    Checks what a sample relies on: the dataset has SEVIR's layout (N, H, W, 49) with square frames of
+    the catalog's size_x and the stored dtype; the index is in range and the file's `id` there is the
+    row's id; the data is all in the file; lightning is an (n, 5) list.
+    """
+    if row.img_type == "lght":
+        if row.id not in f:
+            return "no dataset in file", None
+        shape = f[row.id].shape
+        return None if len(shape) == 2 and shape[1] == 5 else ("bad lightning data", f"{row.id} is {shape}, not (n, 5)")
+    if row.img_type not in f:
+        return "no dataset in file", None
+    ds, want = f[row.img_type], np.dtype(EVENT_DTYPE[row.img_type])
+    size = int(row.size_x) if str(row.size_x).isdigit() else NATIVE_SIZE[row.img_type]
+    if ds.shape[1:] != (size, size, N_FRAMES) or ds.dtype != want:
+        return "bad shape or dtype", f"{row.img_type} is {ds.dtype} {ds.shape}, expected {want} (N, {size}, {size}, 49)"
+    if not 0 <= row.file_index < ds.shape[0]:
+        return "file_index out of range", None
+    if ids is not None and (row.file_index >= len(ids) or ids[row.file_index] != row.id):
+        return "id differs from the catalog", f"its id at {row.file_index} is not the catalog's {row.id}"
+    if data_end(ds) > path.stat().st_size:
+        return "truncated file", "it is shorter than the data it describes"
+    return None
+
+
+def split_by_dates(events, dates):
+    """Events split by time_utc at each date, Earthformer's rule: (.., d1], (d1, d2], (d2, ..).
+
+    An event stamped exactly on a date belongs to the earlier side, as in Earthformer's loader
+    (`start_date < time_utc <= end_date`). Two dates give [train, validation, test]. A side without
+    events is a UserError naming the dates and the span of the events.
+    """
+    cuts = [_parse_date(d) for d in dates]
+    if None in cuts:
+        raise UserError(f"split dates {', '.join(map(str, dates))}: expected dates like 2019-06-01")
+    t, edges = events["time_utc"], [None] + cuts + [None]
+    names = ["train", "validation", "test"] if len(cuts) == 2 else ["first", "second"]
+    sides = []
+    for name, lo, hi in zip(names, edges[:-1], edges[1:]):
+        keep = np.ones(len(events), dtype=bool)
+        if lo is not None:
+            keep &= (t > lo).to_numpy()
+        if hi is not None:
+            keep &= (t <= hi).to_numpy()
+        if not keep.any():
+            rule = " < ".join([f"{lo:%Y-%m-%d %H:%M}"] * (lo is not None) + ["time_utc"]) + \
+                (f" <= {hi:%Y-%m-%d %H:%M}" if hi is not None else "")
+            span = f"{t.min():%Y-%m-%d %H:%M} .. {t.max():%Y-%m-%d %H:%M}"
+            raise UserError(f"no {name} events ({rule}; the {len(events)} events run {span}): "
+                            f"choose other --split_dates")
+        sides.append(events[keep].reset_index(drop=True))
+    return sides
+
+
+def spread(events, n):
+    """n of the events spread evenly over their period (every k-th by time, the same ones each run); all if n is 0."""
+    if not n or n >= len(events):
+        return events
+    return events.iloc[(np.arange(n) * len(events)) // n].reset_index(drop=True)
+
+
+# ======================================================================================
+# 8. Run files: the report, checkpoints, one run per folder, resume, atomic writes
+# ======================================================================================
+
 def report(model, references, data, cfg, device, history=(), extra=None, num_samples=3, split="test",
            cmap="sevir", checkpoint="best.pt", epoch=None):
     """Score model and reference forecasts (one or a list) on the same held-out windows; write metrics.json
@@ -2037,29 +1858,248 @@ def print_table(metrics):
           + ", CSI-M " + " / ".join(fmt(other[n]["csi_m"]) for n in names) + f", {' / '.join(names)})")
 
 
+# A run's files in OUT_DIR: any of them means the folder already holds a run.
+RUN_FILES = ("last.pt", "best.pt", "metrics.json", "history.csv")
+# Config keys that may change when a run is resumed; every other key must match the checkpoint.
+RESUMABLE_KEYS = {"EPOCHS", "RESUME", "OVERWRITE", "NUM_WORKERS", "DEVICE", "OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}
+CHECKPOINT_EVERY_S = 60           # last.pt at most this often (and after the last epoch, and on Ctrl-C)
+
+
+def check_out_dir(cfg):
+    """Check, before any data is read and without writing anything, that OUT_DIR can take this run:
+    writable, and not holding an earlier run unless RESUME or OVERWRITE says what to do with it."""
+    out = Path(cfg.OUT_DIR).expanduser().resolve()        # (an empty OUT_DIR is refused by check_config)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot write to OUT_DIR {out}: it is a file")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to OUT_DIR {out}: {existing} is not a writable folder")
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if cfg.RESUME and not (out / "last.pt").exists():
+        raise UserError(f"--resume=true but there is no checkpoint {out / 'last.pt'}")
+    if held and not cfg.RESUME and not cfg.OVERWRITE:
+        how = ("--resume=true continues it, --overwrite=true replaces it, --out_dir=... starts elsewhere"
+               if started_from_file() else               # a notebook cell: the Config is edited in the cell
+               "RESUME = True in the Config continues it, OVERWRITE = True replaces it, another OUT_DIR starts elsewhere")
+        raise UserError(f"{out} already holds a run ({', '.join(held)}): {how}")
+    return out
+
+
+@contextlib.contextmanager
+def locked(out):
+    """Hold OUT_DIR for this process: a second run there stops with one line. A lock left by a process that
+    no longer runs is taken over. (Rank 0 alone writes, so only it locks.)"""
+    if not is_main():
+        yield out
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            pid = lock.read_text().strip() if lock.exists() else ""
+            if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+                raise UserError(f"{out} is in use by another run (process {pid}); wait for it or use --out_dir=...")
+            lock.unlink(missing_ok=True)                         # stale: its process is gone (or is us)
+    try:
+        yield out
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_or_resume(model, optimizer, scheduler, cfg):
+    """(first epoch, best validation value, history): from last.pt with --resume=true (model, optimizer,
+    scheduler and random state restored, after checking the config matches), else a fresh run whose
+    config.json is written and whose earlier run files (--overwrite=true) are removed."""
+    out = Path(cfg.OUT_DIR)
+    if not cfg.RESUME:
+        if is_main():
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            write_json(out / "config.json", config_dict(cfg))
+        return 1, float("inf"), []
+    ckpt = load_checkpoint(out / "last.pt")
+    check_same_config(ckpt["config"], config_dict(cfg), out / "last.pt")
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    start, best_val = ckpt["epoch"] + 1, ckpt["best_val"]
+    print(f"resumed from {out / 'last.pt'} after epoch {ckpt['epoch']} (best val {best_val:.5f})"
+          + (f"; nothing left to train (--epochs={cfg.EPOCHS}): reporting best.pt" if start > cfg.EPOCHS else ""))
+    return start, best_val, ckpt["history"]
+
+
+class EpochSaver:
+    """The run's files after each epoch (rank 0 writes): history.csv, best.pt when the epoch improved, and
+    last.pt at most every CHECKPOINT_EVERY_S seconds and after the last epoch. Between writes it keeps the
+    last finished epoch in memory, so a stop can still save it (keep_last_epoch)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.out = cfg, Path(cfg.OUT_DIR)
+        self.snapshot, self.saved_at = None, time.monotonic()
+
+    def epoch_done(self, model, optimizer, scheduler, epoch, best_val, metrics, history, extra, improved):
+        if not is_main():
+            return
+        write_history(self.out / "history.csv", history)
+        self.snapshot = _checkpoint(model, optimizer, scheduler, self.cfg, epoch, best_val, metrics, history, extra)
+        if improved:
+            save_checkpoint({k: v for k, v in self.snapshot.items() if k not in TRAINING_STATE}, self.out / "best.pt")
+        if epoch == self.cfg.EPOCHS or time.monotonic() - self.saved_at >= CHECKPOINT_EVERY_S:
+            save_checkpoint(self.snapshot, self.out / "last.pt")
+            self.snapshot, self.saved_at = None, time.monotonic()
+
+    def keep_last_epoch(self):
+        """On a stop: last.pt as of the last finished epoch, if it was not written yet."""
+        if self.snapshot is not None:
+            save_checkpoint(self.snapshot, self.out / "last.pt")
+
+    def interrupted(self):
+        """The Interrupted error to end a stopped run with: what was saved and how to resume."""
+        if not (self.out / "last.pt").exists():
+            return Interrupted("before the first epoch ended: nothing was saved; run the same command again")
+        done = load_checkpoint(self.out / "last.pt")["epoch"] if is_main() else "?"
+        return Interrupted(f"{self.out / 'last.pt'} holds epoch {done}. {resume_hint(self.cfg)}")
+
+
+# What last.pt holds beyond best.pt: the state to continue training.
+TRAINING_STATE = ("optimizer", "scheduler", "rng")
+
+
+def _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra=None):
+    """The checkpoint as of now, copied to the CPU (it may be written later, after more training)."""
+    weights = unwrap(model).state_dict()
+    for name, p in weights.items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise RunError(f"model weight {name} is not finite after epoch {epoch}: not saved; "
+                           f"checkpoints are as they were")
+    return _cpu_copy({
+        "model": weights, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "config": config_dict(cfg), "epoch": epoch, "best_val": best_val, "metrics": metrics,
+        "history": [dict(row) for row in history], "extra": extra or {}, "script": cfg.script,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
+
+
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def check_same_config(saved, current, path):
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
+    if differ:
+        detail = ", ".join(f"{k.lower()}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differ)
+        raise UserError(f"cannot resume {path}: it was made with another configuration ({detail})")
+
+
+def write_history(path, history):
+    tmp = _tmp_name(path)
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def _tmp_name(path):
+    """A temporary name beside `path`, private to this process: two writers never share one."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, fsync, then rename: an interruption leaves the previous file intact."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:                    # a full disk, or Ctrl-C mid-write: no half file left
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RunError(f"could not save {path} ({e.strerror or e}); the previous {path.name} is kept") from None
+        raise
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint holding code is refused, not run."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    import zipfile
+    if not zipfile.is_zipfile(path):                     # torch.save writes a zip archive
+        raise UserError(f"{path} is not a checkpoint (not a file written by torch.save)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{path} holds more than tensors and plain values; refused "
+                            f"(loaded with weights_only=True)") from None
+        raise UserError(f"{path} is not a checkpoint of these scripts ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{path} is not a checkpoint of these scripts (no model weights in it)")
+    return ckpt
+
+
+def load_weights(model, path):
+    """Load a checkpoint's model weights into a (possibly wrapped) model; returns the checkpoint."""
+    ckpt = load_checkpoint(path)
+    try:
+        unwrap(model).load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit {type(unwrap(model)).__name__} as configured "
+                        f"({str(e).splitlines()[0].strip()}...)") from None
+    return ckpt
+
+
+def write_json(path, obj):
+    """JSON with NaN written as null, atomically."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    tmp = _tmp_name(path)
+    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 # ======================================================================================
-# 8. Configuration and command line, errors, devices, torchrun
+# 9. Configuration and command line, devices, torchrun
 # ======================================================================================
-
-class RunError(Exception):
-    """A run cannot go on; shown as one line, exit status 1."""
-    code, label = 1, "error"
-
-
-class UserError(RunError):
-    """A mistake the user can fix (path, config value, file); one line, exit status 2."""
-    code = 2
-
-
-class Interrupted(RunError):
-    """Ctrl-C or SIGTERM; one line (with how to resume), exit status 130."""
-    code, label = 130, "interrupted"
-
-
-class HelpShown(RunError):
-    """--help was printed; exit status 0."""
-    code = 0
-
 
 def run(main):
     """Call main(); a RunError or Ctrl-C becomes one line on stderr and its exit status.
@@ -2350,7 +2390,7 @@ def all_reduce_sum(t):
 
 
 # ======================================================================================
-# 9. Tools: sample data (python common.py sample)
+# 10. Tools: sample data (python common.py sample)
 # ======================================================================================
 
 SEVIR_PROJ = "+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere "
@@ -2387,16 +2427,16 @@ def make_sample_sevir(root, n_events=SAMPLE_EVENTS, seed=0):
             period[-1] = boundary                          # on the split date: the earlier side (Earthformer)
         times += period
     events = []
-    for i, time in enumerate(times):
+    for i, when in enumerate(times):
         storm = i % 5 != 4                                        # every fifth event is a random one
-        eid = f"S{830000 + 37 * i}" if storm else f"R{time:%y%m%d%H%M}{rng.integers(0, 10000):04d}"
-        span = f"{time.year}_{'0101_0630' if time.month <= 6 else '0701_1231'}"
+        eid = f"S{830000 + 37 * i}" if storm else f"R{when:%y%m%d%H%M}{rng.integers(0, 10000):04d}"
+        span = f"{when.year}_{'0101_0630' if when.month <= 6 else '0701_1231'}"
         kind = "STORMEVENTS" if storm else "RANDOMEVENTS"
-        month = f"{time.year}_{time.month:02d}01_{time.month % 12 + 1:02d}01"
+        month = f"{when.year}_{when.month:02d}01_{when.month % 12 + 1:02d}01"
         lat0, lon0 = rng.uniform(28, 45), rng.uniform(-105, -82)
-        events.append({"id": eid, "time": time, "storm": storm, "lat0": lat0, "lon0": lon0,
-                       "files": {m: f"{m}/{time.year}/SEVIR_{m.upper()}_{kind}_{span}.h5" for m in ("vil", "ir069", "ir107")}
-                       | {"lght": f"lght/{time.year}/SEVIR_LGHT_ALLEVENTS_{month}.h5"},
+        events.append({"id": eid, "time": when, "storm": storm, "lat0": lat0, "lon0": lon0,
+                       "files": {m: f"{m}/{when.year}/SEVIR_{m.upper()}_{kind}_{span}.h5" for m in ("vil", "ir069", "ir107")}
+                       | {"lght": f"lght/{when.year}/SEVIR_LGHT_ALLEVENTS_{month}.h5"},
                        "missing": storm and i == 3 and n_events >= 10})   # one event with missing radar pixels
     layout = {}                                                   # file -> list of event numbers
     for i, e in enumerate(events):
@@ -2531,7 +2571,7 @@ def _smooth_noise(rng, size, scale):
 
 
 # ======================================================================================
-# 10. Tools: a SEVIR subset over HTTP range requests (python common.py download)
+# 11. Tools: a SEVIR subset over HTTP range requests (python common.py download), a prepared copy (prepare)
 # ======================================================================================
 
 SEVIR_URL = "https://sevir.s3.us-east-1.amazonaws.com"   # the public bucket s3://sevir: CATALOG.csv, data/<type>/...
@@ -2830,7 +2870,7 @@ class HTTPRangeFile(io.RawIOBase):
 
 
 # ======================================================================================
-# 11. Tools: speed and memory on this machine (python common.py bench), the command line
+# 12. Tools: speed and memory on this machine (python common.py bench), the command line
 # ======================================================================================
 
 def bench(root=SAMPLE_ROOT, with_memory=True):

@@ -25,7 +25,7 @@ class Config:
     PERCEPTUAL_POOL = 1                      # VGG16 sees both fields average-pooled k x k (1 = notebook; cost ~ 1/k^2)
     VGG_WEIGHTS = "imagenet"                 # imagenet (hub cache or download; if unavailable the perceptual term is
                                              # left out), or none: use untrained VGG16 layers anyway
-    BN_BATCHES = 4                           # re-estimate BatchNorm statistics on this many batches per epoch (0: off)
+    BN_BATCHES = 2                           # re-estimate BatchNorm statistics on this many batches per epoch (0: off)
     EPOCHS = 6                               # passes over every frame of every training event
     BATCH_SIZE = 16                          # samples per optimizer step
     LR = 2e-3                                # Adam learning rate (notebook: 1e-4, slower to converge on the sample)
