@@ -940,9 +940,10 @@ class SkillScore:
 
     A score whose denominator is 0 is undefined: NaN, printed n/a. CSI when neither forecast nor truth reached
     the threshold; POD and BIAS when the truth never did; SUCR when the forecast never did. Pooled CSI is on
-    k x k tiles of the scored grid (pixel_km in metrics.json), not of SEVIR's 1 km grid. CSI-M (and the pooled and per-lead CSI-M) follows Earthformer: the
-    mean over all six thresholds with an undefined CSI counted as 0, so it always averages the same
-    set. BIAS is the frequency bias (H + F) / (H + M); Earthformer's "bias" column is another quantity.
+    k x k tiles of the scored grid (pixel_km in metrics.json), not of SEVIR's 1 km grid. CSI-M (and the
+    pooled and per-lead CSI-M) follows Earthformer: the mean over all six thresholds with an undefined CSI
+    counted as 0, so it always averages the same set. BIAS is the frequency bias (H + F) / (H + M);
+    Earthformer's "bias" column is another quantity.
     """
 
     def __init__(self, thresholds=SEVIR_THRESHOLDS, pools=(4, 16)):
@@ -1284,8 +1285,10 @@ FIGURE_DPI = 80                        # figures' resolution (forecast.gif: 3/4 
 
 def _save_figure(fig, path):
     """Write the figure, free it, and show the file when running inside a notebook."""
-    fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
-    _plt().close(fig)
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=FIGURE_DPI, bbox_inches="tight"))
+    finally:
+        _plt().close(fig)
     _show_if_notebook(path)
 
 
@@ -1438,7 +1441,8 @@ def forecast_gif(model, val_dataset, device, path, cmap="sevir", index=None):
         title.set_text(f"sample {i}: {label}")
         return left, right, title
 
-    FuncAnimation(fig, draw, frames=len(frames)).save(path, writer=PillowWriter(fps=3), dpi=FIGURE_DPI * 3 // 4)
+    write_atomically(path, lambda tmp: FuncAnimation(fig, draw, frames=len(frames)).save(
+        tmp, writer=PillowWriter(fps=3), dpi=FIGURE_DPI * 3 // 4))
     plt.close(fig)
     _show_if_notebook(path)
 
@@ -1502,8 +1506,17 @@ def resolve_data(cfg):
         raise UserError(f"catalog not found: {catalog}")
     if not root.is_dir():
         raise UserError(f"SEVIR root folder not found: {root}")
-    kind = "sample" if (root / SAMPLE_MARKER).exists() else "sevir"
+    kind = "sample" if is_generated(root) else "sevir"
+    if kind == "sample" and not at_defaults:
+        print(f"Using GENERATED sample data in {root}, not real weather.")
     return catalog, root, kind
+
+
+def is_generated(root):
+    """True for the generated sample and for a prepared copy of it (its mark says so)."""
+    root = Path(root)
+    prepared = root / PREPARED_MARKER
+    return (root / SAMPLE_MARKER).exists() or (prepared.is_file() and GENERATED_COPY in prepared.read_text())
 
 
 CATALOG_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "minute_offsets", "episode_id",
@@ -1744,7 +1757,7 @@ def split_by_dates(events, dates):
         if hi is not None:
             keep &= (t <= hi).to_numpy()
         if not keep.any():
-            rule = " < ".join([f"{lo:%Y-%m-%d %H:%M}"] * (lo is not None) + ["time_utc"]) + \
+            rule = (f"{lo:%Y-%m-%d %H:%M} < " if lo is not None else "") + "time_utc" + \
                 (f" <= {hi:%Y-%m-%d %H:%M}" if hi is not None else "")
             span = f"{t.min():%Y-%m-%d %H:%M} .. {t.max():%Y-%m-%d %H:%M}"
             raise UserError(f"no {name} events ({rule}; the {len(events)} events run {span}): "
@@ -1860,6 +1873,9 @@ def print_table(metrics):
 
 # A run's files in OUT_DIR: any of them means the folder already holds a run.
 RUN_FILES = ("last.pt", "best.pt", "metrics.json", "history.csv")
+# What else a run (and visualize.py, with tags such as _val or _last) writes there: replaced with the run.
+RUN_OUTPUTS = ("config.json", "metrics_*.json", "predictions*.png", "skill*.png", "loss*.png", "spectrum*.png",
+               "forecast*.gif")
 # Config keys that may change when a run is resumed; every other key must match the checkpoint.
 RESUMABLE_KEYS = {"EPOCHS", "RESUME", "OVERWRITE", "NUM_WORKERS", "DEVICE", "OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}
 CHECKPOINT_EVERY_S = 60           # last.pt at most this often (and after the last epoch, and on Ctrl-C)
@@ -1896,16 +1912,27 @@ def locked(out):
     out.mkdir(parents=True, exist_ok=True)
     lock = out / ".lock"
     while True:
+        if lock.is_dir() or lock.is_symlink():
+            raise UserError(f"{lock} is not this tool's lock file (a folder or a link): remove it")
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            break
         except FileExistsError:
-            pid = lock.read_text().strip() if lock.exists() else ""
+            pid = lock.read_bytes().decode(errors="replace").strip() if lock.exists() else ""
             if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
-                raise UserError(f"{out} is in use by another run (process {pid}); wait for it or use --out_dir=...")
+                raise UserError(f"{out} is in use by another run (process {pid}, in {lock}); wait for it, "
+                                f"use --out_dir=..., or delete {lock} if that process is not a run") from None
             lock.unlink(missing_ok=True)                         # stale: its process is gone (or is us)
+            continue
+        except OSError as e:
+            raise RunError(f"could not write {lock} ({e.strerror}); nothing was written") from None
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:                                     # a full disk
+            lock.unlink(missing_ok=True)
+            raise RunError(f"could not write {lock} ({e.strerror}); nothing was written") from None
+        finally:
+            os.close(fd)
+        break
     try:
         yield out
     finally:
@@ -1928,12 +1955,14 @@ def start_or_resume(model, optimizer, scheduler, cfg):
     config.json is written and whose earlier run files (--overwrite=true) are removed."""
     out = Path(cfg.OUT_DIR)
     if not cfg.RESUME:
-        if is_main():
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
+        if is_main():                                # --overwrite=true: the whole earlier run goes
+            for pattern in (*RUN_FILES, *RUN_OUTPUTS):
+                for path in out.glob(pattern):
+                    path.unlink()
             write_json(out / "config.json", config_dict(cfg))
         return 1, float("inf"), []
-    ckpt = load_checkpoint(out / "last.pt")
+    ckpt = check_run_checkpoint(load_checkpoint(out / "last.pt"), out / "last.pt",
+                                needs=("model", "optimizer", "config", "epoch", "best_val", "history", "rng"))
     check_same_config(ckpt["config"], config_dict(cfg), out / "last.pt")
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -2011,6 +2040,33 @@ def _cpu_copy(obj):
     return obj
 
 
+def check_run_checkpoint(ckpt, path, needs=("model", "config", "epoch", "history")):
+    """Refuse a checkpoint that lacks what a run wrote into it (an edited or foreign file), in one line."""
+    missing = [k for k in needs if k not in ckpt]
+    history = ckpt.get("history", [])
+    if missing or not isinstance(ckpt.get("config", {}), dict) or not isinstance(ckpt.get("epoch", 0), int) \
+            or not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        raise UserError(f"{path} is not a checkpoint of a run: "
+                        + (f"it has no {', '.join(missing)}" if missing else "its config, epoch or history is malformed"))
+    return ckpt
+
+
+def config_from_checkpoint(config_cls, ckpt, path, script):
+    """The Config a checkpoint was trained with, checked as the command line is (a checkpoint may come from
+    anyone): every key one the script knows, every value of its type and in range."""
+    check_run_checkpoint(ckpt, path)
+
+    def text(value):
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    try:
+        return parse_config(config_cls, [f"--{k.lower()}={text(v)}" for k, v in ckpt["config"].items()],
+                            script=script)
+    except HelpShown:
+        raise UserError(f"{path}: its config is not one {script}.py accepts") from None
+    except UserError as e:
+        raise UserError(f"{path}: its config is not one {script}.py accepts ({e})") from None
+
+
 def check_same_config(saved, current, path):
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
@@ -2020,35 +2076,44 @@ def check_same_config(saved, current, path):
 
 
 def write_history(path, history):
-    tmp = _tmp_name(path)
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
 
 
 def _tmp_name(path):
-    """A temporary name beside `path`, private to this process: two writers never share one."""
+    """A temporary name beside `path`, private to this process (two writers never share one), that keeps
+    its suffix (writers that choose the format by it still work): .metrics.1234.tmp.json."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, fsync, then rename: an interruption leaves the previous file intact."""
+def write_atomically(path, write):
+    """Write a file by `write(tmp)` to a temporary path beside it, fsync, then rename: a full disk, a stop or
+    a crash mid-write leaves the previous file (or none), never a partial one. A write that fails (a full
+    disk, a read-only folder) is one RunError line naming the file. The one way files are written here."""
     path = Path(path)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "r+b") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:                    # a full disk, or Ctrl-C mid-write: no half file left
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise RunError(f"could not save {path} ({e.strerror or e}); the previous {path.name} is kept") from None
+        torch_failed = isinstance(e, RuntimeError) and "write" in str(e).lower()     # torch.save on a full disk
+        if isinstance(e, OSError) or torch_failed:
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+            raise RunError(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                           f"{kept}") from None
         raise
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically (write_atomically): an interruption leaves the previous file intact."""
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path):
@@ -2092,9 +2157,7 @@ def write_json(path, obj):
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(clean(obj), indent=2) + "\n"))
 
 
 # ======================================================================================
@@ -2104,11 +2167,14 @@ def write_json(path, obj):
 def run(main):
     """Call main(); a RunError or Ctrl-C becomes one line on stderr and its exit status.
 
-    SIGTERM (what schedulers and Colab send) is handled like Ctrl-C. Inside IPython or Jupyter the line is
-    printed and the call returns: no SystemExit banner under the message.
+    SIGTERM (what schedulers and Colab send) and SIGHUP (a closed terminal or ssh session; unless nohup made
+    the process ignore it) are handled like Ctrl-C. Inside IPython or Jupyter the line is printed and the call
+    returns: no SystemExit banner under the message.
     """
     if not in_ipython() and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)         # not SIGINT's handler: `cmd &` starts with SIGINT ignored
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, _stop)
     try:
         main()
     except KeyboardInterrupt:
@@ -2161,6 +2227,9 @@ def parse_config(config_cls, argv=None, size_multiple=1, script=None):
     """
     if argv is None:
         argv = sys.argv[1:] if started_from_file() else []
+        if sys.argv[0] == "-c" and sys.argv[1:]:                # python -c "exec(open(...).read())" --epochs=1
+            print(f"note: the command line ({' '.join(sys.argv[1:])}) is ignored by code that is not run from its "
+                  f"file: edit Config, or run python {script or 'script'}.py with the flags", file=sys.stderr)
     cfg = config_cls()
     cfg.script = script or config_cls.__module__
     keys = {k for k in dir(config_cls) if k.isupper()}
@@ -2181,6 +2250,8 @@ def parse_config(config_cls, argv=None, size_multiple=1, script=None):
                             + ", ".join(sorted(k.lower() for k in keys)))
         setattr(cfg, key, _parse_value(key, value, getattr(config_cls, key)))
         given.add(key)
+    for key in PATH_KEYS & keys:
+        setattr(cfg, key, path_option(getattr(cfg, key), f"--{key.lower()}"))
     if getattr(cfg, "PROTOCOL", None) == "sevir":
         for key, value in SEVIR_PROTOCOL.items():
             if key not in given:
@@ -2190,6 +2261,15 @@ def parse_config(config_cls, argv=None, size_multiple=1, script=None):
                             f"{','.join(EARTHFORMER_SPLIT)}; leave --split_dates out")
     check_config(cfg, size_multiple)
     return cfg
+
+
+def path_option(value, option):
+    """A path as given on a command line: ~ expanded (for the checks and the writes alike); a name part longer
+    than file systems allow (255 bytes) is a UserError naming the option."""
+    path = os.path.expanduser(str(value))
+    if any(len(part.encode()) > 255 for part in Path(path).parts):
+        raise UserError(f"{option}={str(value)[:60]}...: a part of the path is longer than 255 bytes")
+    return path
 
 
 def _parse_value(key, text, default):
@@ -2231,6 +2311,7 @@ def _config_docs(cls):
 
 
 # The training scripts: the only modules a checkpoint's "script" may name (visualize.py, bench).
+PATH_KEYS = {"OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}        # Config keys that name files or folders
 SCRIPTS = ("train_baseline", "train_multimodal", "train_synthetic", "train_advanced")
 KNOWN_MODS = ("vil", "ir069", "ir107", "lght")
 # The SEVIR nowcasting benchmark (SEVIR paper, Earthformer): 13 frames in, 12 out, 384 x 384, windows at
@@ -2261,6 +2342,8 @@ def check_config(cfg, size_multiple=1):
     for key, low in (("SEED", 0), ("BASE", 1), ("LR_PATIENCE", 0), ("BN_BATCHES", 0)):
         if hasattr(cfg, key):
             need(low <= getattr(cfg, key) < 2 ** 32, key, f"must be >= {low}")
+    if hasattr(cfg, "BASE"):                       # a width the allocator could never hold is a typo
+        need(cfg.BASE <= 1024, "BASE", "must be <= 1024 (the notebooks' width is 32)")
     if hasattr(cfg, "PERCEPTUAL_WEIGHT"):
         need(0 <= cfg.PERCEPTUAL_WEIGHT < math.inf, "PERCEPTUAL_WEIGHT", "must be >= 0")
     if hasattr(cfg, "PERCEPTUAL_POOL"):
@@ -2284,10 +2367,12 @@ def check_config(cfg, size_multiple=1):
         need("ir069" in cfg.INPUT_MODS or "ir107" in cfg.INPUT_MODS, "INPUT_MODS",
              "needs ir069 or ir107 (the reference forecast is an IR lookup table)")
     if hasattr(cfg, "TARGET_SIZE"):
-        need(cfg.TARGET_SIZE >= max(8, 2 * size_multiple) and cfg.TARGET_SIZE % size_multiple == 0, "TARGET_SIZE",
-             f"must be a multiple of {size_multiple}, at least {2 * size_multiple} (the U-Net halves it "
-             f"{int(math.log2(size_multiple))} times and BatchNorm needs 2 x 2 at the bottom)"
-             if size_multiple > 1 else "must be >= 8")
+        need(cfg.TARGET_SIZE >= max(16, 2 * size_multiple) and cfg.TARGET_SIZE % size_multiple == 0, "TARGET_SIZE",
+             f"must be a multiple of {size_multiple}, at least {max(16, 2 * size_multiple)} (the U-Net halves it "
+             f"{int(math.log2(size_multiple))} times and BatchNorm needs 2 x 2 at the bottom; pooled CSI needs "
+             f"16 x 16)" if size_multiple > 1 else "must be >= 16 (pooled CSI takes 16 x 16 tiles)")
+        need(cfg.TARGET_SIZE <= 4 * NATIVE_SIZE["vil"], "TARGET_SIZE",
+             f"must be <= {4 * NATIVE_SIZE['vil']} (SEVIR's VIL is {NATIVE_SIZE['vil']} x {NATIVE_SIZE['vil']})")
     if hasattr(cfg, "IR_NORM"):
         need(cfg.IR_NORM in IR_NORMS, "IR_NORM", f"one of {', '.join(IR_NORMS)}")
     if hasattr(cfg, "SPLIT_DATES"):
@@ -2581,6 +2666,7 @@ ASK_ABOVE_BYTES = 50e9            # a download above this asks first (or needs -
 SUBSET_MARKER = "DOWNLOADED_SUBSET.txt"           # marks a folder written by download
 PREPARED_MARKER = "PREPARED_COPY.txt"             # marks a folder written by prepare
 PREPARED_COMPRESSION = None       # measured (README): lzf saves 18% of the bytes and halves the warm read speed
+GENERATED_COPY = "a copy of the GENERATED sample (synthetic weather, not real data)"   # in PREPARED_MARKER
 
 
 def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, until=None, event_type=None,
@@ -2605,8 +2691,7 @@ def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, 
     remote_catalog = out / "CATALOG.remote.csv"                   # the full catalog, fetched once
     if not remote_catalog.exists():
         body, _ = http_get(f"{base_url}/CATALOG.csv", backoff=backoff)
-        _tmp_name(remote_catalog).write_bytes(body)
-        os.replace(_tmp_name(remote_catalog), remote_catalog)
+        write_atomically(remote_catalog, lambda tmp: tmp.write_bytes(body))
     ids = choose_events(remote_catalog, types, max_events, since, until, event_type)
     if not ids:
         raise UserError("no event in the catalog matches --types, --since, --until and --event-type")
@@ -2716,8 +2801,8 @@ def _write_copy(out, rows, open_source, size, desc):
         grid = rows.loc[images, "img_type"].map(lambda m: str(min(size, NATIVE_SIZE[m])))
         rows.loc[images, "size_x"], rows.loc[images, "size_y"] = grid, grid
     catalog = out / "CATALOG.csv"
-    rows.sort_values(["order", "img_type"]).drop(columns="order").to_csv(_tmp_name(catalog), index=False)
-    os.replace(_tmp_name(catalog), catalog)
+    write_atomically(catalog, lambda tmp: rows.sort_values(["order", "img_type"]).drop(columns="order")
+                     .to_csv(tmp, index=False))
     return catalog, bytes_in
 
 
@@ -2742,13 +2827,16 @@ def prepare(catalog, root, out, size, types=("vil", "ir069", "ir107"), max_event
     writable_folder(out, PREPARED_MARKER, "prepare --out")
     events = load_catalog(catalog, root, mods=types)                # usable events, files checked
     chosen = _select(events, max_events, since, until, event_type)
+    if chosen.empty:                                                # before anything in `out` is touched
+        raise UserError("no usable event in the catalog matches --types, --since, --until and --event-type")
     raw = pd.read_csv(catalog, dtype=str, keep_default_na=False)
     raw["img_type"] = raw["img_type"].str.strip().str.lower()
     keys = {(e, m, f, str(i)) for m in types for e, f, i in zip(chosen["id"], chosen[f"{m}_file"], chosen[f"{m}_index"])}
     rows = raw[[k in keys for k in zip(raw["id"], raw["img_type"], raw["file_name"], raw["file_index"].str.strip())]].copy()
     rows["order"] = rows["id"].map({e: i for i, e in enumerate(chosen["id"])})
     out.mkdir(parents=True, exist_ok=True)
-    (out / PREPARED_MARKER).write_text(f"Written by python common.py prepare: SEVIR events at {size} x {size}.\\n")
+    (out / PREPARED_MARKER).write_text(f"Written by python common.py prepare: SEVIR events at {size} x {size}"
+                                       + (f", {GENERATED_COPY}.\n" if is_generated(root) else ".\n"))
     t0 = time.time()
     new_catalog, bytes_in = _write_copy(out, rows, lambda name: h5py.File(Path(root) / name, "r"), size, "prepare")
     bytes_out = sum(p.stat().st_size for p in out.rglob("*.h5"))
@@ -3116,11 +3204,13 @@ def _cli(argv=None):
     parser = argparse.ArgumentParser(prog="common.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="write a generated SEVIR-format sample dataset")
-    s.add_argument("--out", default=SAMPLE_ROOT, help=f"folder to write (default {SAMPLE_ROOT})")
+    s.add_argument("--out", default=SAMPLE_ROOT,
+                   help=f"folder to write (default {SAMPLE_ROOT})")
     s.add_argument("--events", type=int, default=SAMPLE_EVENTS, help=f"number of events (default {SAMPLE_EVENTS})")
     s.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("download", help="fetch a SEVIR subset: only the chosen events' bytes")
-    d.add_argument("--out", required=True, help="local folder for CATALOG.csv and the HDF5 files")
+    d.add_argument("--out", required=True,
+                   help="local folder for CATALOG.csv and the HDF5 files")
     d.add_argument("--types", default="vil,ir069,ir107", help="comma-separated: vil, ir069, ir107, lght")
     d.add_argument("--max-events", type=int, default=None, help="at most this many events (earliest first)")
     d.add_argument("--since", default=None, help="events with time_utc after this date (YYYY-MM-DD)")
@@ -3131,7 +3221,8 @@ def _cli(argv=None):
     d.add_argument("--size", type=int, default=None, help="write a prepared copy at this grid (see prepare)")
     p = sub.add_parser("prepare", help="a copy of local SEVIR events at one grid, one frame per chunk")
     p.add_argument("--catalog", required=True, help="the SEVIR CATALOG.csv")
-    p.add_argument("--root", required=True, help="the folder of its vil/, ir069/, ... files")
+    p.add_argument("--root", required=True,
+                   help="the folder of its vil/, ir069/, ... files")
     p.add_argument("--out", required=True, help="a new or empty folder for the copy")
     p.add_argument("--size", type=int, required=True, help="grid in pixels: the TARGET_SIZE you will train at")
     p.add_argument("--types", default="vil,ir069,ir107", help="comma-separated: vil, ir069, ir107, lght")
@@ -3143,6 +3234,9 @@ def _cli(argv=None):
     b.add_argument("--root", default=SAMPLE_ROOT, help="sample folder (made if absent)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (one epoch per script)")
     args = parser.parse_args(argv)
+    for option in ("out", "catalog", "root"):
+        if getattr(args, option, None) is not None:
+            setattr(args, option, path_option(getattr(args, option), f"--{option}"))
     if args.command == "sample":
         t0 = time.time()
         path = make_sample_sevir(args.out, n_events=args.events, seed=args.seed)

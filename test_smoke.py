@@ -2,6 +2,7 @@
 
     pytest test_smoke.py
 """
+import contextlib
 import io
 import json
 import os
@@ -52,7 +53,6 @@ def small_figures(monkeypatch):
 def run_script(script, *args, cwd):
     """`python script args` as common.run runs it, in this process (no second import of torch): the exit
     status, stdout and stderr, as subprocess.run gives them. A bug's exception propagates as it is."""
-    import contextlib
     import importlib
     module = importlib.import_module(script[:-3])
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
@@ -67,13 +67,13 @@ def run_script(script, *args, cwd):
     finally:
         os.chdir(here)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def run_alone(script, *args, cwd, beside=("common.py",)):
     """`python script args` for a copy of script in a folder that holds only it and `beside` (as in Colab), in
     this process: that folder alone on sys.path in place of this one, common imported from it anew."""
-    import contextlib
     import runpy
     import shutil
     alone = Path(cwd) / f"alone_{Path(script).stem}"
@@ -102,6 +102,7 @@ def run_alone(script, *args, cwd, beside=("common.py",)):
         sys.path[:], sys.argv = saved[1], saved[2]
         os.chdir(saved[3])
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
@@ -149,7 +150,33 @@ def test_bad_overrides_are_one_line_errors(args, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_tilde_in_a_path_means_home_for_every_path(tmp_path, monkeypatch, capsys):
+    import train_synthetic
+    import visualize
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = common.parse_config(train_synthetic.Config, ["--out_dir=~/runs/a", "--catalog_path=~/c.csv",
+                                                       "--sevir_root=~/sevir"])
+    assert (cfg.OUT_DIR, cfg.CATALOG_PATH, cfg.SEVIR_ROOT) == (
+        f"{tmp_path}/runs/a", f"{tmp_path}/c.csv", f"{tmp_path}/sevir")
+    assert common.check_out_dir(cfg) == tmp_path / "runs/a"             # checked where it will be written
+    code, err = one_line_error(lambda: visualize.main(["~/nowhere"]), capsys)
+    assert code == 2 and str(tmp_path / "nowhere") in err
+    code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", "~/c.csv", "--root", "~/r",
+                                                    "--out", "~/p", "--size", "32"]), capsys)
+    assert code == 2 and str(tmp_path / "c.csv") in err
+    long = "x" * 256                                                    # a name no file system takes
+    with pytest.raises(common.UserError, match="--out_dir=.*longer than 255 bytes"):
+        common.parse_config(train_synthetic.Config, [f"--out_dir={tmp_path / long / 'run'}"])
+    with pytest.raises(common.UserError, match="--catalog_path=.*longer than 255"):
+        common.parse_config(train_synthetic.Config, [f"--catalog_path={long}.csv"])
+    for fn in (lambda: visualize.main([str(tmp_path / long)]), lambda: common._cli(["sample", "--out", long])):
+        code, err = one_line_error(fn, capsys)
+        assert code == 2 and "longer than 255 bytes" in err
+
+
 def test_target_size_must_halve():
+    with pytest.raises(common.UserError, match="pooled CSI takes 16 x 16"):     # checked before any training
+        common.parse_config(Cfg, ["--target_size=12"])
     with pytest.raises(common.UserError, match="multiple of 32"):
         common.parse_config(Cfg, ["--target_size=48"], size_multiple=32)
     with pytest.raises(common.UserError, match="at least 64"):
@@ -309,6 +336,8 @@ def test_split_by_time_and_empty_side(sample):
         common.split_by_dates(events, ("2019-01-01", "2019-01-02"))
     with pytest.raises(common.UserError, match="no second events"):
         common.split_by_dates(events, ["2030-01-01"])
+    with pytest.raises(common.UserError, match=r"no train events \(time_utc <= 2000-01-01 00:00; the 5 events"):
+        common.split_by_dates(events, ("2000-01-01", "2019-06-01"))        # an empty first side is said too
 
 
 def vil_catalog(tmp_path, rows, frame_fn=None):
@@ -1077,6 +1106,13 @@ def test_run_style_argv_reads_the_flags(tmp_path, sample):
     finally:
         sys.argv = saved
     assert json.loads((out / "config.json").read_text())["T_IN"] == 3
+    sys.argv = ["-c", "--epochs=7"]                     # python -c "exec(open('train_synthetic.py').read())" ...
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            cfg = common.parse_config(Cfg)
+    finally:
+        sys.argv = saved
+    assert cfg.EPOCHS == Cfg.EPOCHS and "command line (--epochs=7) is ignored" in err.getvalue()
 
 
 # --------------------------------------------------------------------------------------
@@ -1138,13 +1174,56 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     common.save_checkpoint({"model": {}, "epoch": 1}, path)
 
     def broken_save(obj, f):
-        f.write(b"half a checkpoint")
+        Path(f).write_bytes(b"half a checkpoint")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(common.RunError, match="No space left on device.*previous last.pt is kept"):
         common.save_checkpoint({"model": {}, "epoch": 2}, path)
     monkeypatch.undo()
     assert common.load_checkpoint(path) == {"model": {}, "epoch": 1} and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+    (tmp_path / "metrics.json").write_text("earlier")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    for write, name in ((lambda p: common.write_json(p, {"mse": 1.0}), "metrics.json"),
+                        (lambda p: common.write_history(p, [{"epoch": 1}]), "history.csv"),
+                        (lambda p: common.save_checkpoint({"w": torch.zeros(2)}, p), "last.pt"),
+                        (lambda p: common._save_figure(common._plt().figure(), p), "loss.png")):
+        with pytest.raises(common.RunError, match=rf"could not write .*{name} \(No space left on device\)"):
+            write(tmp_path / name)
+    assert (tmp_path / "metrics.json").read_text() == "earlier"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]          # no partial or temporary file
+    monkeypatch.undo()
+
+    def torch_full(obj, f):                                            # what torch.save raises on a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(torch, "save", torch_full)
+    with pytest.raises(common.RunError, match="could not write .*best.pt .*PytorchStreamWriter.*nothing was written"):
+        common.save_checkpoint({}, tmp_path / "best.pt")
+    monkeypatch.undo()
+
+    run = tmp_path / "run"                                             # the lock: a full disk, a folder in its place
+    run.mkdir()
+    monkeypatch.setattr(os, "write", lambda fd, data: full(fd))
+    with pytest.raises(common.RunError, match=r"could not write .*\.lock"):
+        with common.locked(run):
+            pass
+    monkeypatch.undo()
+    assert list(run.iterdir()) == []
+    (run / ".lock").mkdir()
+    with pytest.raises(common.UserError, match="not this tool's lock"):
+        with common.locked(run):
+            pass
+    (run / ".lock").rmdir()
+    (run / ".lock").write_bytes(b"\xff\xfe not a pid")                  # not text: stale, taken over
+    with common.locked(run):
+        assert (run / ".lock").read_text() == str(os.getpid())
 
 
 def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
@@ -1516,6 +1595,8 @@ def one_line_error(fn, capsys):
     (["--out_dir="], "--out_dir='': must name a folder"),
     (["--catalog_path="], "--catalog_path is empty"),
     (["--target_size=40"], "multiple of 16"),
+    (["--target_size=1048576"], "must be <= 1536"),
+    (["--base=2147483647"], "must be <= 1024"),
     (["--device=tpu"], "one of auto, cpu, cuda"),
 ])
 def test_bad_values_are_one_line_and_write_nothing(tmp_path, sample, capsys, args, words):
@@ -1539,6 +1620,12 @@ def test_an_earlier_run_is_never_replaced_silently_and_checks_come_first(tmp_pat
         [f"--out_dir={out}", "--overwrite=true", "--catalog_path=/typo/CATALOG.csv", "--sevir_root=/typo"]), capsys)
     assert code == 2 and "catalog not found" in err
     assert (out / "config.json").read_text() == "the earlier run's" and (out / "best.pt").read_text() == "mine"
+    earlier = ["metrics_val.json", "skill_last_val.png", "predictions_last.png", "loss_last.png", "spectrum_val.png"]
+    for name in earlier + ["notes.txt"]:                                  # visualize.py's tagged files, and mine
+        (out / name).write_text("the earlier run's")
+    train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={out}", "--overwrite=true"])
+    assert not [name for name in earlier if (out / name).exists()]       # the whole earlier run is replaced
+    assert (out / "notes.txt").exists() and common.load_checkpoint(out / "best.pt")["epoch"] == 1
 
 
 def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
@@ -1548,13 +1635,13 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
     (out / ".lock").write_text(str(os.getppid()))                      # a live process holds it
     args = TINY + data_args(sample) + [f"--out_dir={out}"]
     code, err = one_line_error(lambda: train_synthetic.main(args), capsys)
-    assert code == 2 and f"in use by another run (process {os.getppid()})" in err
+    assert code == 2 and f"in use by another run (process {os.getppid()}, in {out / '.lock'})" in err
     assert not (out / "config.json").exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / ".lock").write_text(dead.stdout.strip())                    # its process is gone: a stale lock
     train_synthetic.main(args)
     assert (out / "metrics.json").exists() and not (out / ".lock").exists()
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
 def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sample):
@@ -1580,6 +1667,28 @@ def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sam
     r = run_script("train_synthetic.py", *TINY[:-3], f"--epochs={epoch}", "--max_train=2", "--max_val=1",
                    *data_args(sample), f"--out_dir={out}", "--resume=true", cwd=tmp_path)
     assert r.returncode == 0 and "nothing left to train" in r.stdout
+
+
+def test_a_closed_terminal_saves_like_ctrl_c_unless_nohup_ignores_it(tmp_path, sample, monkeypatch):
+    real_epoch = common.train_epoch
+
+    def hang_up_in_epoch_2(model, loader, loss_fn, optimizer, device, epoch, *rest):
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGHUP)                        # the terminal closes mid-epoch
+        return real_epoch(model, loader, loss_fn, optimizer, device, epoch, *rest)
+    monkeypatch.setattr(common, "train_epoch", hang_up_in_epoch_2)
+    args = [*TINY[:-3], "--epochs=3", "--max_train=1", "--max_val=1", *data_args(sample)]
+    r = run_script("train_synthetic.py", *args, f"--out_dir={tmp_path / 'hup'}", cwd=tmp_path)
+    assert r.returncode == 130 and "holds epoch 1" in r.stderr and "--resume=true" in r.stderr
+    assert common.load_checkpoint(tmp_path / "hup/last.pt")["epoch"] == 1
+    seen = []
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)                         # started under nohup: keep going
+    try:
+        common.run(lambda: seen.append(signal.getsignal(signal.SIGHUP)))
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert seen == [signal.SIG_IGN]
 
 
 def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
@@ -1610,6 +1719,25 @@ def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
     assert (out / "metrics.json").read_text() == before
     last = json.loads((out / "metrics_last.json").read_text())
     assert last["checkpoint"] == "last.pt" and last["epoch"] == 1 and last["split"] == "test"
+
+    edits = [(lambda c: c["config"].update(BATCH_SIZE=0), "--batch_size=0: must be > 0"),
+             (lambda c: c["config"].update(TARGET_SIZE=-32), "--target_size=-32"),
+             (lambda c: c["config"].update(TARGET_SIZE="big"), "--target_size=big: expected int"),
+             (lambda c: c["config"].update(HACK=1), "unknown key --hack"),
+             (lambda c: c.pop("config"), "it has no config"), (lambda c: c.pop("epoch"), "it has no epoch"),
+             (lambda c: c.update(history="all good"), "malformed")]
+    for edit, words in edits:                                           # edited or foreign checkpoints
+        ckpt = torch.load(out / "best.pt", weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, tmp_path / "edited.pt")
+        code, err = one_line_error(lambda: visualize.main([str(tmp_path / "edited.pt")]), capsys)
+        assert code == 2 and words in err, err
+    last = torch.load(out / "last.pt", weights_only=True)
+    del last["model"]
+    torch.save(last, out / "last.pt")
+    code, err = one_line_error(lambda: train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={out}",
+                                                                                        "--resume=true"]), capsys)
+    assert code == 2 and "last.pt is not a checkpoint of a run: it has no model" in err
 
     ckpt = torch.load(out / "best.pt", weights_only=True)
     ckpt["script"] = "train_advanced"                                   # weights of another script's network
@@ -1756,6 +1884,11 @@ def test_prepare_resumes_and_refuses_bad_arguments(tmp_path, sample, monkeypatch
     assert len(calls) == 3 * 5 - 3 and not list(copy.rglob("*.part"))     # went on from the 4th of 15 events
     full = tmp_path / "full"
     common.prepare(catalog, root, full, 32)
+    assert common.is_generated(full) and common.is_generated(copy)      # still reported as generated data
+    assert (full / common.PREPARED_MARKER).read_text().endswith("not real data).\n")   # a newline, not "\\n"
+    (full / common.PREPARED_MARKER).write_text("Written by python common.py prepare: SEVIR events at 32 x 32.\n")
+    assert not common.is_generated(full)                                 # a copy of real SEVIR is real
+    (full / common.PREPARED_MARKER).write_text((copy / common.PREPARED_MARKER).read_text())
     for p in full.rglob("*.h5"):
         with h5py.File(p) as f, h5py.File(copy / p.relative_to(full)) as g:
             for name in f:
@@ -1770,6 +1903,12 @@ def test_prepare_resumes_and_refuses_bad_arguments(tmp_path, sample, monkeypatch
     code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", str(catalog), "--root", str(root),
                                                     "--out", str(root), "--size", "32"]), capsys)
     assert code == 2 and "holds files this tool did not write" in err
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    for selection in (["--event-type", "Hial"], ["--since", "2030-01-01"]):      # a typo, an empty period
+        code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", str(catalog), "--root", str(root),
+                                                        "--out", str(copy), "--size", "32", *selection]), capsys)
+        assert code == 2 and "no usable event in the catalog matches" in err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before       # the copy untouched
 
 
 def test_download_with_size_writes_the_prepared_form(tmp_path, bucket):

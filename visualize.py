@@ -39,7 +39,7 @@ def main(argv=None):
     for key, allowed in (("SPLIT", ("test", "val")), ("CMAP", ("sevir", "turbo"))):
         if getattr(opts, key) not in allowed:
             raise common.UserError(f"--{key.lower()}={getattr(opts, key)!r}: one of {', '.join(allowed)}")
-    path = Path(paths[0])
+    path = Path(common.path_option(paths[0], "the run folder or checkpoint"))
     ckpt_path = path / "best.pt" if path.is_dir() else path
     ckpt = common.load_checkpoint(ckpt_path)
     name = ckpt.get("script")
@@ -52,10 +52,8 @@ def main(argv=None):
     sys.path.insert(0, here)
     script = importlib.import_module(name)
 
-    cfg = script.Config()
-    for key, value in ckpt["config"].items():
-        setattr(cfg, key, tuple(value) if isinstance(value, list) else value)
-    cfg.OUT_DIR, cfg.NUM_WORKERS, cfg.script = str(ckpt_path.parent), 0, name
+    cfg = common.config_from_checkpoint(script.Config, ckpt, ckpt_path, name)    # checked as a command line is
+    cfg.OUT_DIR, cfg.NUM_WORKERS = str(ckpt_path.parent), 0
     cfg.CATALOG_PATH = opts.CATALOG_PATH or cfg.CATALOG_PATH
     cfg.SEVIR_ROOT = opts.SEVIR_ROOT or cfg.SEVIR_ROOT
     device = common.pick_device(opts.DEVICE)
