@@ -1096,7 +1096,7 @@ def test_a_pasted_cell_resumes_shows_help_and_errors_without_a_banner(tmp_path, 
     assert r.returncode == 2 and "put train_synthetic.py beside visualize.py" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_run_style_argv_reads_the_flags(tmp_path, sample):
+def test_run_style_argv_reads_the_flags(tmp_path, sample, monkeypatch):
     import runpy
     out = tmp_path / "out"
     saved = sys.argv
@@ -1107,6 +1107,7 @@ def test_run_style_argv_reads_the_flags(tmp_path, sample):
         sys.argv = saved
     assert json.loads((out / "config.json").read_text())["T_IN"] == 3
     sys.argv = ["-c", "--epochs=7"]                     # python -c "exec(open('train_synthetic.py').read())" ...
+    monkeypatch.setattr(common, "started_from_file", lambda: False)    # its __main__ has no file
     try:
         with contextlib.redirect_stderr(io.StringIO()) as err:
             cfg = common.parse_config(Cfg)
@@ -1334,14 +1335,23 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
     driver = tmp_path / "driver.py"
     two_args = args + [f"--out_dir={tmp_path / 'two'}"]
     driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport common, train_baseline\n"
+                      "common.pysteps_methods, common.FIGURE_DPI = (lambda: None), 20\n"   # optical flow: tested elsewhere
                       f"args = {two_args!r}\n"
                       "common.run(lambda: train_baseline.main(args + ['--epochs=1']))\n"
                       "print('FIRST RUN ENDED', flush=True)\n"
                       "common.run(lambda: train_baseline.main(args + ['--resume=true']))\n")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(driver)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr[-3000:]
+    import socket                                      # the two workers as torchrun starts them (its environment),
+    with socket.socket() as free:                      # without its agent process (a third import of torch)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    workers = [subprocess.Popen([sys.executable, str(driver)], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                     "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                     "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-3000:] for _, err in outputs]
+    two = subprocess.CompletedProcess(driver, 0, "".join(out for out, _ in outputs), "")
     first, resumed = two.stdout.split("FIRST RUN ENDED")
     assert "epoch 1/1" in first and "resumed from" in resumed               # interrupted, then resumed
     a = json.loads((tmp_path / "one/metrics.json").read_text())
@@ -1648,9 +1658,10 @@ def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sam
     runs = []                       # Ctrl-C in a terminal; SIGTERM (a scheduler, Colab) to a job run as `cmd &`
     for stop, sigint in ((signal.SIGINT, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_IGN)):    # both at once
         out = tmp_path / f"out dir {stop.name}"                         # a space: the command must quote it
-        args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=2",
+        args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=1",
                 "--max_val=1", *data_args(sample), f"--out_dir={out}"]
         p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},          # one core each
                              preexec_fn=lambda sigint=sigint: signal.signal(signal.SIGINT, sigint))
         runs.append((p, stop, out))
     for p, stop, out in runs:
@@ -1664,7 +1675,7 @@ def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sam
         assert f"{HERE / 'train_synthetic.py'} " in err and f"'--out_dir={out}'" in err and "--resume=true" in err
         epoch = common.load_checkpoint(out / "last.pt")["epoch"]
         assert epoch >= 2
-    r = run_script("train_synthetic.py", *TINY[:-3], f"--epochs={epoch}", "--max_train=2", "--max_val=1",
+    r = run_script("train_synthetic.py", *TINY[:-3], f"--epochs={epoch}", "--max_train=1", "--max_val=1",
                    *data_args(sample), f"--out_dir={out}", "--resume=true", cwd=tmp_path)
     assert r.returncode == 0 and "nothing left to train" in r.stdout
 
@@ -1737,7 +1748,7 @@ def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
     torch.save(last, out / "last.pt")
     code, err = one_line_error(lambda: train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={out}",
                                                                                         "--resume=true"]), capsys)
-    assert code == 2 and "last.pt is not a checkpoint of a run: it has no model" in err
+    assert code == 2 and "last.pt is not a checkpoint of these scripts (no model weights" in err
 
     ckpt = torch.load(out / "best.pt", weights_only=True)
     ckpt["script"] = "train_advanced"                                   # weights of another script's network
