@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import common
 
 HERE = Path(__file__).resolve().parent
-TINY = ["--target_size=32", "--base=4", "--epochs=1", "--batch_size=2", "--max_train=2", "--max_val=1"]
+TINY = ["--target_size=32", "--base=4", "--epochs=1", "--batch_size=2", "--max_train=1", "--max_val=1"]
 
 # Genuine rows of SEVIR's CATALOG.csv (from the 2019 H1 excerpt in shared/data): one event with
 # vil, ir069 and ir107, and a vil row with pct_missing > 0.
@@ -1073,7 +1073,7 @@ def test_a_script_pasted_into_a_cell_runs_with_its_edited_config(tmp_path, sampl
 def test_a_pasted_cell_resumes_shows_help_and_errors_without_a_banner(tmp_path, sample, capsys, monkeypatch):
     out = tmp_path / "out"
     config = dict(CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]), OUT_DIR=str(out), TARGET_SIZE=32, BASE=4,
-                  BATCH_SIZE=2, MAX_TRAIN=2, MAX_VAL=1)
+                  BATCH_SIZE=2, MAX_TRAIN=1, MAX_VAL=1)
     text = (HERE / "train_synthetic.py").read_text()
     run_in_cell(edit_config(text, EPOCHS=1, **config))
     run_in_cell(edit_config(text, EPOCHS=2, RESUME=True, **config))
