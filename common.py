@@ -1695,6 +1695,10 @@ def _check_files(df, root):
         warned = set()
         try:
             with h5py.File(path, "r") as f:
+                if "id" in f and foreign_storage(f, "id"):
+                    print(f"warning: {path}: {foreign_storage(f, 'id')}; its rows are not used", file=sys.stderr)
+                    bad.update({i: "data outside the file" for i in group.index})
+                    continue
                 ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["id"][()]] if "id" in f else None
                 for row in group.itertuples():
                     problem = _row_problem(f, row, path, ids)
@@ -1710,6 +1714,23 @@ def _check_files(df, root):
     return bad
 
 
+def foreign_storage(f, name):
+    """Why `name` in the open HDF5 file f is not a plain dataset whose bytes are in f itself, else None: a
+    link to another file, external raw storage, a virtual dataset (h5py tells these without reading data),
+    or a group where a dataset should be. Reading such a "dataset" would read files nobody named."""
+    link = f.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        return f"{name} is a link to another file ({link.filename})"
+    obj = f.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        return f"{name} is not a dataset"
+    if obj.is_virtual:
+        return f"{name} is a virtual dataset (its data lives in other files)"
+    if obj.external:
+        return f"{name} keeps its data in another file ({obj.external[0][0]})"
+    return None
+
+
 def _row_problem(f, row, path, ids):
     """(reason, what to say or None) when catalog row `row` cannot be read from the open file f, else None.
 
@@ -1717,9 +1738,14 @@ def _row_problem(f, row, path, ids):
     the catalog's size_x and the stored dtype; the index is in range and the file's `id` there is the
     row's id; the data is all in the file; lightning is an (n, 5) list.
     """
+    name = row.id if row.img_type == "lght" else row.img_type
+    if name in f and foreign_storage(f, name):
+        return "data outside the file", foreign_storage(f, name)
     if row.img_type == "lght":
         if row.id not in f:
             return "no dataset in file", None
+        if f[row.id].dtype.kind not in "fiu":
+            return "bad lightning data", f"{row.id} is {f[row.id].dtype}, not numbers"
         shape = f[row.id].shape
         return None if len(shape) == 2 and shape[1] == 5 else ("bad lightning data", f"{row.id} is {shape}, not (n, 5)")
     if row.img_type not in f:
@@ -2765,6 +2791,9 @@ def _write_copy(out, rows, open_source, size, desc):
         if not _holds(part, wanted):                                # absent, broken, or another selection
             part.unlink(missing_ok=True)
         with h5py.File(part, "a") as dst, open_source(file_name) as src:
+            for name in (["id", mod] if mod != "lght" else list(group["id"])):
+                if foreign_storage(src, name):                      # before any of its bytes are read
+                    raise RunError(f"{file_name}: {foreign_storage(src, name)}; refused")
             dst.attrs["events"] = wanted
             if mod == "lght":
                 for event in group["id"]:

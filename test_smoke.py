@@ -297,6 +297,44 @@ def test_files_that_do_not_hold_what_the_catalog_says_are_dropped(tmp_path, caps
     assert err.count("FLOAT.h5") == 1 and "float32" in err and "not the catalog's S6" in err
 
 
+def test_data_kept_outside_a_file_is_refused_before_it_is_read(tmp_path, capsys):
+    secret = tmp_path / "elsewhere" / "secret.bin"                      # a file nobody named as data
+    secret.parent.mkdir()
+    secret.write_bytes(bytes(range(256)) * (384 * 384 * 49 // 256))
+    outside = tmp_path / "elsewhere" / "other.h5"
+    write_vil_file(outside, 1)
+    names = {"LINKED": "link", "EXTERNAL": "external storage", "VIRTUAL": "virtual", "GROUPED": "group"}
+    rows = [{"id": "S0", "file_index": "0"}] + [{"id": f"S{k}", "file_index": "0", "file_name": f"vil/2019/{n}.h5"}
+                                                 for k, n in enumerate(names, start=1)]
+    catalog = vil_catalog(tmp_path, rows[:1])
+    pd.read_csv(catalog, dtype=str).pipe(lambda d: pd.concat([d] + [d.iloc[:1].assign(**r) for r in rows[1:]])) \
+        .to_csv(catalog, index=False)
+    shape = (1, 384, 384, 49)
+    for k, name in enumerate(names, start=1):
+        with h5py.File(tmp_path / f"vil/2019/{name}.h5", "w") as f:
+            f["id"] = np.array([f"S{k}".encode()])
+            if name == "LINKED":
+                f["vil"] = h5py.ExternalLink(str(outside), "vil")
+            elif name == "EXTERNAL":
+                f.create_dataset("vil", shape, dtype=np.uint8, external=[(str(secret), 0, h5py.h5f.UNLIMITED)])
+            elif name == "VIRTUAL":
+                layout = h5py.VirtualLayout(shape, dtype=np.uint8)
+                layout[:] = h5py.VirtualSource(str(outside), "vil", shape=shape)
+                f.create_virtual_dataset("vil", layout)
+            else:
+                f.create_group("vil")
+    events = common.load_catalog(catalog, tmp_path, mods=("vil",))
+    out, err = capsys.readouterr()
+    assert len(events) == 1 and "data outside the file: 4" in out      # only the plain file's event
+    for words in ("a link to another file", "keeps its data in another file", "virtual dataset", "not a dataset"):
+        assert words in err
+    for name in names:                                                  # and the copying tools refuse them too
+        with pytest.raises(common.RunError, match="refused"):
+            rows_ = pd.read_csv(catalog, dtype=str).iloc[:1].assign(file_name=f"vil/2019/{name}.h5", order=0)
+            common._write_copy(tmp_path / f"copy_{name}", rows_, lambda n: h5py.File(tmp_path / n, "r"), 32, "t")
+    assert not list(tmp_path.glob("copy_*/**/*.h5"))
+
+
 def test_a_file_truncated_during_a_run_is_skipped_not_read_as_zeros(tmp_path, capsys):
     catalog = vil_catalog(tmp_path, [{"id": "S0", "file_index": "0"}, {"id": "S1", "file_index": "1"}],
                           lambda i: np.full((384, 384, 49), 100, np.uint8))
