@@ -1949,6 +1949,9 @@ def locked(out):
                                 f"use --out_dir=..., or delete {lock} if that process is not a run") from None
             lock.unlink(missing_ok=True)                         # stale: its process is gone (or is us)
             continue
+        except PermissionError:                                  # e.g. visualize.py on a read-only run folder
+            raise UserError(f"cannot write in {out} (permission denied): copy the run folder somewhere writable "
+                            f"and point at the copy") from None
         except OSError as e:
             raise RunError(f"could not write {lock} ({e.strerror}); nothing was written") from None
         try:

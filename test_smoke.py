@@ -1260,6 +1260,17 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
         with common.locked(run):
             pass
     (run / ".lock").rmdir()
+    real_open = os.open
+
+    def read_only(path, *args):                                        # a read-only run folder (root ignores chmod)
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args)
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(common.UserError, match="cannot write in .*copy the run folder somewhere writable"):
+        with common.locked(run):
+            pass
+    monkeypatch.undo()
     (run / ".lock").write_bytes(b"\xff\xfe not a pid")                  # not text: stale, taken over
     with common.locked(run):
         assert (run / ".lock").read_text() == str(os.getpid())
