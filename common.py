@@ -1695,8 +1695,8 @@ def _check_files(df, root):
         warned = set()
         try:
             with h5py.File(path, "r") as f:
-                if "id" in f and foreign_storage(f, "id"):
-                    print(f"warning: {path}: {foreign_storage(f, 'id')}; its rows are not used", file=sys.stderr)
+                if "id" in f and (why := foreign_storage(f, "id")):
+                    print(f"warning: {path}: {why}; its rows are not used", file=sys.stderr)
                     bad.update({i: "data outside the file" for i in group.index})
                     continue
                 ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["id"][()]] if "id" in f else None
@@ -1739,8 +1739,8 @@ def _row_problem(f, row, path, ids):
     row's id; the data is all in the file; lightning is an (n, 5) list.
     """
     name = row.id if row.img_type == "lght" else row.img_type
-    if name in f and foreign_storage(f, name):
-        return "data outside the file", foreign_storage(f, name)
+    if name in f and (why := foreign_storage(f, name)):
+        return "data outside the file", why
     if row.img_type == "lght":
         if row.id not in f:
             return "no dataset in file", None
@@ -1910,7 +1910,7 @@ CHECKPOINT_EVERY_S = 60           # last.pt at most this often (and after the la
 def check_out_dir(cfg):
     """Check, before any data is read and without writing anything, that OUT_DIR can take this run:
     writable, and not holding an earlier run unless RESUME or OVERWRITE says what to do with it."""
-    out = Path(cfg.OUT_DIR).expanduser().resolve()        # (an empty OUT_DIR is refused by check_config)
+    out = Path(cfg.OUT_DIR).resolve()          # (~ expanded by parse_config; an empty OUT_DIR refused there)
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write to OUT_DIR {out}: it is a file")
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
@@ -2795,8 +2795,8 @@ def _write_copy(out, rows, open_source, size, desc):
             part.unlink(missing_ok=True)
         with h5py.File(part, "a") as dst, open_source(file_name) as src:
             for name in (["id", mod] if mod != "lght" else list(group["id"])):
-                if foreign_storage(src, name):                      # before any of its bytes are read
-                    raise RunError(f"{file_name}: {foreign_storage(src, name)}; refused")
+                if why := foreign_storage(src, name):          # before any of its bytes are read
+                    raise RunError(f"{file_name}: {why}; refused")
             dst.attrs["events"] = wanted
             if mod == "lght":
                 for event in group["id"]:
