@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
+import errno
 import inspect
 import io
 import json
@@ -227,6 +228,8 @@ class _SEVIREvents(Dataset):
             frames = torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop])
         else:
             ds, i = self._open(path, mod), self.index[mod][e]
+            if i >= ds.shape[0]:                  # the file was replaced by a shorter one since
+                raise OSError(f"{path} now holds {ds.shape[0]} events, not event {i}")
             if ds.chunks is None:       # time last: reorder the bytes first (4x cheaper than the floats)
                 frames = torch.from_numpy(np.ascontiguousarray(ds[i][:, :, start:stop].transpose(2, 0, 1))).float()
             else:       # frame by frame, each one chunk read contiguous (a strided window read is 6x slower)
@@ -319,9 +322,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset, cfg, device, shuffle):
     """A DataLoader of (x, y, n_skipped) batches; BATCH_SIZE is the global batch, split over processes."""
-    rank, world = dist_info()
-    if cfg.BATCH_SIZE % world:
-        raise UserError(f"--batch_size={cfg.BATCH_SIZE}: the global batch must divide by the {world} processes")
+    rank, world = dist_info()                     # (BATCH_SIZE divides by world: check_config)
     sampler = EpochSampler(len(dataset), shuffle, cfg.SEED, cfg.BATCH_SIZE, rank, world)
     return DataLoader(dataset, batch_size=cfg.BATCH_SIZE // world, sampler=sampler, num_workers=cfg.NUM_WORKERS,
                       pin_memory=device.type == "cuda", collate_fn=collate_skipping)
@@ -1481,7 +1482,23 @@ def load_events(cfg, mods):
     first, second = cfg.SPLIT_DATES
     print(f"split: {len(train)} train events (time_utc <= {first}), {len(val)} validation (to {second}), "
           f"{len(test)} test (after {second})")
+    size = getattr(cfg, "TARGET_SIZE", None)
+    for mod in mods:                                # a prepared copy at a smaller grid: enlarging adds no detail
+        grid = int(events[f"{mod}_grid"].min())
+        if size and grid < min(size, NATIVE_SIZE.get(mod, grid)):
+            print(f"warning: {mod} in {root} is {grid} x {grid} (a prepared copy), below --target_size={size}: "
+                  f"its frames are enlarged, which adds no detail; prepare a copy at --size={size} or train at "
+                  f"--target_size={grid}", file=sys.stderr)
+    cfg.events = {name: event_record(ev) for name, ev in (("train", train), ("val", val), ("test", test))}
     return SimpleNamespace(train_events=train, val_events=val, test_events=test, root=root, kind=kind)
+
+
+def event_record(events):
+    """What a checkpoint remembers of a period's events (cfg.events): how many, their span, a digest of their ids."""
+    import hashlib
+    digest = hashlib.sha1(",".join(events["id"]).encode()).hexdigest()[:16]
+    return {"n": len(events), "first": str(events["time_utc"].min()), "last": str(events["time_utc"].max()),
+            "ids_sha1": digest}
 
 
 def resolve_data(cfg):
@@ -1563,7 +1580,8 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
           + (f" (dropped {reasons})" if reasons else ""))
     if df.empty:
         raise UserError(f"no usable events in {catalog_path} under {root}: dropped {reasons}")
-    wide = df.pivot(index="id", columns="img_type", values=["file_name", "file_index"])
+    df["grid"] = [int(n) if str(n).isdigit() else NATIVE_SIZE.get(m, 0) for n, m in zip(df["size_x"], df["img_type"])]
+    wide = df.pivot(index="id", columns="img_type", values=["file_name", "file_index", "grid"])
     events = pd.DataFrame({"id": wide.index})
     first = df.drop_duplicates("id").set_index("id")
     events["time_utc"] = first.loc[events["id"], "time_utc"].to_numpy()
@@ -1571,37 +1589,56 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
     for mod in mods:
         events[f"{mod}_file"] = wide[("file_name", mod)].to_numpy()
         events[f"{mod}_index"] = wide[("file_index", mod)].to_numpy().astype(np.int64)
+        events[f"{mod}_grid"] = wide[("grid", mod)].to_numpy().astype(np.int64)       # frames are grid x grid
     return events.sort_values(["time_utc", "id"]).reset_index(drop=True)
 
 
 def read_catalog(path):
     """Read a SEVIR CATALOG.csv into a DataFrame with parsed time_utc; UserError if it is not one."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
-    if not os.access(path, os.R_OK):
-        raise UserError(f"catalog {path}: no permission to read it")
-    try:
-        header = pd.read_csv(path, nrows=0).columns
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path} is not a CSV catalog ({type(e).__name__})") from None
-    missing = [c for c in NEEDED_COLUMNS if c not in header]
+    df = raw_catalog(path)
+    missing = [c for c in NEEDED_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{path} lacks SEVIR catalog columns: {', '.join(missing)}")
-    use = NEEDED_COLUMNS + [c for c in ("event_type", "size_x") if c in header]
-    try:
-        df = pd.read_csv(path, usecols=use, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path} is not a readable CSV catalog: {e}".splitlines()[0]) from None
     if df.empty:
         raise UserError(f"catalog {path} has no rows")
+    df = df[NEEDED_COLUMNS + [c for c in ("event_type", "size_x") if c in df.columns]].copy()
     df["img_type"] = df["img_type"].str.strip().str.lower()
     index = df["file_index"].str.strip()
     df["file_index"] = np.where(index.str.fullmatch(r"\d+"), index, "-1").astype(np.int64)   # "3.7" is no index
-    df["pct_missing"] = pd.to_numeric(df["pct_missing"], errors="coerce").fillna(1.0)
+    pct = df["pct_missing"].str.replace(",", ".")                        # a decimal comma (a ;-separated sheet)
+    df["pct_missing"] = pd.to_numeric(pct, errors="coerce").fillna(1.0)
     df["size_x"] = df["size_x"] if "size_x" in df else ""
     df["time_utc"] = _catalog_times(df["time_utc"])
     return df
+
+
+_PIPED_CATALOGS = {}              # a catalog given as a pipe (<(cat CATALOG.csv)) can be read once: kept here
+
+
+def raw_catalog(path):
+    """Every column of a catalog file as text. Separated by commas as SEVIR writes it, or by semicolons or
+    tabs as spreadsheets may save it (told by its header line); a pipe is read once and kept."""
+    path = Path(path)
+    if not path.exists() or path.is_dir():
+        raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if not os.access(path, os.R_OK):
+        raise UserError(f"catalog {path}: no permission to read it")
+    if str(path) in _PIPED_CATALOGS:
+        data = _PIPED_CATALOGS[str(path)]
+    else:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CATALOG_BYTES + 1)
+        if len(data) > MAX_CATALOG_BYTES:
+            raise UserError(f"catalog {path} is over {MAX_CATALOG_BYTES >> 20} MiB: not a SEVIR catalog (32 MB)")
+        if not path.is_file():
+            _PIPED_CATALOGS[str(path)] = data
+    header = data.split(b"\n", 1)[0]
+    sep = max((",", ";", "\t"), key=lambda c: header.count(c.encode()))
+    try:
+        return pd.read_csv(io.BytesIO(data), sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not a CSV catalog ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
 def _catalog_times(text):
@@ -1670,12 +1707,23 @@ def writable_folder(folder, marker, what):
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{what} {folder}: it is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).exists():
+    if folder.is_dir() and any(p.name != ".lock" for p in folder.iterdir()) and not (folder / marker).exists():
         raise UserError(f"{what} {folder}: the folder holds files this tool did not write (no {marker}); "
                         f"choose a new or empty folder")
     existing = next(p for p in [folder.resolve(), *folder.resolve().parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what} {folder}: {existing} is not writable")
+
+
+@contextlib.contextmanager
+def tool_folder(folder, marker, text, what):
+    """Hold `folder` while a tool writes it: checked as writable_folder says, locked (a second tool or run
+    there stops with one line) and marked with `marker` before any data, so a folder left by an interrupted
+    tool is recognised as its own and the same command starts it again."""
+    writable_folder(folder, marker, what)
+    with locked(folder):
+        write_atomically(Path(folder) / marker, lambda tmp: tmp.write_text(text))
+        yield Path(folder)
 
 
 def inside(path, root):
@@ -1695,13 +1743,14 @@ def _check_files(df, root):
         warned = set()
         try:
             with h5py.File(path, "r") as f:
-                if "id" in f and (why := foreign_storage(f, "id")):
-                    print(f"warning: {path}: {why}; its rows are not used", file=sys.stderr)
-                    bad.update({i: "data outside the file" for i in group.index})
+                if "id" in f and (problem := dataset_problem(f, "id")):
+                    print(f"warning: {path}: {problem[1]}; its rows are not used", file=sys.stderr)
+                    bad.update({i: problem[0] for i in group.index})
                     continue
                 ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["id"][()]] if "id" in f else None
+                written = {}
                 for row in group.itertuples():
-                    problem = _row_problem(f, row, path, ids)
+                    problem = _row_problem(f, row, path, ids, written)
                     if problem:
                         reason, what = problem
                         bad[row.Index] = reason
@@ -1714,52 +1763,78 @@ def _check_files(df, root):
     return bad
 
 
-def foreign_storage(f, name):
-    """Why `name` in the open HDF5 file f is not a plain dataset whose bytes are in f itself, else None: a
-    link to another file, external raw storage, a virtual dataset (h5py tells these without reading data),
-    or a group where a dataset should be. Reading such a "dataset" would read files nobody named."""
+def dataset_problem(f, name):
+    """(reason, what to say) when `name` in the open HDF5 file f cannot be read as data of f itself, else None:
+    a link to another file, external raw storage or a virtual dataset (reading them would read files nobody
+    named; h5py tells these without reading data), a group where a dataset should be, a compression filter
+    this HDF5 lacks (Blosc, say: it would fail mid-run)."""
     link = f.get(name, getlink=True)
     if isinstance(link, h5py.ExternalLink):
-        return f"{name} is a link to another file ({link.filename})"
-    obj = f.get(name)
-    if not isinstance(obj, h5py.Dataset):
-        return f"{name} is not a dataset"
-    if obj.is_virtual:
-        return f"{name} is a virtual dataset (its data lives in other files)"
-    if obj.external:
-        return f"{name} keeps its data in another file ({obj.external[0][0]})"
+        return "data outside the file", f"{name} is a link to another file ({link.filename})"
+    ds = f.get(name)
+    if not isinstance(ds, h5py.Dataset):
+        return "not a dataset", f"{name} is a {type(ds).__name__.lower()}, not a dataset"
+    if ds.is_virtual:
+        return "data outside the file", f"{name} is a virtual dataset (its data lives in other files)"
+    if ds.external:
+        return "data outside the file", f"{name} keeps its data in another file ({ds.external[0][0]})"
+    plist = ds.id.get_create_plist()
+    for k in range(plist.get_nfilters()):
+        code, _, _, label = plist.get_filter(k)
+        if not h5py.h5z.filter_avail(code):
+            return "missing HDF5 filter", f"{name} is compressed by filter {code} ({label.decode(errors='replace')}), " \
+                                          f"which this h5py lacks"
     return None
 
 
-def _row_problem(f, row, path, ids):
+def written_events(ds):
+    """A bool per event (first axis of ds): True where its data was written. HDF5 reads data never written as
+    zeros without a word; contiguous data is written whole or not at all, chunked data chunk by chunk (each
+    event needs every chunk it lies in). Counting chunks reads no data."""
+    if ds.chunks is None:
+        return np.full(ds.shape[0], ds.size == 0 or ds.id.get_storage_size() > 0)
+    c = ds.chunks
+    per_slab = math.prod(-(-n // k) for n, k in zip(ds.shape[1:], c[1:]))    # chunks across one slab of events
+    counts = np.zeros(-(-ds.shape[0] // c[0]), dtype=np.int64)
+    for k in range(ds.id.get_num_chunks()):
+        counts[ds.id.get_chunk_info(k).chunk_offset[0] // c[0]] += 1
+    return np.repeat(counts == per_slab, c[0])[:ds.shape[0]]
+
+
+def _row_problem(f, row, path, ids, written):
     """(reason, what to say or None) when catalog row `row` cannot be read from the open file f, else None.
 
-    Checks what a sample relies on: the dataset has SEVIR's layout (N, H, W, 49) with square frames of
-    the catalog's size_x and the stored dtype; the index is in range and the file's `id` there is the
-    row's id; the data is all in the file; lightning is an (n, 5) list.
+    Checks what a sample relies on: the dataset is one of f's own and readable (dataset_problem); it has
+    SEVIR's layout (N, H, W, 49) with square frames of the catalog's size_x and the stored dtype; the index
+    is in range and the file's `id` there is the row's id; the data is all in the file and the event's was
+    written (`written` caches written_events per dataset); lightning is an (n, 5) list of numbers.
     """
     name = row.id if row.img_type == "lght" else row.img_type
-    if name in f and (why := foreign_storage(f, name)):
-        return "data outside the file", why
-    if row.img_type == "lght":
-        if row.id not in f:
-            return "no dataset in file", None
-        if f[row.id].dtype.kind not in "fiu":
-            return "bad lightning data", f"{row.id} is {f[row.id].dtype}, not numbers"
-        shape = f[row.id].shape
-        return None if len(shape) == 2 and shape[1] == 5 else ("bad lightning data", f"{row.id} is {shape}, not (n, 5)")
-    if row.img_type not in f:
+    if name not in f:
         return "no dataset in file", None
-    ds, want = f[row.img_type], np.dtype(EVENT_DTYPE[row.img_type])
+    if problem := dataset_problem(f, name):
+        return problem
+    ds = f[name]
+    if row.img_type == "lght":
+        if ds.dtype.kind not in "fiu":
+            return "bad lightning data", f"{name} is {ds.dtype}, not numbers"
+        if ds.ndim != 2 or ds.shape[1] != 5:
+            return "bad lightning data", f"{name} is {ds.shape}, not (n, 5)"
+        return None if written_events(ds).all() else ("never written", f"{name} was never written")
+    want = np.dtype(EVENT_DTYPE[row.img_type])
     size = int(row.size_x) if str(row.size_x).isdigit() else NATIVE_SIZE[row.img_type]
     if ds.shape[1:] != (size, size, N_FRAMES) or ds.dtype != want:
-        return "bad shape or dtype", f"{row.img_type} is {ds.dtype} {ds.shape}, expected {want} (N, {size}, {size}, 49)"
+        return "bad shape or dtype", f"{name} is {ds.dtype} {ds.shape}, expected {want} (N, {size}, {size}, 49)"
     if not 0 <= row.file_index < ds.shape[0]:
         return "file_index out of range", None
     if ids is not None and (row.file_index >= len(ids) or ids[row.file_index] != row.id):
         return "id differs from the catalog", f"its id at {row.file_index} is not the catalog's {row.id}"
     if data_end(ds) > path.stat().st_size:
         return "truncated file", "it is shorter than the data it describes"
+    if name not in written:
+        written[name] = written_events(ds)
+    if not written[name][row.file_index]:
+        return "never written", f"{name} holds events never written (they would read as zeros)"
     return None
 
 
@@ -1945,7 +2020,7 @@ def locked(out):
         except FileExistsError:
             pid = lock.read_bytes().decode(errors="replace").strip() if lock.exists() else ""
             if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
-                raise UserError(f"{out} is in use by another run (process {pid}, in {lock}); wait for it, "
+                raise UserError(f"{out} is in use by another run or tool (process {pid}, in {lock}); wait for it, "
                                 f"use --out_dir=..., or delete {lock} if that process is not a run") from None
             lock.unlink(missing_ok=True)                         # stale: its process is gone (or is us)
             continue
@@ -2033,9 +2108,11 @@ class EpochSaver:
 
     def interrupted(self):
         """The Interrupted error to end a stopped run with: what was saved and how to resume."""
+        if not is_main():
+            return Interrupted("stopped; rank 0 saves the run and says how to resume")
         if not (self.out / "last.pt").exists():
             return Interrupted("before the first epoch ended: nothing was saved; run the same command again")
-        done = load_checkpoint(self.out / "last.pt")["epoch"] if is_main() else "?"
+        done = load_checkpoint(self.out / "last.pt")["epoch"]
         return Interrupted(f"{self.out / 'last.pt'} holds epoch {done}. {resume_hint(self.cfg)}")
 
 
@@ -2055,6 +2132,7 @@ def _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, hist
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "config": config_dict(cfg), "epoch": epoch, "best_val": best_val, "metrics": metrics,
         "history": [dict(row) for row in history], "extra": extra or {}, "script": cfg.script,
+        "events": getattr(cfg, "events", None),                       # what it trained and chose on (load_events)
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
 
@@ -2210,6 +2288,11 @@ def run(main):
         error = Interrupted("stopped")
     except RunError as e:
         error = e
+    except OSError as e:                             # a full disk anywhere: one line, whatever was writing
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left" not in str(e):
+            raise
+        error = RunError(f"the disk is full ({e.filename or str(e).splitlines()[0]}): free space and run the same "
+                         f"command again (what was finished is kept)")
     else:
         return
     if error.code:
@@ -2363,6 +2446,9 @@ def check_config(cfg, size_multiple=1):
     for key in ("EPOCHS", "BATCH_SIZE"):
         if hasattr(cfg, key):
             need(getattr(cfg, key) > 0, key, "must be > 0")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)                   # set by torchrun
+    if hasattr(cfg, "BATCH_SIZE"):
+        need(cfg.BATCH_SIZE % world == 0, "BATCH_SIZE", f"the global batch must divide by the {world} processes")
     for key in ("MAX_TRAIN", "MAX_VAL", "MAX_TEST", "NUM_WORKERS"):
         if hasattr(cfg, key):
             need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = all)" if key != "NUM_WORKERS" else "must be >= 0")
@@ -2527,7 +2613,15 @@ def make_sample_sevir(root, n_events=SAMPLE_EVENTS, seed=0):
     if seed < 0:
         raise UserError(f"--seed={seed}: must be >= 0")
     root = Path(root)
-    writable_folder(root, SAMPLE_MARKER, "sample --out")
+    with tool_folder(root, SAMPLE_MARKER, SAMPLE_MARKER_TEXT, "sample --out"):
+        (root / "CATALOG.csv").unlink(missing_ok=True)      # unfinished until the catalog is written, last
+        for stale in root.rglob("*.h5.tmp"):                # left by a process killed mid-write
+            stale.unlink()
+        return _write_sample(root, n_events, seed)
+
+
+def _write_sample(root, n_events, seed):
+    """make_sample_sevir's files, each written under a temporary name and renamed when whole; the catalog last."""
     rng = np.random.default_rng(seed)
     n_val = n_test = max(1, round(0.25 * n_events))
     spans = [(dt.date(2018, 7, 2), dt.date(2018, 12, 31), n_events - n_val - n_test, dt.datetime(2019, 1, 1)),
@@ -2609,15 +2703,13 @@ def make_sample_sevir(root, n_events=SAMPLE_EVENTS, seed=0):
     for f, h in handles.items():
         h.close()
         os.replace(root / (f + ".tmp"), root / f)
-    (root / SAMPLE_MARKER).write_text(SAMPLE_MARKER_TEXT)
-    catalog = root / "CATALOG.csv"
-    tmp = root / "CATALOG.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CATALOG_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, catalog)
-    return str(catalog)
+    def write_catalog(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CATALOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+    write_atomically(root / "CATALOG.csv", write_catalog)
+    return str(root / "CATALOG.csv")
 
 
 def _make_event(rng, storm, lat0, lon0):
@@ -2714,37 +2806,36 @@ def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, 
         raise UserError(f"--size={size}: a grid from 8 to 768 pixels (the datasets' TARGET_SIZE)")
     if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", base_url):
         raise UserError(f"--base-url={base_url}: expected http://HOST/... or https://HOST/...")
-    writable_folder(out, SUBSET_MARKER, "download --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUBSET_MARKER).write_text("Written by python common.py download: a subset of SEVIR.\n")
-    remote_catalog = out / "CATALOG.remote.csv"                   # the full catalog, fetched once
-    if not remote_catalog.exists():
-        body, _ = http_get(f"{base_url}/CATALOG.csv", backoff=backoff)
-        write_atomically(remote_catalog, lambda tmp: tmp.write_bytes(body))
-    ids = choose_events(remote_catalog, types, max_events, since, until, event_type)
-    if not ids:
-        raise UserError("no event in the catalog matches --types, --since, --until and --event-type")
-    raw = pd.read_csv(remote_catalog, dtype=str, keep_default_na=False)
-    raw["img_type"] = raw["img_type"].str.lower()
-    usable = pd.to_numeric(raw["pct_missing"], errors="coerce") == 0          # the rows choose_events kept
-    rows = raw[raw["id"].isin(ids) & raw["img_type"].isin(types) & usable].copy()
-    rows["order"] = rows["id"].map({e: i for i, e in enumerate(ids)})
-    rows = rows.sort_values(["file_name", "order"])
-    total = sum(EVENT_BYTES[t] for t in rows["img_type"])
-    print(f"downloading {len(ids)} events ({', '.join(types)}) from {len(set(rows['file_name']))} files: "
-          f"{total / 1e9:.2f} GB")
-    if total > ASK_ABOVE_BYTES and not yes:
-        if not sys.stdin.isatty():
-            raise UserError(f"this would download {total / 1e9:.0f} GB: add --yes to go on, or fewer --max-events")
-        if input(f"download {total / 1e9:.0f} GB? [y/N] ").strip().lower() not in ("y", "yes"):
-            raise UserError("download cancelled")
+    marker_text = "Written by python common.py download: a subset of SEVIR.\n"
+    with tool_folder(out, SUBSET_MARKER, marker_text, "download --out"):
+        remote_catalog = out / "CATALOG.remote.csv"                   # the full catalog, fetched once
+        if not remote_catalog.exists():
+            body, _ = http_get(f"{base_url}/CATALOG.csv", backoff=backoff)
+            write_atomically(remote_catalog, lambda tmp: tmp.write_bytes(body))
+        ids = choose_events(remote_catalog, types, max_events, since, until, event_type)
+        if not ids:
+            raise UserError("no event in the catalog matches --types, --since, --until and --event-type")
+        raw = raw_catalog(remote_catalog)
+        raw["img_type"] = raw["img_type"].str.lower()
+        usable = pd.to_numeric(raw["pct_missing"], errors="coerce") == 0          # the rows choose_events kept
+        rows = raw[raw["id"].isin(ids) & raw["img_type"].isin(types) & usable].copy()
+        rows["order"] = rows["id"].map({e: i for i, e in enumerate(ids)})
+        rows = rows.sort_values(["file_name", "order"])
+        total = sum(EVENT_BYTES[t] for t in rows["img_type"])
+        print(f"downloading {len(ids)} events ({', '.join(types)}) from {len(set(rows['file_name']))} files: "
+              f"{total / 1e9:.2f} GB")
+        if total > ASK_ABOVE_BYTES and not yes:
+            if not sys.stdin.isatty():
+                raise UserError(f"this would download {total / 1e9:.0f} GB: add --yes to go on, or fewer --max-events")
+            if input(f"download {total / 1e9:.0f} GB? [y/N] ").strip().lower() not in ("y", "yes"):
+                raise UserError("download cancelled")
 
-    @contextlib.contextmanager
-    def remote(file_name):                               # the bucket's HDF5 file, read by range requests
-        with HTTPRangeFile(f"{base_url}/data/{quote(file_name)}", backoff=backoff) as f, h5py.File(f, "r") as h5:
-            yield h5
-    catalog, _ = _write_copy(out, rows, remote, size, "download")
-    print(f"wrote {catalog}: use --catalog_path={catalog} --sevir_root={out}")
+        @contextlib.contextmanager
+        def remote(file_name):                               # the bucket's HDF5 file, read by range requests
+            with HTTPRangeFile(f"{base_url}/data/{quote(file_name)}", backoff=backoff) as f, h5py.File(f, "r") as h5:
+                yield h5
+        catalog, _ = _write_copy(out, rows, remote, size, "download")
+        print(f"wrote {catalog}: use --catalog_path={catalog} --sevir_root={out}")
     return str(catalog)
 
 
@@ -2791,13 +2882,10 @@ def _write_copy(out, rows, open_source, size, desc):
             bar.update(len(group))
             continue
         final.parent.mkdir(parents=True, exist_ok=True)
-        if not _holds(part, wanted):                                # absent, broken, or another selection
-            part.unlink(missing_ok=True)
-        with h5py.File(part, "a") as dst, open_source(file_name) as src:
-            for name in (["id", mod] if mod != "lght" else list(group["id"])):
-                if why := foreign_storage(src, name):          # before any of its bytes are read
-                    raise RunError(f"{file_name}: {why}; refused")
-            dst.attrs["events"] = wanted
+        with _open_part(part, wanted) as dst, open_source(file_name) as src:
+            for name in ([mod] if mod != "lght" else list(group["id"])) + (["id"] if "id" in src else []):
+                if problem := (dataset_problem(src, name) if name in src else ("", f"{name} is not in it")):
+                    raise RunError(f"{file_name}: {problem[1]}; refused")     # before any of its bytes are read
             if mod == "lght":
                 for event in group["id"]:
                     if event not in dst:
@@ -2807,20 +2895,24 @@ def _write_copy(out, rows, open_source, size, desc):
                         dst.create_dataset(event, data=flashes)
                     bar.update(1)
             else:
-                native, n = NATIVE_SIZE[mod], len(group)
+                native, n = src[mod].shape[1], len(group)             # SEVIR's grid, or an earlier copy's
                 grid = min(size, native) if size else native
                 images = dst.require_dataset(mod, (n, grid, grid, N_FRAMES), dtype=EVENT_DTYPE[mod],
                                              chunks=(1, grid, grid, 1) if size else None,
                                              compression=PREPARED_COMPRESSION if size else None)
-                id_ds = dst.require_dataset("id", (n,), dtype=src["id"].dtype)
+                ids = group["id"].str.encode("ascii").to_numpy()            # the catalog's, as the check found them
+                id_ds = dst.require_dataset("id", (n,), dtype=f"S{max(map(len, ids))}")
                 done = dst.require_dataset("done", (n,), dtype=bool)
+                written = written_events(src[mod])
                 for k, index in enumerate(group["file_index"].astype(int)):
+                    if not written[index]:
+                        raise RunError(f"{file_name}[{index}]: never written (it would read as zeros); refused")
                     if not done[k]:
                         event = src[mod][index]                     # only this event's bytes travel
                         if event.shape != (native, native, N_FRAMES) or event.dtype != EVENT_DTYPE[mod]:
                             raise RunError(f"{file_name}[{index}]: {event.dtype} {event.shape}, expected "
                                            f"{np.dtype(EVENT_DTYPE[mod])} {(native, native, N_FRAMES)}")
-                        images[k], id_ds[k], done[k] = shrink_event(event, grid), src["id"][index], True
+                        images[k], id_ds[k], done[k] = shrink_event(event, grid), ids[k], True
                         dst.flush()
                         bytes_in += event.nbytes
                     bar.update(1)
@@ -2830,12 +2922,40 @@ def _write_copy(out, rows, open_source, size, desc):
     rows["file_index"] = np.where(rows["img_type"] == "lght", "0", rows.groupby("file_name").cumcount().astype(str))
     if size:                                                        # the catalog describes the new grid
         images = rows["img_type"] != "lght"
-        grid = rows.loc[images, "img_type"].map(lambda m: str(min(size, NATIVE_SIZE[m])))
+        grid = [str(min(size, int(n) if str(n).isdigit() else NATIVE_SIZE[m]))
+                for n, m in zip(rows.loc[images, "size_x"], rows.loc[images, "img_type"])]
         rows.loc[images, "size_x"], rows.loc[images, "size_y"] = grid, grid
     catalog = out / "CATALOG.csv"
     write_atomically(catalog, lambda tmp: rows.sort_values(["order", "img_type"]).drop(columns="order")
                      .to_csv(tmp, index=False))
     return catalog, bytes_in
+
+
+@contextlib.contextmanager
+def _open_part(part, wanted):
+    """The unfinished file `part` opened to go on writing `wanted`: as left when it holds that selection and
+    opens cleanly, else started anew (absent, another selection, or broken by a crash or a full disk)."""
+    dst = None
+    try:
+        if _holds(part, wanted):
+            dst = h5py.File(part, "a")
+            for name in dst:                                # its structure must read back: the bookkeeping,
+                if name in ("id", "done"):                  # and each chunk index (written_events walks it)
+                    dst[name][()]
+                elif dst[name].chunks:
+                    written_events(dst[name])
+    except (OSError, RuntimeError, KeyError, ValueError):
+        with contextlib.suppress(Exception):
+            dst.close()
+        dst = None
+    if dst is None:
+        part.unlink(missing_ok=True)
+        dst = h5py.File(part, "w")
+        dst.attrs["events"] = wanted
+    try:
+        yield dst
+    finally:
+        dst.close()
 
 
 def shrink_event(event, grid):
@@ -2861,16 +2981,16 @@ def prepare(catalog, root, out, size, types=("vil", "ir069", "ir107"), max_event
     chosen = _select(events, max_events, since, until, event_type)
     if chosen.empty:                                                # before anything in `out` is touched
         raise UserError("no usable event in the catalog matches --types, --since, --until and --event-type")
-    raw = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    raw = raw_catalog(catalog)
     raw["img_type"] = raw["img_type"].str.strip().str.lower()
     keys = {(e, m, f, str(i)) for m in types for e, f, i in zip(chosen["id"], chosen[f"{m}_file"], chosen[f"{m}_index"])}
     rows = raw[[k in keys for k in zip(raw["id"], raw["img_type"], raw["file_name"], raw["file_index"].str.strip())]].copy()
     rows["order"] = rows["id"].map({e: i for i, e in enumerate(chosen["id"])})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PREPARED_MARKER).write_text(f"Written by python common.py prepare: SEVIR events at {size} x {size}"
-                                       + (f", {GENERATED_COPY}.\n" if is_generated(root) else ".\n"))
+    marker_text = (f"Written by python common.py prepare: SEVIR events at {size} x {size}"
+                   + (f", {GENERATED_COPY}.\n" if is_generated(root) else ".\n"))
     t0 = time.time()
-    new_catalog, bytes_in = _write_copy(out, rows, lambda name: h5py.File(Path(root) / name, "r"), size, "prepare")
+    with tool_folder(out, PREPARED_MARKER, marker_text, "prepare --out"):
+        new_catalog, bytes_in = _write_copy(out, rows, lambda name: h5py.File(Path(root) / name, "r"), size, "prepare")
     bytes_out = sum(p.stat().st_size for p in out.rglob("*.h5"))
     print(f"prepared {len(chosen)} events ({', '.join(types)}) at {size} x {size} in {time.time() - t0:.0f} s: "
           f"{bytes_in / 1e9:.2f} GB read, {bytes_out / 1e9:.2f} GB in {out}. "

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -203,10 +204,15 @@ def write_vil_file(path, n, frame_fn=None, ids=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f["id"] = np.array([(ids[i] if ids else f"S{i}").encode() for i in range(n)])
+        if frame_fn is None:                         # storage allocated (so not "never written"), left sparse
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            h5py.h5d.create(f.id, b"vil", h5py.h5t.NATIVE_UINT8, h5py.h5s.create_simple((n, 384, 384, 49)), dcpl=dcpl)
+            return
         d = f.create_dataset("vil", (n, 384, 384, 49), dtype=np.uint8)
-        if frame_fn is not None:
-            for i in range(n):
-                d[i] = frame_fn(i)
+        for i in range(n):
+            d[i] = frame_fn(i)
 
 
 def test_load_catalog_drop_reasons(tmp_path, capsys):
@@ -325,7 +331,7 @@ def test_data_kept_outside_a_file_is_refused_before_it_is_read(tmp_path, capsys)
                 f.create_group("vil")
     events = common.load_catalog(catalog, tmp_path, mods=("vil",))
     out, err = capsys.readouterr()
-    assert len(events) == 1 and "data outside the file: 4" in out      # only the plain file's event
+    assert len(events) == 1 and "data outside the file: 3, not a dataset: 1" in out      # only the plain file's event
     for words in ("a link to another file", "keeps its data in another file", "virtual dataset", "not a dataset"):
         assert words in err
     for name in names:                                                  # and the copying tools refuse them too
@@ -344,6 +350,9 @@ def test_a_file_truncated_during_a_run_is_skipped_not_read_as_zeros(tmp_path, ca
     with open(tmp_path / VIL_FILE, "r+b") as f:                       # cut while the dataset has it open
         f.truncate(os.path.getsize(tmp_path / VIL_FILE) - 7_000_000)
     assert ds[len(ds) - 1] is None and "truncated" in capsys.readouterr().err
+    write_vil_file(tmp_path / VIL_FILE, 1, ids=["S0"])                 # replaced by a file of fewer events
+    assert ds[len(ds) - 1] is None and "now holds 1 events, not event 1" in capsys.readouterr().err
+    assert ds[0] is not None
 
 
 @pytest.mark.parametrize("content, words", [
@@ -1694,7 +1703,7 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
     (out / ".lock").write_text(str(os.getppid()))                      # a live process holds it
     args = TINY + data_args(sample) + [f"--out_dir={out}"]
     code, err = one_line_error(lambda: train_synthetic.main(args), capsys)
-    assert code == 2 and f"in use by another run (process {os.getppid()}, in {out / '.lock'})" in err
+    assert code == 2 and f"in use by another run or tool (process {os.getppid()}, in {out / '.lock'})" in err
     assert not (out / "config.json").exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / ".lock").write_text(dead.stdout.strip())                    # its process is gone: a stale lock
@@ -1777,6 +1786,12 @@ def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
 
     visualize.main([str(out / "last.pt")])                             # another checkpoint: its own files
     assert (out / "metrics.json").read_text() == before
+    assert "data changed" not in capsys.readouterr().err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["events"]["test"].update(n=9, ids_sha1="0")                    # scored on other test events then
+    torch.save(ckpt, out / "older.pt")
+    visualize.main([str(out / "older.pt")])
+    assert f"its test events were 9 ({ckpt['events']['test']['first']} .." in capsys.readouterr().err
     last = json.loads((out / "metrics_last.json").read_text())
     assert last["checkpoint"] == "last.pt" and last["epoch"] == 1 and last["split"] == "test"
 
@@ -1785,7 +1800,8 @@ def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
              (lambda c: c["config"].update(TARGET_SIZE="big"), "--target_size=big: expected int"),
              (lambda c: c["config"].update(HACK=1), "unknown key --hack"),
              (lambda c: c.pop("config"), "it has no config"), (lambda c: c.pop("epoch"), "it has no epoch"),
-             (lambda c: c.update(history="all good"), "malformed")]
+             (lambda c: c.update(history="all good"), "malformed"),
+             (lambda c: c["config"].update(CATALOG_PATH=str(tmp_path / "moved.csv")), "if the data moved, give those")]
     for edit, words in edits:                                           # edited or foreign checkpoints
         ckpt = torch.load(out / "best.pt", weights_only=True)
         edit(ckpt)
@@ -1870,6 +1886,63 @@ def test_lightning_lists_and_images_of_the_wrong_shape_are_dropped(tmp_path, cap
     out = capsys.readouterr().out
     assert "bad lightning data: 1" in out and "bad shape or dtype" in out
     assert lght["id"] not in set(events["id"]) and vil["id"] not in set(events["id"])
+
+
+def test_odd_structure_missing_filters_and_data_never_written_are_dropped(tmp_path, capsys, monkeypatch):
+    good = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False).iloc[0]
+    files = {"PLAIN": 1, "ID_GROUP": 1, "VIL_GROUP": 1, "UNWRITTEN": 1, "HALF": 2, "GZIP": 1, "SHUFFLE": 1}
+    rows, k = [], 0
+    for name, n in files.items():
+        for i in range(n):
+            rows.append({**good.to_dict(), "id": f"S{k}", "file_name": f"vil/{name}.h5", "file_index": str(i),
+                         "size_x": "16", "size_y": "16"})
+            k += 1
+    frames = np.full((16, 16, 49), 7, np.uint8)
+    (tmp_path / "vil").mkdir()
+    k = 0
+    for name, n in files.items():
+        with h5py.File(tmp_path / f"vil/{name}.h5", "w") as f:
+            ids = np.array([f"S{k + i}".encode() for i in range(n)])
+            f.create_group("id") if name == "ID_GROUP" else f.create_dataset("id", data=ids)
+            if name == "VIL_GROUP":
+                f.create_group("vil")
+            else:
+                kw = {"HALF": dict(chunks=(1, 16, 16, 1)), "GZIP": dict(compression="gzip"),
+                      "SHUFFLE": dict(shuffle=True)}.get(name, {})
+                d = f.create_dataset("vil", (n, 16, 16, 49), dtype=np.uint8, **kw)
+                if name == "HALF":
+                    d[0], d[1, :, :, :10] = frames, frames[:, :, :10]   # the second event cut off mid-write
+                elif name != "UNWRITTEN":
+                    d[...] = frames
+        k += n
+    (tmp_path / "CATALOG.csv").write_text(pd.DataFrame(rows).to_csv(index=False))
+    real_avail = h5py.h5z.filter_avail
+    monkeypatch.setattr(h5py.h5z, "filter_avail", lambda code: code != h5py.h5z.FILTER_DEFLATE and real_avail(code))
+    events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",))
+    out, err = capsys.readouterr()
+    assert sorted(events["id"]) == ["S0", "S4", "S7"]            # PLAIN, HALF's first event, SHUFFLE (available)
+    for words in ("not a dataset: 2", "never written: 2", "missing HDF5 filter: 1"):
+        assert words in out, out
+    assert "id is a group, not a dataset" in err and "filter 1 (deflate)" in err and "never written" in err
+    ds = common.SEVIRVIL(events, tmp_path, t_in=2, t_out=1, target_size=16, train=False)
+    assert all(float(ds[i][0].max()) == pytest.approx(7 / 255) for i in range(len(ds)))     # none read as zeros
+
+    with h5py.File(tmp_path / "lght.h5", "w") as f:                    # lightning: a group, text, never written
+        f.create_group("L1")
+        f["L2"] = np.array([["a"] * 5], dtype="S1")
+        f.create_dataset("L3", (4, 5), dtype=np.float32)
+        f["L4"] = np.zeros((2, 5), np.float32)
+    lght = [{**good.to_dict(), "id": f"L{i}", "img_type": "lght", "file_name": "lght.h5", "file_index": "0"}
+            for i in range(1, 5)]
+    (tmp_path / "LGHT.csv").write_text(pd.DataFrame(lght).to_csv(index=False))
+    events = common.load_catalog(tmp_path / "LGHT.csv", tmp_path, mods=("lght",))
+    out = capsys.readouterr().out
+    assert events["id"].tolist() == ["L4"] and "not a dataset: 1" in out and "bad lightning data: 1" in out \
+        and "never written: 1" in out
+
+    rows_ = pd.DataFrame(rows).iloc[4:6].assign(order=[0, 1])          # the copying tools refuse unwritten events
+    with pytest.raises(common.RunError, match=r"HALF.h5\[1\]: never written"):
+        common._write_copy(tmp_path / "copy", rows_, lambda n: h5py.File(tmp_path / n, "r"), 16, "t")
 
 
 # --------------------------------------------------------------------------------------
@@ -1969,6 +2042,111 @@ def test_prepare_resumes_and_refuses_bad_arguments(tmp_path, sample, monkeypatch
                                                         "--out", str(copy), "--size", "32", *selection]), capsys)
         assert code == 2 and "no usable event in the catalog matches" in err
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before       # the copy untouched
+
+
+def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monkeypatch, capsys):
+    def stop_at(n_calls, fn):                                          # fn, stopped as Ctrl-C or SIGTERM stop it
+        calls = []
+
+        def stopped(*args):
+            calls.append(1)
+            if len(calls) == n_calls:
+                raise KeyboardInterrupt
+            return fn(*args)
+        return stopped
+    monkeypatch.setattr(common, "_make_event", stop_at(2, common._make_event))
+    with pytest.raises(KeyboardInterrupt):
+        common.make_sample_sevir(tmp_path / "s", n_events=3)
+    monkeypatch.undo()
+    assert (tmp_path / "s" / common.SAMPLE_MARKER).exists() and not (tmp_path / "s" / "CATALOG.csv").exists()
+    assert not list((tmp_path / "s").rglob("*.tmp")) and not (tmp_path / "s" / ".lock").exists()
+    stale = tmp_path / "s" / "vil" / "2018" / "SEVIR_VIL_X.h5.tmp"      # what kill -9 leaves: files and a lock
+    stale.write_bytes(b"half")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "s" / ".lock").write_text(dead.stdout.strip())
+    catalog = common.make_sample_sevir(tmp_path / "s", n_events=3)      # the same command starts it again
+    assert len(common.load_catalog(catalog, tmp_path / "s")) == 3 and not stale.exists()
+
+    monkeypatch.chdir(tmp_path)                                         # a default run stopped while it made the sample
+    (tmp_path / common.SAMPLE_ROOT / "vil").mkdir(parents=True)
+    (tmp_path / common.SAMPLE_ROOT / common.SAMPLE_MARKER).write_text(common.SAMPLE_MARKER_TEXT)
+    made, real_sample = [], common.make_sample_sevir
+    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or real_sample(root, n_events=3))
+    cfg = type("Cfg", (), {"CATALOG_PATH": common.DEFAULT_CATALOG, "SEVIR_ROOT": common.DEFAULT_ROOT})
+    catalog, root, kind = common.resolve_data(cfg)
+    assert made == [common.SAMPLE_ROOT] and kind == "sample" and catalog.exists()
+    monkeypatch.undo()
+
+    copy = tmp_path / "prepared"                                        # prepare: a .part broken by a crash
+    monkeypatch.setattr(common, "shrink_event", stop_at(2, common.shrink_event))
+    with pytest.raises(KeyboardInterrupt):
+        common.prepare(sample[0], sample[1], copy, 32)
+    monkeypatch.undo()
+    part = next(copy.rglob("*.part"))
+    broken = bytearray(part.read_bytes())
+    broken[1024:1536] = b"\xff" * 512                                 # its metadata overwritten, its mark intact
+    part.write_bytes(bytes(broken))
+    assert common._holds(part, None)
+    done = common.prepare(sample[0], sample[1], copy, 32)
+    assert len(common.load_catalog(done, copy)) == 5 and not list(copy.rglob("*.part"))
+
+    code, err = one_line_error(lambda: (_ for _ in ()).throw(OSError(28, "No space left on device", "/d/x.h5")), capsys)
+    assert code == 1 and "the disk is full (/d/x.h5): free space and run the same command again" in err
+
+
+def test_a_tool_holds_its_folder_and_a_small_copy_is_named(tmp_path, sample, capsys):
+    catalog, root = sample
+    copy = tmp_path / "prepared"
+    copy.mkdir()
+    (copy / ".lock").write_text(str(os.getppid()))                      # another prepare is writing there
+    code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", str(catalog), "--root", str(root),
+                                                    "--out", str(copy), "--size", "16"]), capsys)
+    assert code == 2 and "in use by another run or tool" in err and not (copy / common.PREPARED_MARKER).exists()
+    (copy / ".lock").unlink()
+    small = common.prepare(catalog, root, copy, 16)
+    cfg = SimpleNamespace(CATALOG_PATH=small, SEVIR_ROOT=str(copy), SPLIT_DATES=("2019-01-01", "2019-06-01"),
+                          MAX_TRAIN=0, MAX_VAL=0, MAX_TEST=0, TARGET_SIZE=32)
+    capsys.readouterr()
+    common.load_events(cfg, ("vil", "ir069"))
+    err = capsys.readouterr().err
+    assert err.count("below --target_size=32") == 2 and "vil in" in err and "16 x 16" in err
+    cfg.TARGET_SIZE = 16
+    common.load_events(cfg, ("vil", "ir069"))
+    assert "below" not in capsys.readouterr().err
+    again = common.prepare(small, copy, tmp_path / "again", 8)           # a copy of a copy, at its own grid
+    assert set(pd.read_csv(again)["size_x"].dropna().astype(int)) <= {8, 48}
+
+
+def test_catalogs_from_a_pipe_or_a_spreadsheet_read_the_same(tmp_path, sample):
+    catalog, root = sample
+    text = Path(catalog).read_text()
+    expected = common.load_catalog(catalog, root)
+    table = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    table["pct_missing"] = table["pct_missing"].str.replace(".", ",")
+    for sep in (";", "\t"):
+        table.to_csv(tmp_path / "sheet.csv", sep=sep, index=False)
+        assert common.load_catalog(tmp_path / "sheet.csv", root).equals(expected)
+    r, w = os.pipe()                                                    # as <(cat CATALOG.csv) gives it
+    os.write(w, text.encode())
+    os.close(w)
+    try:
+        piped = f"/dev/fd/{r}"
+        assert common.load_catalog(piped, root).equals(expected)
+        common.prepare(piped, root, tmp_path / "copy", 16)              # reads it twice: kept after the first
+    finally:
+        os.close(r)
+    assert len(common.load_catalog(tmp_path / "copy" / "CATALOG.csv", tmp_path / "copy")) == len(expected)
+
+
+def test_torchrun_batches_are_checked_first_and_rank_1_defers_to_rank_0(tmp_path, monkeypatch):
+    import train_baseline
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(common.UserError, match="--batch_size=3: the global batch must divide by the 2 processes"):
+        common.parse_config(train_baseline.Config, ["--batch_size=3"])
+    monkeypatch.delenv("WORLD_SIZE")
+    cfg = common.parse_config(train_baseline.Config, [f"--out_dir={tmp_path}"])
+    monkeypatch.setattr(common, "is_main", lambda: False)
+    assert "rank 0 saves the run" in str(common.EpochSaver(cfg).interrupted())
 
 
 def test_download_with_size_writes_the_prepared_form(tmp_path, bucket):

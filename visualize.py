@@ -58,7 +58,21 @@ def main(argv=None):
     cfg.SEVIR_ROOT = opts.SEVIR_ROOT or cfg.SEVIR_ROOT
     device = common.pick_device(opts.DEVICE)
 
-    data = script.build_data(cfg)
+    try:
+        data = script.build_data(cfg)
+    except common.UserError as e:                  # a moved data folder: say where the run read it
+        at_defaults = (cfg.CATALOG_PATH, cfg.SEVIR_ROOT) == (common.DEFAULT_CATALOG, common.DEFAULT_ROOT)
+        if at_defaults or (Path(cfg.CATALOG_PATH).exists() and Path(cfg.SEVIR_ROOT).is_dir()):
+            raise
+        raise common.UserError(f"{e}; the run read --catalog_path={cfg.CATALOG_PATH} --sevir_root={cfg.SEVIR_ROOT}: "
+                               f"if the data moved, give those two flags with where it is now") from None
+    then = ckpt.get("events") or {}
+    for split in [s for s in ("test", "val", "train") if s in then and then[s] != cfg.events[s]]:
+        old, now = then[split], cfg.events[split]
+        print(f"warning: the data changed since this run: its {split} events were {old['n']} "
+              f"({old['first']} .. {old['last']}), now {now['n']} ({now['first']} .. {now['last']})"
+              + (", other events" if (old["n"], old["first"], old["last"]) == (now["n"], now["first"], now["last"])
+                 else "") + "; the scores below are on the data as it is now", file=sys.stderr)
     model = script.build_model(cfg).to(device)
     common.load_weights(model, ckpt_path)
     print(f"{name}: epoch {ckpt['epoch']} of {ckpt_path}, {opts.SPLIT} events")
