@@ -1530,10 +1530,10 @@ def resolve_data(cfg):
 
 
 def is_generated(root):
-    """True for the generated sample and for a prepared copy of it (its mark says so)."""
+    """True for the generated sample and for a prepared copy or a download of it (their marks say so)."""
     root = Path(root)
-    prepared = root / PREPARED_MARKER
-    return (root / SAMPLE_MARKER).exists() or (prepared.is_file() and GENERATED_COPY in prepared.read_text())
+    marks = [root / PREPARED_MARKER, root / SUBSET_MARKER]
+    return (root / SAMPLE_MARKER).exists() or any(m.is_file() and GENERATED_COPY in m.read_text() for m in marks)
 
 
 CATALOG_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "minute_offsets", "episode_id",
@@ -2806,7 +2806,16 @@ def download(out, types=("vil", "ir069", "ir107"), max_events=None, since=None, 
         raise UserError(f"--size={size}: a grid from 8 to 768 pixels (the datasets' TARGET_SIZE)")
     if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", base_url):
         raise UserError(f"--base-url={base_url}: expected http://HOST/... or https://HOST/...")
-    marker_text = "Written by python common.py download: a subset of SEVIR.\n"
+    writable_folder(out, SUBSET_MARKER, "download --out")          # before any request
+    if (out / SUBSET_MARKER).is_file():                             # going on: as the first run found the mirror
+        marker_text = (out / SUBSET_MARKER).read_text()
+    else:                                        # a mirror of the generated sample says so: keep saying it
+        try:
+            http_get(f"{base_url}/data/{SAMPLE_MARKER}", tries=1, limit=4096)
+            generated = f", {GENERATED_COPY}"
+        except UserError:
+            generated = ""
+        marker_text = f"Written by python common.py download: a subset of SEVIR{generated}.\n"
     with tool_folder(out, SUBSET_MARKER, marker_text, "download --out"):
         remote_catalog = out / "CATALOG.remote.csv"                   # the full catalog, fetched once
         if not remote_catalog.exists():

@@ -1866,7 +1866,7 @@ def test_download_checks_everything_before_the_network_and_never_replaces_real_d
     monkeypatch.setattr(common, "ASK_ABOVE_BYTES", 1e6)                 # pretend this is a terabyte
     code, err = one_line_error(lambda: common._cli(["download", "--out", str(tmp_path / "big"), "--base-url", url,
                                                     "--types", "vil"]), capsys)
-    assert code == 2 and "add --yes" in err and state["paths"] == ["/CATALOG.csv"]
+    assert code == 2 and "add --yes" in err and state["paths"] == [f"/data/{common.SAMPLE_MARKER}", "/CATALOG.csv"]
     common._cli(["download", "--out", str(tmp_path / "big"), "--base-url", url, "--types", "vil", "--max-events", "1",
                  "--yes"])
     assert len(common.load_catalog(tmp_path / "big" / "CATALOG.csv", tmp_path / "big", ("vil",))) == 1
@@ -1890,7 +1890,7 @@ def test_lightning_lists_and_images_of_the_wrong_shape_are_dropped(tmp_path, cap
 
 def test_odd_structure_missing_filters_and_data_never_written_are_dropped(tmp_path, capsys, monkeypatch):
     good = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False).iloc[0]
-    files = {"PLAIN": 1, "ID_GROUP": 1, "VIL_GROUP": 1, "UNWRITTEN": 1, "HALF": 2, "GZIP": 1, "SHUFFLE": 1}
+    files = {"PLAIN": 1, "ID_GROUP": 1, "VIL_GROUP": 1, "UNWRITTEN": 1, "HALF": 2, "GZIP": 1, "SHUFFLE": 1, "NO_ID": 1}
     rows, k = [], 0
     for name, n in files.items():
         for i in range(n):
@@ -1903,7 +1903,8 @@ def test_odd_structure_missing_filters_and_data_never_written_are_dropped(tmp_pa
     for name, n in files.items():
         with h5py.File(tmp_path / f"vil/{name}.h5", "w") as f:
             ids = np.array([f"S{k + i}".encode() for i in range(n)])
-            f.create_group("id") if name == "ID_GROUP" else f.create_dataset("id", data=ids)
+            if name != "NO_ID":
+                f.create_group("id") if name == "ID_GROUP" else f.create_dataset("id", data=ids)
             if name == "VIL_GROUP":
                 f.create_group("vil")
             else:
@@ -1920,7 +1921,7 @@ def test_odd_structure_missing_filters_and_data_never_written_are_dropped(tmp_pa
     monkeypatch.setattr(h5py.h5z, "filter_avail", lambda code: code != h5py.h5z.FILTER_DEFLATE and real_avail(code))
     events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",))
     out, err = capsys.readouterr()
-    assert sorted(events["id"]) == ["S0", "S4", "S7"]            # PLAIN, HALF's first event, SHUFFLE (available)
+    assert sorted(events["id"]) == ["S0", "S4", "S7", "S8"]      # PLAIN, HALF's first, SHUFFLE (available), NO_ID
     for words in ("not a dataset: 2", "never written: 2", "missing HDF5 filter: 1"):
         assert words in out, out
     assert "id is a group, not a dataset" in err and "filter 1 (deflate)" in err and "never written" in err
@@ -1940,6 +1941,10 @@ def test_odd_structure_missing_filters_and_data_never_written_are_dropped(tmp_pa
     assert events["id"].tolist() == ["L4"] and "not a dataset: 1" in out and "bad lightning data: 1" in out \
         and "never written: 1" in out
 
+    no_id = pd.DataFrame(rows).iloc[8:9].assign(order=[0])             # a file without `id`: the catalog's ids
+    common._write_copy(tmp_path / "copy", no_id, lambda n: h5py.File(tmp_path / n, "r"), 8, "t")
+    with h5py.File(tmp_path / "copy/vil/NO_ID.h5") as f:
+        assert f["id"][()].tolist() == [b"S8"] and f["vil"].shape == (1, 8, 8, 49)
     rows_ = pd.DataFrame(rows).iloc[4:6].assign(order=[0, 1])          # the copying tools refuse unwritten events
     with pytest.raises(common.RunError, match=r"HALF.h5\[1\]: never written"):
         common._write_copy(tmp_path / "copy", rows_, lambda n: h5py.File(tmp_path / n, "r"), 16, "t")
@@ -2156,6 +2161,10 @@ def test_download_with_size_writes_the_prepared_form(tmp_path, bucket):
                           max_events=2)
     a, b = pd.read_csv(got, dtype=str), pd.read_csv(made, dtype=str)
     assert a.drop(columns=[]).equals(b)
+    assert common.is_generated(tmp_path / "dl") and common.is_generated(tmp_path / "prep")   # still the sample
+    (root / "data" / common.SAMPLE_MARKER).unlink()                     # a bucket of real SEVIR has no such mark
+    common.download(tmp_path / "real", types=("vil",), max_events=1, base_url=url, size=32, backoff=0.01)
+    assert not common.is_generated(tmp_path / "real")
     for p in (tmp_path / "prep").rglob("*.h5"):
         with h5py.File(p) as f, h5py.File(tmp_path / "dl" / p.relative_to(tmp_path / "prep")) as g:
             assert all(np.array_equal(f[n][()], g[n][()]) for n in f) and set(f) == set(g)
