@@ -26,7 +26,7 @@ class Config:
     T_OUT = 1                                # VIL frames to forecast: 1 = the next 5 minutes
     TARGET_SIZE = 96                         # common grid in pixels (VIL 384, IR 192 are resized to it)
     BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
-    EPOCHS = 6                               # passes over every window of every training event (3 inputs: 2 min)
+    EPOCHS = 7                               # passes over every window of every training event (3 inputs: ~2 min)
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 1e-3                                # Adam learning rate, peak of a cosine decay to 0 (3e-3 learnt slower here)
     AUGMENT = True                           # train on random quarter turns and flips of each batch (8 views)
