@@ -45,6 +45,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 # Ctrl-C while the libraries below load (seconds): one line and status 130, not a traceback from inside them.
 _LOADING = threading.current_thread() is threading.main_thread() and "IPython" not in sys.modules
@@ -1474,7 +1475,6 @@ def load_events(cfg, mods):
     Validation chooses the model (best.pt, learning-rate schedule); the final scores are on test.
     Returns a namespace with train_events, val_events, test_events, root and kind ("sample" or "sevir").
     """
-    from types import SimpleNamespace
     catalog, root, kind = resolve_data(cfg)
     events = load_catalog(catalog, root, mods=mods)               # pct_missing == 0, as the SEVIR paper
     train, val, test = split_by_dates(events, cfg.SPLIT_DATES)
@@ -3122,12 +3122,43 @@ class HTTPRangeFile(io.RawIOBase):
 # 12. Tools: speed and memory on this machine (python common.py bench), the command line
 # ======================================================================================
 
+# What bench measures for each training script: its default data and network. They are stated here because
+# common.py does not import the scripts (they import it); a test checks them against the scripts' Config.
+BENCH_CASES = {
+    "train_baseline": dict(mods=("vil",), t_in=12, t_out=1, size=96, batch=4, model="evolution", base=8,
+                           loss="bmse_bmae"),
+    "train_multimodal": dict(mods=("vil", "ir069", "ir107"), t_in=12, t_out=1, size=96, batch=4, model="evolution",
+                             base=8, loss="bmse_bmae"),
+    "train_synthetic": dict(mods=("ir069", "ir107"), size=128, batch=8, model="SyntheticRadarUNet", base=8, loss="mae"),
+    "train_advanced": dict(mods=("ir069", "ir107"), size=128, batch=16, model="AdvancedUNet", base=8, loss="bmse_mae"),
+}
+PROTOCOL_CASE = dict(mods=("vil",), t_in=13, t_out=12, size=384)     # SEVIR_PROTOCOL's held-out windows
+
+
+def bench_dataset(case, events, root, train=True):
+    """The dataset a script builds at the settings of `case` (its training set, or held-out windows)."""
+    if "t_in" not in case:
+        return SyntheticRadarDataset(events, root, input_mods=case["mods"], target_size=case["size"], train=train)
+    if case["mods"] == ("vil",):
+        return SEVIRVIL(events, root, t_in=case["t_in"], t_out=case["t_out"], target_size=case["size"], train=train)
+    return SEVIRMultimodal(events, root, mods=case["mods"], t_in=case["t_in"], t_out=case["t_out"],
+                           target_size=case["size"], train=train)
+
+
+def bench_model(case):
+    """The network a script builds at the settings of `case`."""
+    if "t_in" in case:
+        return build_nowcaster(case["model"], len(case["mods"]), case["t_in"], case["t_out"], case["base"],
+                               vil_channel=case["mods"].index("vil"))
+    return {"SyntheticRadarUNet": SyntheticRadarUNet, "AdvancedUNet": AdvancedUNet}[case["model"]](
+        in_channels=len(case["mods"]), out_channels=1, base=case["base"])
+
+
 def bench(root=SAMPLE_ROOT, with_memory=True):
     """Print one table: data loading against the h5py floor, catalog speed, DataLoader rates,
     training-step time / FLOPs / MFU and peak memory of each script's defaults, on this machine."""
     import tempfile
     root = Path(root).resolve()                         # the child runs start in this file's folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     device = pick_device("auto")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else ("Apple MPS" if device.type == "mps" else "none")
     print(f"# python common.py bench  |  {dt.date.today()}  |  {os.cpu_count()} CPU cores, "
@@ -3136,49 +3167,42 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
     if not catalog.exists():
         make_sample_sevir(root)
     rows = []
-    data_args = [f"--catalog_path={catalog}", f"--sevir_root={root}"]
-    datasets = {}
-    for script in SCRIPTS[:3]:
-        module = __import__(script)
-        cfg = parse_config(module.Config, data_args)
+
+    def dataset(name, catalog, root):                  # a script's training set, or the protocol's test windows
+        case = PROTOCOL_CASE if name == "protocol" else BENCH_CASES[name]
+        mods = case["mods"] + (() if "t_in" in case else ("vil",))
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            datasets[script] = (cfg, module.build_data(cfg).train)
+            train, _, test = split_by_dates(load_catalog(catalog, root, mods), EARTHFORMER_SPLIT)
+        return bench_dataset(case, test, root, train=False) if name == "protocol" else bench_dataset(case, train, root)
 
     # 1. items/s of each dataset class against the floor; the protocol's windows (13 + 12 VIL frames at 384)
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        protocol = parse_config(__import__("train_baseline").Config, data_args + ["--protocol=sevir"])
-        protocol_windows = __import__("train_baseline").build_data(protocol).test
-    for script, (cfg, ds) in {**datasets, "protocol": (protocol, protocol_windows)}.items():
+    original = {name: dataset(name, catalog, root)
+                for name in ("train_baseline", "train_multimodal", "train_synthetic", "protocol")}
+    for name, ds in original.items():
         n = len(ds)
         item = _rate(lambda i: ds[i], n, repeat=3)
         floor = _rate(_floor_reader(ds), n, repeat=3)
-        limit = 1.3 if type(ds).__name__ == "SEVIRVIL" else 1.5      # the scripts' `common` is not __main__
-        rows.append((f"{type(ds).__name__} items/s ({script}{'' if script == 'protocol' else ' defaults'})",
+        limit = 1.3 if type(ds).__name__ == "SEVIRVIL" else 1.5
+        rows.append((f"{type(ds).__name__} items/s ({name}{'' if name == 'protocol' else ' defaults'})",
                      f"{item:.1f}", f"floor {floor:.1f}/s, floor/dataset {floor / item:.2f} (<= {limit})"))
 
     # 1b. bytes read per item and items/s (warm): SEVIR's layout against a prepared copy at the same grid,
     # for each script's defaults and for the protocol (13 + 12 VIL frames at 384)
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        cases = [(s, cfg, __import__(s).build_data(cfg).train) for s, (cfg, _) in datasets.items()]
-        cases.append(("protocol", protocol, protocol_windows))
         measured = []
-        for name, cfg, ds in cases:
-            mods = tuple(ds.mods)
-            copy = Path(tmp) / f"{cfg.TARGET_SIZE}_{'_'.join(mods)}"
+        for name, ds in original.items():
+            copy = Path(tmp) / f"{ds.target_size}_{'_'.join(ds.mods)}"
             if not copy.exists():
                 with contextlib.redirect_stderr(quiet):
-                    prepare(catalog, root, copy, cfg.TARGET_SIZE, types=mods)
-            cfg_copy = parse_config(type(cfg), data_args + [f"--catalog_path={copy / 'CATALOG.csv'}", f"--sevir_root={copy}"]
-                                    + (["--protocol=sevir"] if name == "protocol" else []))
-            built = __import__("train_baseline" if name == "protocol" else name).build_data(cfg_copy)
-            ds_copy = built.test if name == "protocol" else built.train
+                    prepare(catalog, root, copy, ds.target_size, types=ds.mods)
+            ds_copy = dataset(name, copy / "CATALOG.csv", copy)
             n = min(len(ds), 200)
-            measured.append((name, cfg.TARGET_SIZE, item_bytes(ds), bytes_read_per_item(ds, n),
+            measured.append((name, ds.target_size, item_bytes(ds), bytes_read_per_item(ds, n),
                              bytes_read_per_item(ds_copy, n), _rate(lambda i: ds[i], n), _rate(lambda i: ds_copy[i], n)))
-    for name, size, stored, original, prepared_b, rate, rate_copy in measured:
-        rows.append((f"bytes read per item, {name} at {size}", f"{original / 1e6:.2f} MB -> {prepared_b / 1e3:.0f} kB",
-                     f"SEVIR file -> prepared copy: {original / prepared_b:.0f}x fewer; frames as stored "
-                     f"{stored / 1e3:.0f} kB, copy/frames {prepared_b / stored:.2f} (<= 1.5); items/s warm "
+    for name, size, stored, from_sevir, from_copy, rate, rate_copy in measured:
+        rows.append((f"bytes read per item, {name} at {size}", f"{from_sevir / 1e6:.2f} MB -> {from_copy / 1e3:.0f} kB",
+                     f"SEVIR file -> prepared copy: {from_sevir / from_copy:.0f}x fewer; frames as stored "
+                     f"{stored / 1e3:.0f} kB, copy/frames {from_copy / stored:.2f} (<= 1.5); items/s warm "
                      f"{rate:.0f} -> {rate_copy:.0f}"))
 
     # 2. load_catalog on a catalog of the real size
@@ -3191,21 +3215,22 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
         rows.append(("load_catalog, 76,004 rows", f"{took:.2f} s", "(<= 1 s)"))
 
     # 3. DataLoader batches/s over 5 epochs (workers start again each epoch: windows follow SEED and epoch)
-    for script, (cfg, ds) in datasets.items():
+    for script in ("train_baseline", "train_multimodal", "train_synthetic"):
+        ds, batch = original[script], BENCH_CASES[script]["batch"]
         for workers in (0, 2):
-            cfg.NUM_WORKERS = workers
+            cfg = SimpleNamespace(BATCH_SIZE=batch, SEED=0, NUM_WORKERS=workers)
             loader = make_loader(ds, cfg, device, shuffle=True)
             t0 = time.perf_counter()
             n = sum(1 for epoch in range(1, 6) for _ in loader_epoch(loader, epoch))
             rows.append((f"DataLoader batches/s, {script}, NUM_WORKERS={workers}",
-                         f"{n / (time.perf_counter() - t0):.1f}", f"batch {cfg.BATCH_SIZE}, {n} batches in 5 epochs"))
+                         f"{n / (time.perf_counter() - t0):.1f}", f"batch {batch}, {n} batches in 5 epochs"))
 
     # 4. training step, FLOPs, MFU
     peak = _measured_peak(device)
     rows.append((f"peak FLOP/s on {device.type}, fp32", f"{peak / 1e9:.0f} GFLOP/s",
                  "best of a 2048^2 matmul and a 256-ch 3x3 conv, timed in this run"))
-    for script in SCRIPTS:
-        sec, flops, b = _train_step_cost(script, device)
+    for script, case in BENCH_CASES.items():
+        sec, flops, b = _train_step_cost(case, device)
         rows.append((f"train step, {script} defaults", f"{sec * 1000:.0f} ms",
                      f"batch {b}, {flops / 1e9:.2f} GFLOP/sample, MFU {flops * b / sec / peak:.0%}"))
 
@@ -3308,20 +3333,17 @@ def _sync(device):
         torch.mps.synchronize()
 
 
-def _train_step_cost(script, device):
+def _train_step_cost(case, device):
     """(seconds per training step, FLOPs per sample, batch) of a script's default model and pixel loss."""
     from torch.utils.flop_counter import FlopCounterMode
-    module = __import__(script)
-    cfg = module.Config()
-    model = module.build_model(cfg).to(device)
-    s, b = cfg.TARGET_SIZE, cfg.BATCH_SIZE
-    if hasattr(cfg, "T_IN"):
-        c = len(getattr(cfg, "MODALITIES", ("vil",)))
-        x, y = torch.rand(b, c, cfg.T_IN, s, s), torch.rand(b, 1, cfg.T_OUT, s, s)
+    model = bench_model(case).to(device)
+    s, b, c = case["size"], case["batch"], len(case["mods"])
+    if "t_in" in case:
+        x, y = torch.rand(b, c, case["t_in"], s, s), torch.rand(b, 1, case["t_out"], s, s)
     else:
-        x, y = torch.rand(b, len(cfg.INPUT_MODS), s, s), torch.rand(b, 1, s, s)
+        x, y = torch.rand(b, c, s, s), torch.rand(b, 1, s, s)
     x, y = x.to(device), y.to(device)
-    loss_fn = LOSSES[cfg.LOSS]            # train_advanced's perceptual term is off without ImageNet weights
+    loss_fn = LOSSES[case["loss"]]        # train_advanced's perceptual term is off without ImageNet weights
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     amp = amp_dtype(device)
 

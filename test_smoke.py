@@ -2170,6 +2170,28 @@ def test_download_with_size_writes_the_prepared_form(tmp_path, bucket):
             assert all(np.array_equal(f[n][()], g[n][()]) for n in f) and set(f) == set(g)
 
 
+def test_bench_measures_the_scripts_defaults(sample):
+    import importlib
+    cases = {**common.BENCH_CASES, "protocol": common.PROTOCOL_CASE}
+    for name, case in cases.items():
+        script = importlib.import_module("train_baseline" if name == "protocol" else name)
+        cfg = common.parse_config(script.Config, data_args(sample) + (["--protocol=sevir"] if name == "protocol" else []))
+        mods = tuple(getattr(cfg, "MODALITIES", getattr(cfg, "INPUT_MODS", ("vil",))))
+        assert case["mods"] == mods and case["size"] == cfg.TARGET_SIZE, name
+        if "t_in" in case:
+            assert (case["t_in"], case["t_out"]) == (cfg.T_IN, cfg.T_OUT), name
+        data = script.build_data(cfg)
+        ds, ours = (data.test, common.bench_dataset(case, data.test_events, data.root, train=False)) \
+            if name == "protocol" else (data.train, common.bench_dataset(case, data.train_events, data.root))
+        assert type(ours) is type(ds) and len(ours) == len(ds) and ours.mods == ds.mods, name
+        assert all(torch.equal(a, b) for a, b in zip(ours[len(ds) // 2], ds[len(ds) // 2])), name
+        if name != "protocol":
+            assert (case["batch"], case["base"], case["loss"], case.get("model", "")) == \
+                (cfg.BATCH_SIZE, cfg.BASE, cfg.LOSS, getattr(cfg, "MODEL", case.get("model", ""))), name
+            theirs, built = script.build_model(cfg), common.bench_model(case)
+            assert type(built) is type(theirs) and common.count_parameters(built) == common.count_parameters(theirs)
+
+
 def test_bench_resolves_a_relative_root_before_it_starts(tmp_path, monkeypatch):
     got = []
     monkeypatch.setattr(common, "bench", lambda root, with_memory: got.append(root))
