@@ -1143,7 +1143,8 @@ def nowcast_references(vil_channel, t_out):
 class IRLookup:
     """Reference synthetic radar: mean VIL for each IR brightness-temperature bin, fitted on training data.
 
-    Bins are 2.5 C wide from -100 C to +60 C (in the dataset's normalised units); a bin never seen
+    Bins are 2.5 C wide from -100 C to +60 C (in the dataset's normalised units; 64 bins over [0, 1] with
+    ir_norm="minmax"); a bin never seen
     in training predicts the overall mean. x (B, C, H, W) -> (B, 1, H, W). Named "ir_lookup" on IR107
     (the default), "ir069_lookup" on IR069.
     """
@@ -2004,8 +2005,9 @@ def check_out_dir(cfg):
 
 @contextlib.contextmanager
 def locked(out):
-    """Hold OUT_DIR for this process: a second run there stops with one line. A lock left by a process that
-    no longer runs is taken over. (Rank 0 alone writes, so only it locks.)"""
+    """Hold the folder `out` (a run's OUT_DIR, a tool's --out) for this process: a second run or tool there
+    stops with one line. A lock left by a process that no longer runs is taken over. (Rank 0 alone writes, so
+    only it locks.)"""
     if not is_main():
         yield out
         return
@@ -2606,7 +2608,8 @@ def make_sample_sevir(root, n_events=SAMPLE_EVENTS, seed=0):
     Earthformer's split: half in 2018 H2 (train), a quarter each in 2019 H1 (validation) and
     2019 June-August (test); the last train and validation events are stamped exactly 2019-01-01
     00:00:00 and 2019-06-01 00:00:00, as many SEVIR events are. The weather is generated, not real.
-    Same seed, same bytes.
+    Same seed, same bytes. The folder is marked (GENERATED_SAMPLE.txt) before anything else and the catalog
+    is written last, so a sample stopped half-way is recognised as one and written again.
     """
     if not 3 <= n_events <= 200:
         raise UserError(f"--events={n_events}: from 3 (train, validation, test) to 200 (2.9 GB)")
@@ -2860,8 +2863,8 @@ def choose_events(catalog, types, max_events=None, since=None, until=None, event
 
 
 def _holds(path, wanted):
-    """Whether a local HDF5 file exists, opens, and was written by download for exactly these event ids
-    (for any events when wanted is None)."""
+    """Whether a local HDF5 file exists, opens, and was written by download or prepare for exactly these
+    event ids (for any events when wanted is None)."""
     try:
         with h5py.File(path, "r") as f:
             return "events" in f.attrs if wanted is None else f.attrs.get("events") == wanted
@@ -2874,8 +2877,9 @@ def _write_copy(out, rows, open_source, size, desc):
     the same file names, an `id` dataset and (N, H, W, 49) images in the stored dtype per file, lightning
     lists unchanged, and a matching CATALOG.csv. With `size`, images larger than size x size are shrunk to
     it (antialiased, rounded to the stored dtype) and stored one frame per HDF5 chunk, so a window reads
-    only its frames: a prepared copy. Resumable: finished files are kept, a file in progress (.part) goes
-    on from its last event. Returns (catalog path, bytes of event data read from the sources)."""
+    only its frames: a prepared copy. Sources are checked before their bytes are read (dataset_problem, events
+    never written). Resumable: finished files are kept, a file in progress (.part) goes on from its last
+    event (or starts anew if it no longer reads back). Returns (catalog path, bytes of event data read)."""
     from tqdm import tqdm
     rows, bytes_in = rows.sort_values(["file_name", "order"]).copy(), 0
     bar = tqdm(total=len(rows), unit="event", desc=desc, dynamic_ncols=True)
