@@ -1597,7 +1597,7 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
 def read_catalog(path):
     """Read a SEVIR CATALOG.csv into a DataFrame with parsed time_utc; UserError if it is not one."""
     path = Path(path)
-    df = raw_catalog(path)
+    df = raw_catalog(path, columns=NEEDED_COLUMNS + ["event_type", "size_x"])
     missing = [c for c in NEEDED_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{path} lacks SEVIR catalog columns: {', '.join(missing)}")
@@ -1617,9 +1617,10 @@ def read_catalog(path):
 _PIPED_CATALOGS = {}              # a catalog given as a pipe (<(cat CATALOG.csv)) can be read once: kept here
 
 
-def raw_catalog(path):
-    """Every column of a catalog file as text. Separated by commas as SEVIR writes it, or by semicolons or
-    tabs as spreadsheets may save it (told by its header line); a pipe is read once and kept."""
+def raw_catalog(path, columns=None):
+    """The columns of a catalog file as text (those of `columns` it has, or all). Separated by commas as SEVIR
+    writes it, or by semicolons or tabs as spreadsheets may save it (told by its header line); a pipe is read
+    once and kept."""
     path = Path(path)
     if not path.exists() or path.is_dir():
         raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
@@ -1637,7 +1638,8 @@ def raw_catalog(path):
     header = data.split(b"\n", 1)[0]
     sep = max((",", ";", "\t"), key=lambda c: header.count(c.encode()))
     try:
-        return pd.read_csv(io.BytesIO(data), sep=sep, dtype=str, keep_default_na=False)
+        return pd.read_csv(io.BytesIO(data), sep=sep, dtype=str, keep_default_na=False,
+                           usecols=None if columns is None else lambda c: c in columns)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path} is not a CSV catalog ({type(e).__name__}: {e})".splitlines()[0]) from None
 
