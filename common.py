@@ -2154,11 +2154,13 @@ def _cpu_copy(obj):
 def check_run_checkpoint(ckpt, path, needs=("model", "config", "epoch", "history")):
     """Refuse a checkpoint that lacks what a run wrote into it (an edited or foreign file), in one line."""
     missing = [k for k in needs if k not in ckpt]
-    history = ckpt.get("history", [])
+    history, events = ckpt.get("history", []), ckpt.get("events") or {}
     if missing or not isinstance(ckpt.get("config", {}), dict) or not isinstance(ckpt.get("epoch", 0), int) \
-            or not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
-        raise UserError(f"{path} is not a checkpoint of a run: "
-                        + (f"it has no {', '.join(missing)}" if missing else "its config, epoch or history is malformed"))
+            or not isinstance(history, list) or not all(isinstance(row, dict) for row in history) \
+            or not isinstance(events, dict) or not all(isinstance(v, dict) and set(v) == {"n", "first", "last", "ids_sha1"}
+                                                       for v in events.values()):
+        raise UserError(f"{path} is not a checkpoint of a run: " + (f"it has no {', '.join(missing)}" if missing
+                        else "its config, epoch, history or events record is malformed"))
     return ckpt
 
 

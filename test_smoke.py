@@ -1800,7 +1800,7 @@ def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
              (lambda c: c["config"].update(TARGET_SIZE="big"), "--target_size=big: expected int"),
              (lambda c: c["config"].update(HACK=1), "unknown key --hack"),
              (lambda c: c.pop("config"), "it has no config"), (lambda c: c.pop("epoch"), "it has no epoch"),
-             (lambda c: c.update(history="all good"), "malformed"),
+             (lambda c: c.update(history="all good"), "malformed"), (lambda c: c.update(events={"test": 3}), "malformed"),
              (lambda c: c["config"].update(CATALOG_PATH=str(tmp_path / "moved.csv")), "if the data moved, give those")]
     for edit, words in edits:                                           # edited or foreign checkpoints
         ckpt = torch.load(out / "best.pt", weights_only=True)
