@@ -1619,8 +1619,8 @@ _PIPED_CATALOGS = {}              # a catalog given as a pipe (<(cat CATALOG.csv
 
 def raw_catalog(path, columns=None):
     """The columns of a catalog file as text (those of `columns` it has, or all). Separated by commas as SEVIR
-    writes it, or by semicolons or tabs as spreadsheets may save it (told by its header line); a pipe is read
-    once and kept."""
+    writes it, or by semicolons or tabs as spreadsheets may save it (told by its header line, which may start
+    with a byte-order mark); a pipe is read once and kept."""
     path = Path(path)
     if not path.exists() or path.is_dir():
         raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
@@ -1638,8 +1638,8 @@ def raw_catalog(path, columns=None):
     header = data.split(b"\n", 1)[0]
     sep = max((",", ";", "\t"), key=lambda c: header.count(c.encode()))
     try:
-        return pd.read_csv(io.BytesIO(data), sep=sep, dtype=str, keep_default_na=False,
-                           usecols=None if columns is None else lambda c: c in columns)
+        return pd.read_csv(io.BytesIO(data), sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                           usecols=None if columns is None else lambda c: c in columns)   # (a spreadsheet's BOM)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path} is not a CSV catalog ({type(e).__name__}: {e})".splitlines()[0]) from None
 
@@ -1793,14 +1793,19 @@ def dataset_problem(f, name):
 def written_events(ds):
     """A bool per event (first axis of ds): True where its data was written. HDF5 reads data never written as
     zeros without a word; contiguous data is written whole or not at all, chunked data chunk by chunk (each
-    event needs every chunk it lies in). Counting chunks reads no data."""
+    event needs every chunk it lies in). Counting chunks reads no data: one call when all are there, else one
+    pass over the chunk index (h5py's chunk_iter; get_chunk_info(k) would walk it again for every k)."""
     if ds.chunks is None:
         return np.full(ds.shape[0], ds.size == 0 or ds.id.get_storage_size() > 0)
     c = ds.chunks
     per_slab = math.prod(-(-n // k) for n, k in zip(ds.shape[1:], c[1:]))    # chunks across one slab of events
     counts = np.zeros(-(-ds.shape[0] // c[0]), dtype=np.int64)
-    for k in range(ds.id.get_num_chunks()):
-        counts[ds.id.get_chunk_info(k).chunk_offset[0] // c[0]] += 1
+    if ds.id.get_num_chunks() == per_slab * len(counts):
+        return np.ones(ds.shape[0], dtype=bool)
+
+    def count(info):
+        counts[info.chunk_offset[0] // c[0]] += 1
+    ds.id.chunk_iter(count)
     return np.repeat(counts == per_slab, c[0])[:ds.shape[0]]
 
 

@@ -2129,7 +2129,7 @@ def test_catalogs_from_a_pipe_or_a_spreadsheet_read_the_same(tmp_path, sample):
     table = pd.read_csv(catalog, dtype=str, keep_default_na=False)
     table["pct_missing"] = table["pct_missing"].str.replace(".", ",")
     for sep in (";", "\t"):
-        table.to_csv(tmp_path / "sheet.csv", sep=sep, index=False)
+        table.to_csv(tmp_path / "sheet.csv", sep=sep, index=False, encoding="utf-8-sig")     # with a BOM too
         assert common.load_catalog(tmp_path / "sheet.csv", root).equals(expected)
     r, w = os.pipe()                                                    # as <(cat CATALOG.csv) gives it
     os.write(w, text.encode())
