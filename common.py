@@ -1751,9 +1751,9 @@ def _check_files(df, root):
                     bad.update({i: problem[0] for i in group.index})
                     continue
                 ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["id"][()]] if "id" in f else None
-                written = {}
+                cache = {}
                 for row in group.itertuples():
-                    problem = _row_problem(f, row, path, ids, written)
+                    problem = _row_problem(f, row, ids, cache)
                     if problem:
                         reason, what = problem
                         bad[row.Index] = reason
@@ -1809,26 +1809,27 @@ def written_events(ds):
     return np.repeat(counts == per_slab, c[0])[:ds.shape[0]]
 
 
-def _row_problem(f, row, path, ids, written):
+def _row_problem(f, row, ids, cache):
     """(reason, what to say or None) when catalog row `row` cannot be read from the open file f, else None.
 
     Checks what a sample relies on: the dataset is one of f's own and readable (dataset_problem); it has
     SEVIR's layout (N, H, W, 49) with square frames of the catalog's size_x and the stored dtype; the index
     is in range and the file's `id` there is the row's id; the data is all in the file and the event's was
-    written (`written` caches written_events per dataset); lightning is an (n, 5) list of numbers.
+    written; lightning is an (n, 5) list of numbers. `cache` keeps what the rows of one dataset share
+    (_dataset_facts), so a file of thousands of events is looked at once, not once per row.
     """
     name = row.id if row.img_type == "lght" else row.img_type
-    if name not in f:
-        return "no dataset in file", None
-    if problem := dataset_problem(f, name):
+    if name not in cache:
+        cache[name] = _dataset_facts(f, name)
+    problem, ds = cache[name]
+    if problem:
         return problem
-    ds = f[name]
     if row.img_type == "lght":
         if ds.dtype.kind not in "fiu":
             return "bad lightning data", f"{name} is {ds.dtype}, not numbers"
-        if ds.ndim != 2 or ds.shape[1] != 5:
+        if len(ds.shape) != 2 or ds.shape[1] != 5:
             return "bad lightning data", f"{name} is {ds.shape}, not (n, 5)"
-        return None if written_events(ds).all() else ("never written", f"{name} was never written")
+        return None if ds.written.all() else ("never written", f"{name} was never written")
     want = np.dtype(EVENT_DTYPE[row.img_type])
     size = int(row.size_x) if str(row.size_x).isdigit() else NATIVE_SIZE[row.img_type]
     if ds.shape[1:] != (size, size, N_FRAMES) or ds.dtype != want:
@@ -1837,13 +1838,24 @@ def _row_problem(f, row, path, ids, written):
         return "file_index out of range", None
     if ids is not None and (row.file_index >= len(ids) or ids[row.file_index] != row.id):
         return "id differs from the catalog", f"its id at {row.file_index} is not the catalog's {row.id}"
-    if data_end(ds) > path.stat().st_size:
+    if ds.truncated:
         return "truncated file", "it is shorter than the data it describes"
-    if name not in written:
-        written[name] = written_events(ds)
-    if not written[name][row.file_index]:
+    if not ds.written[row.file_index]:
         return "never written", f"{name} holds events never written (they would read as zeros)"
     return None
+
+
+def _dataset_facts(f, name):
+    """(problem, facts) for dataset `name` of the open file f: a problem as _row_problem returns it (absent,
+    or dataset_problem's), or None and its shape, dtype, whether the file ends before its data, and
+    written_events."""
+    if name not in f:
+        return ("no dataset in file", None), None
+    if problem := dataset_problem(f, name):
+        return problem, None
+    ds = f[name]
+    return None, SimpleNamespace(shape=ds.shape, dtype=ds.dtype, written=written_events(ds),
+                                 truncated=data_end(ds) > os.path.getsize(f.filename))
 
 
 def split_by_dates(events, dates):
