@@ -1511,12 +1511,14 @@ def resolve_data(cfg):
     at_defaults = cfg.CATALOG_PATH == DEFAULT_CATALOG and cfg.SEVIR_ROOT == DEFAULT_ROOT
     if at_defaults and not catalog.exists():
         sample_catalog, marker = Path(SAMPLE_ROOT) / "CATALOG.csv", Path(SAMPLE_ROOT) / SAMPLE_MARKER
-        if not sample_catalog.exists():
-            print(f"No SEVIR catalog at {catalog}: generating a sample dataset in {SAMPLE_ROOT} (once).")
-            make_sample_sevir(SAMPLE_ROOT)
-        elif marker.exists() and marker.read_text() != SAMPLE_MARKER_TEXT:
-            print(f"The generated sample in {SAMPLE_ROOT} is of an older version: generating it again.")
-            make_sample_sevir(SAMPLE_ROOT)
+        if is_main():                          # under torchrun rank 0 makes it while the others wait
+            if not sample_catalog.exists():
+                print(f"No SEVIR catalog at {catalog}: generating a sample dataset in {SAMPLE_ROOT} (once).")
+                make_sample_sevir(SAMPLE_ROOT)
+            elif marker.exists() and marker.read_text() != SAMPLE_MARKER_TEXT:
+                print(f"The generated sample in {SAMPLE_ROOT} is of an older version: generating it again.")
+                make_sample_sevir(SAMPLE_ROOT)
+        barrier()
         print("Using GENERATED sample data, not real weather. For SEVIR: --catalog_path=.../CATALOG.csv "
               "--sevir_root=...  (see README)")
         catalog, root = sample_catalog, Path(SAMPLE_ROOT)

@@ -2080,6 +2080,11 @@ def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monke
     cfg = type("Cfg", (), {"CATALOG_PATH": common.DEFAULT_CATALOG, "SEVIR_ROOT": common.DEFAULT_ROOT})
     catalog, root, kind = common.resolve_data(cfg)
     assert made == [common.SAMPLE_ROOT] and kind == "sample" and catalog.exists()
+    (tmp_path / common.SAMPLE_ROOT / "CATALOG.csv").unlink()             # under torchrun only rank 0 makes it
+    waited = []
+    monkeypatch.setattr(common, "is_main", lambda: False)
+    monkeypatch.setattr(common, "barrier", lambda: waited.append(1) or real_sample(common.SAMPLE_ROOT, n_events=3))
+    assert common.resolve_data(cfg)[2] == "sample" and made == [common.SAMPLE_ROOT] and waited == [1]
     monkeypatch.undo()
 
     copy = tmp_path / "prepared"                                        # prepare: a .part broken by a crash
