@@ -1628,15 +1628,16 @@ def raw_catalog(path, columns=None):
         raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
     if not os.access(path, os.R_OK):
         raise UserError(f"catalog {path}: no permission to read it")
-    if str(path) in _PIPED_CATALOGS:
-        data = _PIPED_CATALOGS[str(path)]
+    key = (str(path), path.stat().st_ino)                  # the pipe itself, not just its /dev/fd name
+    if key in _PIPED_CATALOGS:
+        data = _PIPED_CATALOGS[key]
     else:
         with open(path, "rb") as f:
             data = f.read(MAX_CATALOG_BYTES + 1)
         if len(data) > MAX_CATALOG_BYTES:
             raise UserError(f"catalog {path} is over {MAX_CATALOG_BYTES >> 20} MiB: not a SEVIR catalog (32 MB)")
         if not path.is_file():
-            _PIPED_CATALOGS[str(path)] = data
+            _PIPED_CATALOGS[key] = data
     header = data.split(b"\n", 1)[0]
     sep = max((",", ";", "\t"), key=lambda c: header.count(c.encode()))
     try:
