@@ -2981,7 +2981,7 @@ def _open_part(part, wanted):
                     dst[name][()]
                 elif dst[name].chunks:
                     written_events(dst[name])
-    except (OSError, RuntimeError, KeyError, ValueError):
+    except (OSError, RuntimeError, KeyError, ValueError, AttributeError):
         with contextlib.suppress(Exception):
             dst.close()
         dst = None
