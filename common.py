@@ -185,19 +185,22 @@ class _SEVIREvents(Dataset):
         state["_files"], state["_datasets"], state["_pid"] = {}, {}, None
         return state
 
-    def _open(self, path, name):
+    def _open(self, path, name, index=None):
         """h5py dataset `name` of the file at `path`; files open once per process, lazily. A file cut short
-        since (its size below the end of its data) is an OSError, not zeros read past its end."""
+        since (its size below the end of its data), or one that no longer holds event `index`, is an OSError,
+        not zeros read past its end."""
         if self._pid != os.getpid():              # forked into a worker: never share HDF5 handles
             self._files, self._datasets, self._pid = {}, {}, os.getpid()
         if (path, name) not in self._datasets:
             if path not in self._files:
                 self._files[path] = h5py.File(path, "r")
             ds = self._files[path][name]
-            self._datasets[(path, name)] = ds, data_end(ds)
-        ds, end = self._datasets[(path, name)]
+            self._datasets[(path, name)] = ds, data_end(ds), ds.shape[0]
+        ds, end, n_events = self._datasets[(path, name)]
         if end and os.path.getsize(path) < end:
             raise OSError(f"{path} is truncated: {os.path.getsize(path):,} bytes, its data ends at {end:,}")
+        if index is not None and index >= n_events:        # the file was replaced by a shorter one since
+            raise OSError(f"{path} now holds {n_events} events, not event {index}")
         return ds
 
     def __getitem__(self, i):
@@ -228,9 +231,8 @@ class _SEVIREvents(Dataset):
         if mod == "lght":
             frames = torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop])
         else:
-            ds, i = self._open(path, mod), self.index[mod][e]
-            if i >= ds.shape[0]:                  # the file was replaced by a shorter one since
-                raise OSError(f"{path} now holds {ds.shape[0]} events, not event {i}")
+            i = self.index[mod][e]
+            ds = self._open(path, mod, i)
             if ds.chunks is None:       # time last: reorder the bytes first (4x cheaper than the floats)
                 frames = torch.from_numpy(np.ascontiguousarray(ds[i][:, :, start:stop].transpose(2, 0, 1))).float()
             else:       # frame by frame, each one chunk read contiguous (a strided window read is 6x slower)
@@ -1605,7 +1607,6 @@ def read_catalog(path):
         raise UserError(f"{path} lacks SEVIR catalog columns: {', '.join(missing)}")
     if df.empty:
         raise UserError(f"catalog {path} has no rows")
-    df = df[NEEDED_COLUMNS + [c for c in ("event_type", "size_x") if c in df.columns]].copy()
     df["img_type"] = df["img_type"].str.strip().str.lower()
     index = df["file_index"].str.strip()
     df["file_index"] = np.where(index.str.fullmatch(r"\d+"), index, "-1").astype(np.int64)   # "3.7" is no index
@@ -2045,7 +2046,7 @@ def locked(out):
             pid = lock.read_bytes().decode(errors="replace").strip() if lock.exists() else ""
             if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
                 raise UserError(f"{out} is in use by another run or tool (process {pid}, in {lock}); wait for it, "
-                                f"use --out_dir=..., or delete {lock} if that process is not a run") from None
+                                f"use another folder, or delete {lock} if that process is not one") from None
             lock.unlink(missing_ok=True)                         # stale: its process is gone (or is us)
             continue
         except PermissionError:                                  # e.g. visualize.py on a read-only run folder
@@ -2117,7 +2118,7 @@ class EpochSaver:
     def epoch_done(self, model, optimizer, scheduler, epoch, best_val, metrics, history, extra, improved):
         if not is_main():
             return
-        write_history(self.out / "history.csv", history)
+        write_csv(self.out / "history.csv", history)
         self.snapshot = _checkpoint(model, optimizer, scheduler, self.cfg, epoch, best_val, metrics, history, extra)
         if improved:
             save_checkpoint({k: v for k, v in self.snapshot.items() if k not in TRAINING_STATE}, self.out / "best.pt")
@@ -2174,13 +2175,17 @@ def _cpu_copy(obj):
 def check_run_checkpoint(ckpt, path, needs=("model", "config", "epoch", "history")):
     """Refuse a checkpoint that lacks what a run wrote into it (an edited or foreign file), in one line."""
     missing = [k for k in needs if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of a run: it has no {', '.join(missing)}")
     history, events = ckpt.get("history", []), ckpt.get("events") or {}
-    if missing or not isinstance(ckpt.get("config", {}), dict) or not isinstance(ckpt.get("epoch", 0), int) \
-            or not isinstance(history, list) or not all(isinstance(row, dict) for row in history) \
-            or not isinstance(events, dict) or not all(isinstance(v, dict) and set(v) == {"n", "first", "last", "ids_sha1"}
-                                                       for v in events.values()):
-        raise UserError(f"{path} is not a checkpoint of a run: " + (f"it has no {', '.join(missing)}" if missing
-                        else "its config, epoch, history or events record is malformed"))
+    record = {"n", "first", "last", "ids_sha1"}                 # event_record's keys
+    well_formed = (isinstance(ckpt.get("config", {}), dict) and isinstance(ckpt.get("epoch", 0), int)
+                   and isinstance(history, list) and all(isinstance(row, dict) for row in history)
+                   and isinstance(events, dict) and all(isinstance(v, dict) and set(v) == record
+                                                        for v in events.values()))
+    if not well_formed:
+        raise UserError(f"{path} is not a checkpoint of a run: its config, epoch, history or events record "
+                        f"is malformed")
     return ckpt
 
 
@@ -2208,11 +2213,12 @@ def check_same_config(saved, current, path):
         raise UserError(f"cannot resume {path}: it was made with another configuration ({detail})")
 
 
-def write_history(path, history):
+def write_csv(path, rows):
+    """Rows (dicts with the same keys, in column order) as a CSV file with a header, atomically."""
     text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=list(history[0]))
+    w = csv.DictWriter(text, fieldnames=list(rows[0]))
     w.writeheader()
-    w.writerows(history)
+    w.writerows(rows)
     write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
 
 
@@ -2730,12 +2736,7 @@ def _write_sample(root, n_events, seed):
     for f, h in handles.items():
         h.close()
         os.replace(root / (f + ".tmp"), root / f)
-    def write_catalog(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CATALOG_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-    write_atomically(root / "CATALOG.csv", write_catalog)
+    write_csv(root / "CATALOG.csv", rows)                        # each row's keys are CATALOG_COLUMNS, in order
     return str(root / "CATALOG.csv")
 
 
@@ -3415,13 +3416,11 @@ def _cli(argv=None):
     parser = argparse.ArgumentParser(prog="common.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="write a generated SEVIR-format sample dataset")
-    s.add_argument("--out", default=SAMPLE_ROOT,
-                   help=f"folder to write (default {SAMPLE_ROOT})")
+    s.add_argument("--out", default=SAMPLE_ROOT, help=f"folder to write (default {SAMPLE_ROOT})")
     s.add_argument("--events", type=int, default=SAMPLE_EVENTS, help=f"number of events (default {SAMPLE_EVENTS})")
     s.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("download", help="fetch a SEVIR subset: only the chosen events' bytes")
-    d.add_argument("--out", required=True,
-                   help="local folder for CATALOG.csv and the HDF5 files")
+    d.add_argument("--out", required=True, help="local folder for CATALOG.csv and the HDF5 files")
     d.add_argument("--types", default="vil,ir069,ir107", help="comma-separated: vil, ir069, ir107, lght")
     d.add_argument("--max-events", type=int, default=None, help="at most this many events (earliest first)")
     d.add_argument("--since", default=None, help="events with time_utc after this date (YYYY-MM-DD)")
@@ -3432,8 +3431,7 @@ def _cli(argv=None):
     d.add_argument("--size", type=int, default=None, help="write a prepared copy at this grid (see prepare)")
     p = sub.add_parser("prepare", help="a copy of local SEVIR events at one grid, one frame per chunk")
     p.add_argument("--catalog", required=True, help="the SEVIR CATALOG.csv")
-    p.add_argument("--root", required=True,
-                   help="the folder of its vil/, ir069/, ... files")
+    p.add_argument("--root", required=True, help="the folder of its vil/, ir069/, ... files")
     p.add_argument("--out", required=True, help="a new or empty folder for the copy")
     p.add_argument("--size", type=int, required=True, help="grid in pixels: the TARGET_SIZE you will train at")
     p.add_argument("--types", default="vil,ir069,ir107", help="comma-separated: vil, ir069, ir107, lght")

@@ -1239,7 +1239,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", full)
     for write, name in ((lambda p: common.write_json(p, {"mse": 1.0}), "metrics.json"),
-                        (lambda p: common.write_history(p, [{"epoch": 1}]), "history.csv"),
+                        (lambda p: common.write_csv(p, [{"epoch": 1}]), "history.csv"),
                         (lambda p: common.save_checkpoint({"w": torch.zeros(2)}, p), "last.pt"),
                         (lambda p: common._save_figure(common._plt().figure(), p), "loss.png")):
         with pytest.raises(common.RunError, match=rf"could not write .*{name} \(No space left on device\)"):
