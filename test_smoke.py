@@ -45,10 +45,32 @@ def sample(tmp_path_factory):
     return common.make_sample_sevir(root, n_events=5, seed=0), root
 
 
+DRAW = {"_save_figure": common._save_figure, "forecast_gif": common.forecast_gif}    # as the scripts draw
+
+
 @pytest.fixture(autouse=True)
-def small_figures(monkeypatch):
-    """Figures at a quarter of their resolution: the same figures, drawn faster."""
+def quick_figures(monkeypatch):
+    """Figures are built but not drawn: each file holds a placeholder (drawing is half of a tiny run's time).
+    The tests of the figures ask for `drawn_figures`; the scripts that run_alone runs draw theirs."""
     monkeypatch.setattr(common, "FIGURE_DPI", 20)
+
+    def placeholder(fig, path):
+        try:
+            common.write_atomically(path, lambda tmp: Path(tmp).write_bytes(b"figure built, not drawn"))
+        finally:
+            common._plt().close(fig)
+
+    def gif_placeholder(model, dataset, device, path, **kwargs):
+        placeholder(common._plt().figure(), path)
+    monkeypatch.setattr(common, "_save_figure", placeholder)
+    monkeypatch.setattr(common, "forecast_gif", gif_placeholder)
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """Figures drawn as the scripts draw them (at a quarter of their resolution)."""
+    for name, draw in DRAW.items():
+        monkeypatch.setattr(common, name, draw)
 
 
 def run_script(script, *args, cwd):
@@ -966,16 +988,16 @@ def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sa
     figures = ("predictions.png", "skill.png", "loss.png", "spectrum.png")
     for name in ("metrics.json", *figures):
         (tmp_path / "straight" / name).unlink()
+    drawn, real_plot_loss = [], common.plot_loss    # the whole run's curve, whichever checkpoint is rescored
+    monkeypatch.setattr(common, "plot_loss", lambda history, path: drawn.append((len(history), Path(path).name))
+                        or real_plot_loss(history, path))
     r = run_script("visualize.py", str(tmp_path / "straight"), "--num_samples=2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((tmp_path / "straight/metrics.json").read_text())
     assert again["model"] == straight["model"] and again["ir_lookup"] == straight["ir_lookup"]
     assert again["spectrum"] == straight["spectrum"]
     assert all((tmp_path / "straight" / n).exists() for n in figures)
-    drawn = []                                      # the whole run's curve, whichever checkpoint is rescored
-    monkeypatch.setattr(common, "plot_loss", lambda history, path: drawn.append((len(history), Path(path).name)))
-    for target in ("straight", "straight/last.pt"):
-        assert run_script("visualize.py", str(tmp_path / target), cwd=tmp_path).returncode == 0
+    assert run_script("visualize.py", str(tmp_path / "straight/last.pt"), cwd=tmp_path).returncode == 0
     assert drawn == [(2, "loss.png"), (2, "loss_last.png")]
 
 
@@ -998,7 +1020,8 @@ def test_models_shapes_and_parameter_counts():
     assert common.count_parameters(common.NowcastNet(12, 1, 32)) == pytest.approx(555e3, rel=0.01)
 
 
-def test_the_notebooks_calls_build_the_same_networks_and_figures(tmp_path, sample, monkeypatch, capsys):
+def test_the_notebooks_calls_build_the_same_networks_and_figures(tmp_path, sample, monkeypatch, capsys,
+                                                                  drawn_figures):
     """Each class and figure function called exactly as notebooks 05, 06, 07 and 07A call them."""
     model = common.NowcastNet(12, 1)                                   # NowcastNet(Config.T_IN, Config.T_OUT)
     assert model(torch.rand(2, 1, 12, 16, 16)).shape == (2, 1, 1, 16, 16)
@@ -1231,7 +1254,8 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert common.load_checkpoint(path) == {"model": {}, "epoch": 1} and list(tmp_path.iterdir()) == [path]
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written(tmp_path, monkeypatch,
+                                                                                  drawn_figures):
     import errno
     (tmp_path / "metrics.json").write_text("earlier")
 
@@ -1394,6 +1418,7 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
     two_args = args + [f"--out_dir={tmp_path / 'two'}"]
     driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport common, train_baseline\n"
                       "common.pysteps_methods, common.FIGURE_DPI = (lambda: None), 20\n"   # optical flow: tested elsewhere
+                      "common._save_figure = lambda fig, path: common.write_atomically(path, lambda tmp: open(tmp, 'wb').close())\n"
                       f"args = {two_args!r}\n"
                       "common.run(lambda: train_baseline.main(args + ['--epochs=1']))\n"
                       "print('FIRST RUN ENDED', flush=True)\n"
