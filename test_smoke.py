@@ -532,6 +532,27 @@ def test_training_takes_every_window_in_a_seeded_order(indexed_files):
     assert list(other) != orders[0]
 
 
+def test_events_that_fit_in_memory_are_read_once_and_give_the_same_items(sample):
+    catalog, root = sample
+    events = common.load_catalog(catalog, root)
+    for make in (lambda: common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48),
+                 lambda: common.SEVIRMultimodal(events, root, t_in=3, target_size=48, ir_norm="minmax", train=False),
+                 lambda: common.SyntheticRadarDataset(events, root, target_size=48),
+                 lambda: common.SEVIRVIL(events, root, t_in=2, t_out=1, train=False)):        # 384: no resize
+        kept, read = make(), make()
+        read.cache_mb = 0                                                # each item read from its file
+        for i in range(0, len(kept), 3):
+            assert all(torch.equal(a, b) for a, b in zip(kept[i], read[i])), (type(kept).__name__, i)
+        assert len(kept._events) == len(kept.mods) * len(events) and not read._events
+    kept, read = (common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48) for _ in range(2))
+    read.cache_mb = 0
+    assert common.bytes_read_per_item(kept, 40) < 0.01 * common.bytes_read_per_item(read, 40)   # event 0's windows
+    too_many = common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48)
+    too_many.cache_mb = 5 * 49 * 48 * 48 * 4 / 2 ** 20 * 0.99                          # just below the five events
+    too_many[0]
+    assert not too_many._events
+
+
 def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
     events, root = indexed_files
     shift, scale = common.SEVIR_ZSCORE["ir107"]
@@ -2020,6 +2041,7 @@ def test_a_prepared_copy_reads_little_more_than_the_frames_of_an_item(tmp_path, 
     for path, base in ((catalog, root), (copy, tmp_path / "prepared")):
         events = common.load_catalog(path, base)
         ds = common.SyntheticRadarDataset(events, base, target_size=128, train=True)
+        ds.cache_mb = 0                                                 # as for events too many to keep
         per_item = common.bytes_read_per_item(ds, 60)
         if base == root:
             original = per_item
