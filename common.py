@@ -3228,7 +3228,7 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
     for name, ds in [*original.items(), ("protocol, events too many to keep", dataset("protocol", catalog, root))]:
         n = len(ds)
         ds.cache_mb = 0 if "too many" in name else ds.cache_mb
-        item = _rate(lambda i: ds[i], n, repeat=3, start=ds._events.clear)
+        item = _rate(lambda i: ds[i], n, repeat=3, start=lambda: ds._events.clear())
         floor = _rate(_floor_reader(ds), n, repeat=3)
         limit = 1.3 if type(ds).__name__ == "SEVIRVIL" else 1.5
         rows.append((f"{type(ds).__name__} items/s ({name}{'' if 'protocol' in name else ' defaults'})",
