@@ -145,7 +145,7 @@ def lightning_to_grid(flashes, size=48):
     return grid
 
 
-EVENT_CACHE_MB = 512             # a dataset whose events fit in this much memory (per process) keeps them
+EVENT_CACHE_MB = 512             # a dataset whose events fit in this much memory keeps them (its workers share it)
 
 
 def data_end(ds):
@@ -229,11 +229,10 @@ class _SEVIREvents(Dataset):
         The grid is the file's: SEVIR's own (VIL 384, IR 192) or a prepared copy's (python common.py
         prepare). SEVIR stores each event contiguous with time as the fastest axis, so any subset of
         frames touches every disk page of the event: it is read whole and sliced in memory (3x faster
-        than h5py's strided read). Where the frames are resized and all the events fit in `cache_mb`
-        (EVENT_CACHE_MB) at this grid, each event is read and resized once per process and its other
-        windows are cut from memory, the same values (resizing costs more than the read; without it, a
-        copy out of memory costs as much as the read). A prepared copy stores one frame per chunk: only
-        the window is read.
+        than h5py's strided read). Where the frames are resized and all the events fit in memory
+        (_all_fit), each event is read and resized once per process and its other windows are cut from
+        memory, the same values (resizing costs more than the read; without it, a copy out of memory
+        costs as much as the read). A prepared copy stores one frame per chunk: only the window is read.
         """
         path = self.paths[mod][self.file_idx[mod][e]]
         if mod == "lght":
@@ -243,13 +242,20 @@ class _SEVIREvents(Dataset):
         ds = self._open(path, mod, i)
         if ds.chunks is not None:       # frame by frame, each one chunk read contiguous (a strided read is 6x slower)
             frames = torch.from_numpy(np.stack([ds[i, :, :, t] for t in range(start, stop)])).float()
-        elif size not in (None, ds.shape[1]) and len(self.ids) * N_FRAMES * size ** 2 * 4 <= self.cache_mb * 2 ** 20:
+        elif size not in (None, ds.shape[1]) and self._all_fit(size):
             if (mod, e) not in self._events:
                 self._events[(mod, e)] = resize_frames(self._frames(ds, i, 0, N_FRAMES), size)
             return normalize(mod, self._events[(mod, e)][start:stop].clone(), self.ir_norm)
         else:
             frames = self._frames(ds, i, start, stop)
         return normalize(mod, resize_frames(frames, size), self.ir_norm)
+
+    def _all_fit(self, size):
+        """Whether every event's frames of every modality fit in `cache_mb` at `size` as float32, shared
+        among the DataLoader's worker processes (each keeps its own)."""
+        worker = torch.utils.data.get_worker_info()
+        share = self.cache_mb / (worker.num_workers if worker else 1)
+        return len(self.ids) * len(self.mods) * N_FRAMES * size ** 2 * 4 <= share * 2 ** 20
 
     @staticmethod
     def _frames(ds, i, start, stop):

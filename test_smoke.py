@@ -532,7 +532,7 @@ def test_training_takes_every_window_in_a_seeded_order(indexed_files):
     assert list(other) != orders[0]
 
 
-def test_events_that_fit_in_memory_are_read_once_and_give_the_same_items(sample):
+def test_events_that_fit_in_memory_are_read_once_and_give_the_same_items(sample, monkeypatch):
     catalog, root = sample
     events = common.load_catalog(catalog, root)
     for make in (lambda: common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48),
@@ -553,6 +553,13 @@ def test_events_that_fit_in_memory_are_read_once_and_give_the_same_items(sample)
     too_many.cache_mb = 5 * 49 * 48 * 48 * 4 / 2 ** 20 * 0.99                          # just below the five events
     too_many[0]
     assert not too_many._events
+    too_many.cache_mb *= 1.5                                          # room for them, but not in each of 2 workers
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=2))
+    too_many[0]
+    assert not too_many._events
+    monkeypatch.undo()
+    too_many[0]
+    assert list(too_many._events) == [("vil", 0)]
 
 
 def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
