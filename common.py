@@ -178,7 +178,7 @@ class _SEVIREvents(Dataset):
             self.index[mod] = events[f"{mod}_index"].to_numpy().astype(np.int64)
         starts = np.arange(0, N_FRAMES - length + 1, 1 if train else val_stride)
         self.items = np.array([(e, s) for e in range(len(self.ids)) for s in starts], dtype=np.int64).reshape(-1, 2)
-        self._files, self._datasets, self._pid, self._events = {}, {}, None, {}
+        self._forget(pid=None)
         self.cache_mb = EVENT_CACHE_MB            # the events are kept in memory where they all fit in this
 
     def __len__(self):
@@ -186,15 +186,19 @@ class _SEVIREvents(Dataset):
 
     def __getstate__(self):                       # DataLoader workers open their own files
         state = self.__dict__.copy()
-        state["_files"], state["_datasets"], state["_pid"], state["_events"] = {}, {}, None, {}
+        state.update(_files={}, _datasets={}, _events={}, _pid=None)
         return state
+
+    def _forget(self, pid):
+        """Drop the open files and the events kept in memory (this process's, or a worker's after a fork)."""
+        self._files, self._datasets, self._events, self._pid = {}, {}, {}, pid
 
     def _open(self, path, name, index=None):
         """h5py dataset `name` of the file at `path`; files open once per process, lazily. A file cut short
         since (its size below the end of its data), or one that no longer holds event `index`, is an OSError,
         not zeros read past its end."""
         if self._pid != os.getpid():              # forked into a worker: never share HDF5 handles
-            self._files, self._datasets, self._pid, self._events = {}, {}, os.getpid(), {}
+            self._forget(os.getpid())
         if (path, name) not in self._datasets:
             if path not in self._files:
                 self._files[path] = h5py.File(path, "r")
@@ -216,7 +220,7 @@ class _SEVIREvents(Dataset):
             print(f"warning: skipped event {self.ids[e]}: {str(err).splitlines()[0]}", file=sys.stderr)
             for f in self._files.values():
                 f.close()
-            self._files, self._datasets, self._events = {}, {}, {}  # reopen next time: the file may be back
+            self._forget(self._pid)               # reopen next time: the file may be back
             return None
 
     def event_and_start(self, i):
@@ -234,6 +238,8 @@ class _SEVIREvents(Dataset):
         memory, the same values (resizing costs more than the read; without it, a copy out of memory
         costs as much as the read). A prepared copy stores one frame per chunk: only the window is read.
         """
+        if (mod, e) in self._events:              # read and resized before: no file touched
+            return normalize(mod, self._events[(mod, e)][start:stop].clone(), self.ir_norm)
         path = self.paths[mod][self.file_idx[mod][e]]
         if mod == "lght":
             frames = torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop])
@@ -243,9 +249,8 @@ class _SEVIREvents(Dataset):
         if ds.chunks is not None:       # frame by frame, each one chunk read contiguous (a strided read is 6x slower)
             frames = torch.from_numpy(np.stack([ds[i, :, :, t] for t in range(start, stop)])).float()
         elif size not in (None, ds.shape[1]) and self._all_fit(size):
-            if (mod, e) not in self._events:
-                self._events[(mod, e)] = resize_frames(self._frames(ds, i, 0, N_FRAMES), size)
-            return normalize(mod, self._events[(mod, e)][start:stop].clone(), self.ir_norm)
+            self._events[(mod, e)] = resize_frames(self._frames(ds, i, 0, N_FRAMES), size)
+            return self.read(mod, e, start, stop, size)        # cut from memory, as the first line does
         else:
             frames = self._frames(ds, i, start, stop)
         return normalize(mod, resize_frames(frames, size), self.ir_norm)
