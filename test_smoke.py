@@ -1050,6 +1050,26 @@ def test_models_shapes_and_parameter_counts():
     assert common.count_parameters(common.NowcastNet(12, 1, 32)) == pytest.approx(555e3, rel=0.01)
 
 
+def test_advanced_unet_output_is_clipped_with_the_gradient_passed_through():
+    """Values in [0, 1] with exact zeros (no sigmoid haze); a pixel clipped at 0 whose truth is rain still
+    gets a gradient (a plain clamp would give none), and one whose truth is 0 gets none."""
+    torch.manual_seed(0)
+    net = common.AdvancedUNet(2, 1, base=4)
+    with torch.no_grad():
+        net.out.bias.fill_(-0.5)                         # most pixels below 0 before the clip
+    out = net(torch.rand(2, 2, 64, 64))
+    assert out.min() == 0 and out.max() <= 1 and (out == 0).float().mean() > 0.5
+    with torch.no_grad():
+        net.out.weight.zero_()                           # now every pixel is clipped at 0
+    x = torch.rand(1, 2, 64, 64)
+    for truth, pushed_up in ((0.5, True), (0.0, False)):
+        net.zero_grad()
+        pred = net(x)
+        common.LOSSES["mae"](pred, torch.full_like(pred, truth)).backward()
+        assert pred.abs().sum() == 0
+        assert (net.out.bias.grad.item() < 0) == pushed_up and (net.out.bias.grad.item() == 0) != pushed_up
+
+
 def test_the_notebooks_calls_build_the_same_networks_and_figures(tmp_path, sample, monkeypatch, capsys,
                                                                   drawn_figures):
     """Each class and figure function called exactly as notebooks 05, 06, 07 and 07A call them."""

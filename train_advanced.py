@@ -1,8 +1,8 @@
 """Sharper synthetic radar (notebook 07A): a deep residual U-Net with a perceptual loss.
 
-    IR069 + IR107 (+ optional lightning)  ->  VIL,   AdvancedUNet (5 levels, residual blocks),
-    loss = balanced MSE + MAE (+ 0.1 x VGG16 perceptual with ImageNet weights); ReduceLROnPlateau and best.pt
-    on the validation MSE, BatchNorm statistics re-estimated before each validation.
+    IR069 + IR107 (+ optional lightning)  ->  VIL,   AdvancedUNet (5 levels, residual blocks, output clipped
+    to [0, 1]), loss = balanced MSE + MAE (+ 0.1 x VGG16 perceptual with ImageNet weights); ReduceLROnPlateau
+    and best.pt on the validation MSE, BatchNorm statistics re-estimated before each validation.
 
 Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
 Run `python train_advanced.py --help` for every setting; override any with --key=value.
@@ -26,9 +26,9 @@ class Config:
     VGG_WEIGHTS = "imagenet"                 # imagenet (hub cache or download; if unavailable the perceptual term is
                                              # left out), or none: use untrained VGG16 layers anyway
     BN_BATCHES = 2                           # re-estimate BatchNorm statistics on this many batches per epoch (0: off)
-    EPOCHS = 6                               # passes over every frame of every training event
+    EPOCHS = 5                               # passes over every frame of every training event
     BATCH_SIZE = 16                          # samples per optimizer step
-    LR = 2e-3                                # Adam learning rate (notebook: 1e-4, slower to converge on the sample)
+    LR = 1.5e-3                              # Adam learning rate (notebook: 1e-4, slower to converge on the sample)
     LR_PATIENCE = 0                          # ReduceLROnPlateau: halve LR after this many epochs without improvement
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
     MAX_VAL = 0                              # validation events to use (spread over the period), 0 = all
