@@ -432,17 +432,23 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net: `levels` encoder stages that halve the grid, a bottleneck, decoders with skips, sigmoid out.
+    """U-Net: `levels` encoder stages that halve the grid, a bottleneck, decoders with skips, a 1x1 output.
 
     Widths base, 2 base, ... 2^levels base. With residual=True each encoder stage adds a
     ResidualBlock and the bottleneck adds `bottleneck_blocks` more (notebook 07A).
-    x: (B, in_channels, H, W) -> (B, out_channels, H, W) in [0, 1]; H, W divisible by 2^levels.
-    sigmoid=False: the last 1x1 convolution's output as it is.
+    x: (B, in_channels, H, W) -> (B, out_channels, H, W); H, W divisible by 2^levels. The last 1x1
+    convolution's output goes out as `output` says: "sigmoid" (the notebooks'), "clip" (clipped to [0, 1],
+    the gradient passed through unchanged: a pixel clipped at 0 whose truth rains still learns, and clear sky
+    can be exactly 0, where a sigmoid's vanishing slope leaves a haze an absolute loss lowers only slowly),
+    or "linear" (as it is).
     """
 
-    def __init__(self, in_channels, out_channels, base, levels, residual=False, bottleneck_blocks=0, sigmoid=True):
+    def __init__(self, in_channels, out_channels, base, levels, residual=False, bottleneck_blocks=0,
+                 output="sigmoid"):
         super().__init__()
-        self.sigmoid = sigmoid
+        if output not in ("sigmoid", "clip", "linear"):
+            raise ValueError(f"output={output!r}: sigmoid, clip or linear")
+        self.output = output
         widths = [base * 2 ** i for i in range(levels + 1)]
         ins = [in_channels] + widths[:levels - 1]
         self.encoders = nn.ModuleList(
@@ -455,9 +461,9 @@ class UNet(nn.Module):
                                  for i in reversed(range(levels)))
         self.decoders = nn.ModuleList(UNetBlock(2 * widths[i], widths[i]) for i in reversed(range(levels)))
         self.out = nn.Conv2d(base, out_channels, 1)
-        # Most of the sky has no rain: start the sigmoid near VIL 0.02 (code ~5), not 0.5, so
+        # Most of the sky has no rain: start at no rain, the sigmoid near VIL 0.02 (code ~5) rather than 0.5, so
         # training does not spend its first epochs learning that (only the initial value changes).
-        nn.init.constant_(self.out.bias, -4.0)
+        nn.init.constant_(self.out.bias, -4.0 if output == "sigmoid" else 0.0)
 
     def forward(self, x):
         skips = []
@@ -468,7 +474,12 @@ class UNet(nn.Module):
         x = self.bottleneck(x)                  # (B, w_L, H / 2^L, W / 2^L)
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
             x = dec(torch.cat([up(x), skip], dim=1))
-        return torch.sigmoid(self.out(x)) if self.sigmoid else self.out(x)
+        x = self.out(x)
+        if self.output == "sigmoid":
+            return torch.sigmoid(x)
+        if self.output == "clip":
+            return x + (x.clamp(0, 1) - x).detach()        # values clipped, gradient as if not (straight-through)
+        return x
 
 
 class SyntheticRadarUNet(UNet):
@@ -496,20 +507,13 @@ class ResidualBlock(nn.Module):
 class AdvancedUNet(UNet):
     """Notebook 07A's deep residual U-Net: 5 levels, 3 extra residual blocks in the bottleneck.
 
-    About 94 M parameters at base=32 (the notebook said 2.2 M; it is 94 M). The output is the last
-    convolution clipped to [0, 1], not a sigmoid: clear sky can be exactly 0, where a sigmoid's vanishing
-    slope near 0 left a haze that an absolute loss lowered only slowly (README). The clip passes the
-    gradient through unchanged (straight-through), so a pixel clipped to 0 that should rain still learns.
+    About 94 M parameters at base=32 (the notebook said 2.2 M; it is 94 M). Its output is clipped to
+    [0, 1], not a sigmoid as in the notebook (UNet's output="clip"; README).
     """
 
     def __init__(self, in_channels=2, out_channels=1, base=32):
         super().__init__(in_channels, out_channels, base, levels=5, residual=True, bottleneck_blocks=3,
-                         sigmoid=False)
-        nn.init.zeros_(self.out.bias)             # start at no rain, inside the clip (not at the sigmoid's -4)
-
-    def forward(self, x):
-        out = super().forward(x)
-        return out + (out.clamp(0, 1) - out).detach()      # values clipped, gradient as if not
+                         output="clip")
 
 
 class NowcastUNet(nn.Module):
@@ -544,7 +548,7 @@ class EvolutionNet(nn.Module):
     def __init__(self, in_channels=1, t_in=12, t_out=1, base=16, levels=3, vil_channel=0):
         super().__init__()
         self.t_out, self.vil_channel = t_out, vil_channel
-        self.unet = UNet(in_channels * t_in, 3 * t_out, base, levels, sigmoid=False)
+        self.unet = UNet(in_channels * t_in, 3 * t_out, base, levels, output="linear")
         nn.init.zeros_(self.unet.out.weight)
         nn.init.zeros_(self.unet.out.bias)
 
