@@ -13,10 +13,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-# The tests' networks are tiny: one thread each is faster than two sharing the cores (measured: the suite
-# 115 s against 123 s), and scripts started as processes (the signal and torchrun tests) inherit it.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 import h5py
 import numpy as np
 import pandas as pd
