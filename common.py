@@ -505,15 +505,16 @@ class ResidualBlock(nn.Module):
 
 
 class AdvancedUNet(UNet):
-    """Notebook 07A's deep residual U-Net: 5 levels, 3 extra residual blocks in the bottleneck.
+    """Notebook 07A's deep residual U-Net: 5 levels, `bottleneck_blocks` extra residual blocks in the bottleneck
+    (the notebook's 3 by default; train_advanced.py takes 1, README).
 
     About 94 M parameters at base=32 (the notebook said 2.2 M; it is 94 M). Its output is clipped to
     [0, 1], not a sigmoid as in the notebook (UNet's output="clip"; README).
     """
 
-    def __init__(self, in_channels=2, out_channels=1, base=32):
-        super().__init__(in_channels, out_channels, base, levels=5, residual=True, bottleneck_blocks=3,
-                         output="clip")
+    def __init__(self, in_channels=2, out_channels=1, base=32, bottleneck_blocks=3):
+        super().__init__(in_channels, out_channels, base, levels=5, residual=True,
+                         bottleneck_blocks=bottleneck_blocks, output="clip")
 
 
 class NowcastUNet(nn.Module):
@@ -675,6 +676,11 @@ def count_parameters(model):
 # 3. Losses: the perceptual loss (notebook 07A), balanced MSE
 # ======================================================================================
 
+# torchvision's VGG16_Weights.IMAGENET1K_V1.url (a test checks it), named here: importing torchvision for it
+# alone costs a run 1.5 to 3 s
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+
+
 class VGGPerceptualLoss(nn.Module):
     """Mean of feature MSEs at VGG16's relu1_2, relu2_2, relu3_3 and relu4_3 (notebook 07A).
 
@@ -699,10 +705,8 @@ class VGGPerceptualLoss(nn.Module):
                 nn.init.zeros_(conv.bias)
         self.backbone = "untrained"
         if weights == "imagenet":
-            from torchvision.models import VGG16_Weights
             try:
-                state = torch.hub.load_state_dict_from_url(VGG16_Weights.IMAGENET1K_V1.url, progress=False,
-                                                           check_hash=True)        # hub cache, else download
+                state = torch.hub.load_state_dict_from_url(VGG16_URL, progress=False, check_hash=True)   # cache, else download
                 features.load_state_dict({k[len("features."):]: v for k, v in state.items()
                                           if k.startswith("features.") and int(k.split(".")[1]) < len(features)})
                 self.backbone = "imagenet"
@@ -2528,7 +2532,7 @@ def check_config(cfg, size_multiple=1):
             need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = all)" if key != "NUM_WORKERS" else "must be >= 0")
     if hasattr(cfg, "LR"):
         need(0 < cfg.LR < math.inf, "LR", "must be > 0")
-    for key, low in (("SEED", 0), ("BASE", 1), ("LR_PATIENCE", 0), ("BN_BATCHES", 0)):
+    for key, low in (("SEED", 0), ("BASE", 1), ("LR_PATIENCE", 0), ("BN_BATCHES", 0), ("BOTTLENECK_BLOCKS", 0)):
         if hasattr(cfg, key):
             need(low <= getattr(cfg, key) < 2 ** 32, key, f"must be >= {low}")
     if hasattr(cfg, "BASE"):                       # a width the allocator could never hold is a typo
@@ -3201,7 +3205,8 @@ BENCH_CASES = {
     "train_multimodal": dict(mods=("vil", "ir069", "ir107"), t_in=12, t_out=1, size=96, batch=4, model="evolution",
                              base=8, loss="bmse_bmae"),
     "train_synthetic": dict(mods=("ir069", "ir107"), size=128, batch=8, model="SyntheticRadarUNet", base=8, loss="mae"),
-    "train_advanced": dict(mods=("ir069", "ir107"), size=128, batch=16, model="AdvancedUNet", base=8, loss="bmse_mae"),
+    "train_advanced": dict(mods=("ir069", "ir107"), size=128, batch=16, model="AdvancedUNet", base=8, loss="bmse_mae",
+                           bottleneck_blocks=1),
 }
 PROTOCOL_CASE = dict(mods=("vil",), t_in=13, t_out=12, size=384)     # SEVIR_PROTOCOL's held-out windows
 
@@ -3221,8 +3226,9 @@ def bench_model(case):
     if "t_in" in case:
         return build_nowcaster(case["model"], len(case["mods"]), case["t_in"], case["t_out"], case["base"],
                                vil_channel=case["mods"].index("vil"))
-    return {"SyntheticRadarUNet": SyntheticRadarUNet, "AdvancedUNet": AdvancedUNet}[case["model"]](
-        in_channels=len(case["mods"]), out_channels=1, base=case["base"])
+    if case["model"] == "AdvancedUNet":
+        return AdvancedUNet(len(case["mods"]), 1, case["base"], case["bottleneck_blocks"])
+    return SyntheticRadarUNet(in_channels=len(case["mods"]), out_channels=1, base=case["base"])
 
 
 def bench(root=SAMPLE_ROOT, with_memory=True):
@@ -3310,6 +3316,7 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
 
     # 5. peak resident memory of each default run (one epoch; later epochs reuse the same memory)
     if with_memory:
+        data_args = [f"--catalog_path={catalog}", f"--sevir_root={root}"]
         with tempfile.TemporaryDirectory() as tmp:
             for script in SCRIPTS:
                 mb = _peak_rss_mb(f"{script}.py", Path(tmp) / script, data_args)

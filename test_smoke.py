@@ -1047,6 +1047,11 @@ def test_models_shapes_and_parameter_counts():
     assert common.AdvancedUNet(3, 1, base=4)(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     assert common.count_parameters(common.SyntheticRadarUNet(2, 1, 32)) == pytest.approx(7.77e6, rel=0.01)
     assert common.count_parameters(common.AdvancedUNet(2, 1, 32)) == pytest.approx(94.0e6, rel=0.01)
+    def residual_blocks(net):
+        return sum(isinstance(m, common.ResidualBlock) for m in net.modules())
+    assert residual_blocks(common.AdvancedUNet(2, 1, 4)) == 5 + 3                            # notebook 07A
+    import train_advanced
+    assert residual_blocks(train_advanced.build_model(common.parse_config(train_advanced.Config, []))) == 5 + 1
     assert common.count_parameters(common.NowcastNet(12, 1, 32)) == pytest.approx(555e3, rel=0.01)
 
 
@@ -1125,6 +1130,7 @@ def test_vgg_perceptual_loss_without_weights():
 
 def test_vgg_perceptual_loss_uses_imagenet_weights_from_the_hub_cache(tmp_path, monkeypatch, capsys):
     from torchvision.models import VGG16_Weights
+    assert common.VGG16_URL == VGG16_Weights.IMAGENET1K_V1.url
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))                     # nothing here: untrained, said once
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     assert common.VGGPerceptualLoss().backbone == "untrained" and "weights unavailable" in capsys.readouterr().out
@@ -1134,7 +1140,7 @@ def test_vgg_perceptual_loss_uses_imagenet_weights_from_the_hub_cache(tmp_path, 
     state["classifier.0.weight"] = torch.zeros(2, 2)                    # the rest of VGG16 is not loaded
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True, exist_ok=True)             # the failed download made it
-    torch.save(state, cache / Path(VGG16_Weights.IMAGENET1K_V1.url).name)
+    torch.save(state, cache / Path(common.VGG16_URL).name)
     loss = common.VGGPerceptualLoss()
     assert loss.backbone == "imagenet" and torch.equal(loss.slices[3][-2].weight, state["features.21.weight"])
 
