@@ -506,7 +506,7 @@ class ResidualBlock(nn.Module):
 
 class AdvancedUNet(UNet):
     """Notebook 07A's deep residual U-Net: 5 levels, `bottleneck_blocks` extra residual blocks in the bottleneck
-    (the notebook's 3 by default; train_advanced.py takes 1, README).
+    (the notebook's 3 by default).
 
     About 94 M parameters at base=32 (the notebook said 2.2 M; it is 94 M). Its output is clipped to
     [0, 1], not a sigmoid as in the notebook (UNet's output="clip"; README).
@@ -3206,7 +3206,7 @@ BENCH_CASES = {
                              base=8, loss="bmse_bmae"),
     "train_synthetic": dict(mods=("ir069", "ir107"), size=128, batch=8, model="SyntheticRadarUNet", base=8, loss="mae"),
     "train_advanced": dict(mods=("ir069", "ir107"), size=128, batch=16, model="AdvancedUNet", base=8, loss="bmse_mae",
-                           bottleneck_blocks=1),
+                           bottleneck_blocks=3),
 }
 PROTOCOL_CASE = dict(mods=("vil",), t_in=13, t_out=12, size=384)     # SEVIR_PROTOCOL's held-out windows
 

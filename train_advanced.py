@@ -1,6 +1,6 @@
 """Sharper synthetic radar (notebook 07A): a deep residual U-Net with a perceptual loss.
 
-    IR069 + IR107 (+ optional lightning)  ->  VIL,   AdvancedUNet (5 levels, a residual block on each and one
+    IR069 + IR107 (+ optional lightning)  ->  VIL,   AdvancedUNet (5 levels, a residual block on each and three
     more in the bottleneck, output clipped to [0, 1]), loss = balanced MSE + MAE (+ 0.1 x VGG16 perceptual with
     ImageNet weights); ReduceLROnPlateau and best.pt on the validation MSE, BatchNorm statistics re-estimated
     before each validation.
@@ -21,7 +21,7 @@ class Config:
     INPUT_MODS = ("ir069", "ir107")          # satellite inputs; add lght for lightning (as the SEVIR paper)
     TARGET_SIZE = 128                        # common grid in pixels (notebook: 384); a multiple of 32
     BASE = 8                                 # U-Net width (notebook: 32 = 94 M parameters, too slow for a laptop CPU)
-    BOTTLENECK_BLOCKS = 1                    # residual blocks added in the bottleneck (notebook: 3; 1 is 10% faster)
+    BOTTLENECK_BLOCKS = 3                    # extra residual blocks in the bottleneck (07A's 3; 1: 10% faster, README)
     LOSS = "bmse_mae"                        # pixel term: bmse_mae (balanced MSE + MAE), mse (notebook 07A), mae, ...
     PERCEPTUAL_WEIGHT = 0.1                  # loss = LOSS + PERCEPTUAL_WEIGHT x VGG perceptual loss (notebook 07A)
     PERCEPTUAL_POOL = 1                      # VGG16 sees both fields average-pooled k x k (1 = notebook; cost ~ 1/k^2)
