@@ -676,8 +676,7 @@ def count_parameters(model):
 # 3. Losses: the perceptual loss (notebook 07A), balanced MSE
 # ======================================================================================
 
-# torchvision's VGG16_Weights.IMAGENET1K_V1.url (a test checks it), named here: importing torchvision for it
-# alone costs a run 1.5 to 3 s
+# torchvision's VGG16_Weights.IMAGENET1K_V1.url (a test checks it): importing torchvision for it costs 1.5 to 3 s
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
@@ -706,7 +705,8 @@ class VGGPerceptualLoss(nn.Module):
         self.backbone = "untrained"
         if weights == "imagenet":
             try:
-                state = torch.hub.load_state_dict_from_url(VGG16_URL, progress=False, check_hash=True)   # cache, else download
+                state = torch.hub.load_state_dict_from_url(VGG16_URL, progress=False,
+                                                           check_hash=True)        # hub cache, else download
                 features.load_state_dict({k[len("features."):]: v for k, v in state.items()
                                           if k.startswith("features.") and int(k.split(".")[1]) < len(features)})
                 self.backbone = "imagenet"
