@@ -683,7 +683,7 @@ VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 class VGGPerceptualLoss(nn.Module):
     """Mean of feature MSEs at VGG16's relu1_2, relu2_2, relu3_3 and relu4_3 (notebook 07A).
 
-    VGG16 comes from torchvision with its ImageNet weights (IMAGENET1K_V1) when they can be had
+    VGG16 gets torchvision's ImageNet weights (IMAGENET1K_V1, the file at VGG16_URL) when they can be had
     (torch hub cache or download); otherwise it says so once and uses the same layers untrained.
     `self.backbone` records which. Inputs: (B, 1, H, W) in [0, 1], repeated to RGB, ImageNet-normalised.
     """
@@ -3316,11 +3316,7 @@ def bench(root=SAMPLE_ROOT, with_memory=True):
 
     # 5. peak resident memory of each default run (one epoch; later epochs reuse the same memory)
     if with_memory:
-        data_args = [f"--catalog_path={catalog}", f"--sevir_root={root}"]
-        with tempfile.TemporaryDirectory() as tmp:
-            for script in SCRIPTS:
-                mb = _peak_rss_mb(f"{script}.py", Path(tmp) / script, data_args)
-                rows.append((f"peak RSS, {script} default run", f"{mb:.0f} MB", "(<= 4096 MB)"))
+        rows += _peak_memory_rows(catalog, root)
 
     width = max(len(r[0]) for r in rows)
     print(f"| {'measure':<{width}} | value | note |\n|{'-' * (width + 2)}|---|---|")
@@ -3447,6 +3443,18 @@ def _train_step_cost(case, device):
         n += 1
     _sync(device)
     return (time.perf_counter() - t0) / n, counter.get_total_flops() / b, b
+
+
+def _peak_memory_rows(catalog, root):
+    """The bench's rows of each training script's peak memory, on the data at catalog and root."""
+    import tempfile
+    data_args = [f"--catalog_path={catalog}", f"--sevir_root={root}"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for script in SCRIPTS:
+            mb = _peak_rss_mb(f"{script}.py", Path(tmp) / script, data_args)
+            rows.append((f"peak RSS, {script} default run", f"{mb:.0f} MB", "(<= 4096 MB)"))
+    return rows
 
 
 def _peak_rss_mb(script, out_dir, data_args):

@@ -2280,6 +2280,19 @@ def test_bench_measures_the_scripts_defaults(sample):
             assert type(built) is type(theirs) and common.count_parameters(built) == common.count_parameters(theirs)
 
 
+def test_bench_memory_runs_each_script_on_the_benched_data(sample, monkeypatch):
+    import importlib
+    calls = []
+    monkeypatch.setattr(common, "_peak_rss_mb", lambda script, out_dir, args: calls.append((script, args)) or 1234.0)
+    catalog, root = sample
+    rows = common._peak_memory_rows(catalog, root)
+    assert [script for script, _ in calls] == [f"{s}.py" for s in common.SCRIPTS] and len(rows) == len(calls)
+    for script, args in calls:                          # arguments the script itself accepts, naming that data
+        cfg = common.parse_config(importlib.import_module(script[:-3]).Config, args)
+        assert (Path(cfg.CATALOG_PATH), Path(cfg.SEVIR_ROOT)) == (Path(catalog), Path(root))
+    assert all(value == "1234 MB" for _, value, _ in rows)
+
+
 def test_bench_resolves_a_relative_root_before_it_starts(tmp_path, monkeypatch):
     got = []
     monkeypatch.setattr(common, "bench", lambda root, with_memory: got.append(root))
