@@ -844,6 +844,13 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None, s
     return _mean_terms(terms, sums, n)
 
 
+def half_resolution(x, y):
+    """Inputs and targets average-pooled 2 x 2: the same storms on a quarter of the pixels. A fully
+    convolutional network's first epochs learn the coarse picture there at about 0.4x the time (progressive
+    resizing; README); the later epochs, on whole frames, the fine detail."""
+    return F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+
+
 def flip_rotate(x, y):
     """The batch turned by a random quarter turn and flipped or not, inputs and targets alike (the last two
     axes, a square grid): storms move and grow alike in every direction, so each window counts 8 times."""
@@ -924,16 +931,17 @@ def cosine_schedule(optimizer, total_steps, warmup=20):
 
 
 def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler=None, extra=None,
-        select="loss", augment=None, bn_batches=0):
+        select="loss", augment=None, bn_batches=0, half_res_epochs=0):
     """Train for cfg.EPOCHS epochs with validation, history.csv, last.pt / best.pt and resume.
 
     loss_fn(pred, y) returns the loss, or a dict of terms with the loss under "loss" (each term is logged).
     The validation term `select` picks best.pt and steps a ReduceLROnPlateau scheduler; any other
     scheduler steps once per training batch. With bn_batches > 0 the BatchNorm statistics are re-estimated
-    on that many training batches before each validation (recompute_batchnorm). last.pt (model,
-    optimizer, scheduler, random state) is written at most every CHECKPOINT_EVERY_S seconds, after the
-    last epoch and on Ctrl-C or SIGTERM, always as of a finished epoch, so a resumed run continues exactly;
-    best.pt holds the weights without the optimizer. `extra` (a small dict) goes into every checkpoint.
+    on that many training batches before each validation (recompute_batchnorm). The first half_res_epochs
+    train on half_resolution batches instead of `augment`ed ones (validation stays on whole frames).
+    last.pt (model, optimizer, scheduler, random state) is written at most every CHECKPOINT_EVERY_S seconds,
+    after the last epoch and on Ctrl-C or SIGTERM, always as of a finished epoch, so a resumed run continues
+    exactly; best.pt holds the weights without the optimizer. `extra` (a small dict) goes into every checkpoint.
     Returns the history: one dict per epoch.
     """
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
@@ -943,8 +951,9 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
     try:
         for epoch in range(start, cfg.EPOCHS + 1):
             t0, lr = time.time(), optimizer.param_groups[0]["lr"]          # the rate this epoch starts at
+            transform = half_resolution if epoch <= half_res_epochs else augment
             train = train_epoch(model, loader_epoch(train_loader, epoch), loss_fn, optimizer, device, epoch, scaler,
-                                None if plateau else scheduler, augment)
+                                None if plateau else scheduler, transform)
             recompute_batchnorm(model, train_loader, device, bn_batches)
             val, metrics = evaluate(model, val_loader, device, loss_fn)
             if plateau:
@@ -2428,8 +2437,10 @@ def parse_config(config_cls, argv=None, size_multiple=1, script=None):
         if arg in ("-h", "--help"):
             docs = _config_docs(config_cls)
             print(f"usage: python {cfg.script}.py [--key=value ...]\n")
-            for k in [k for k in vars(config_cls) if k.isupper()]:
-                print(f"  --{k.lower():<14} {getattr(config_cls, k)!r:<28} {docs.get(k, '')}")
+            names = [k for k in vars(config_cls) if k.isupper()]
+            width = max(map(len, names))
+            for k in names:
+                print(f"  --{k.lower():<{width}} {getattr(config_cls, k)!r:<28} {docs.get(k, '')}")
             raise HelpShown("help shown")
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"argument {arg!r}: expected --key=value (see --help)")
@@ -2487,16 +2498,23 @@ def _parse_value(key, text, default):
 
 
 def _config_docs(cls):
-    """{KEY: comment} from the `KEY = value  # comment` lines of a Config class."""
-    docs = {}
+    """{KEY: comment} from the `KEY = value  # comment` lines of a Config class, with the indented comment
+    lines that continue one."""
+    docs, key = {}, None
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):          # no source (a class pasted into a notebook cell): defaults only
         return docs
     for line in lines:
-        name, sep, rest = line.strip().partition("=")
+        text = line.strip()
+        name, sep, rest = text.partition("=")
         if sep and name.strip().isupper() and "#" in rest:
-            docs[name.strip()] = rest.split("#", 1)[1].strip()
+            key = name.strip()
+            docs[key] = rest.split("#", 1)[1].strip()
+        elif key and text.startswith("#") and len(line) - len(text) > 8:     # aligned under the comment above
+            docs[key] += " " + text[1:].strip()
+        else:
+            key = None
     return docs
 
 
@@ -2532,7 +2550,8 @@ def check_config(cfg, size_multiple=1):
             need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = all)" if key != "NUM_WORKERS" else "must be >= 0")
     if hasattr(cfg, "LR"):
         need(0 < cfg.LR < math.inf, "LR", "must be > 0")
-    for key, low in (("SEED", 0), ("BASE", 1), ("LR_PATIENCE", 0), ("BN_BATCHES", 0), ("BOTTLENECK_BLOCKS", 0)):
+    for key, low in (("SEED", 0), ("BASE", 1), ("LR_PATIENCE", 0), ("BN_BATCHES", 0), ("BOTTLENECK_BLOCKS", 0),
+                     ("HALF_RES_EPOCHS", 0)):
         if hasattr(cfg, key):
             need(low <= getattr(cfg, key) < 2 ** 32, key, f"must be >= {low}")
     if hasattr(cfg, "BASE"):                       # a width the allocator could never hold is a typo

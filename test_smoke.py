@@ -207,9 +207,19 @@ def test_target_size_must_halve():
     assert common.parse_config(Cfg, ["--target_size=64"], size_multiple=32).TARGET_SIZE == 64
 
 
+def test_half_res_epochs_need_a_grid_that_halves_once_more(tmp_path):
+    r = run_script("train_advanced.py", "--target_size=96", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "--target_size=96: must be a multiple of 64 and at least 128 with --half_res_epochs > 0" in r.stderr
+    r = run_script("train_advanced.py", "--half_res_epochs=-1", cwd=tmp_path)
+    assert r.returncode == 2 and "--half_res_epochs=-1: must be >= 0" in r.stderr
+
+
 def test_help_and_cli_error_exit_status(tmp_path):
     r = run_script("train_synthetic.py", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "--input_mods" in r.stdout and "satellite inputs" in r.stdout
+    r = run_script("train_advanced.py", "--help", cwd=tmp_path)                  # a comment continued below it
+    assert "if unavailable the perceptual term is left out), or none: use untrained VGG16" in r.stdout
     r = run_script("train_synthetic.py", "--epochz=3", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown key --epochz" in r.stderr
@@ -874,10 +884,14 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     real_fit, real_bn = common.fit, common.recompute_batchnorm
     monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append(k.get("select")) or real_fit(*a, **k))
     monkeypatch.setattr(common, "recompute_batchnorm", lambda *a: calls.append(a[-1]) or real_bn(*a))
-    train_advanced.main(TINY[:-4] + ["--target_size=64", "--epochs=2", "--vgg_weights=none", "--max_train=1",
-                                     "--max_val=1", "--batch_size=7", "--loss=mse", "--perceptual_pool=2"]
-                        + data_args(sample) + [f"--out_dir={out}"])
+    halved = []                                         # the grid each training batch had before and after
+    real_half = common.half_resolution
+    monkeypatch.setattr(common, "half_resolution", lambda x, y: halved.append(x.shape[-1]) or real_half(x, y))
+    train_advanced.main(TINY[:-4] + ["--target_size=128", "--epochs=2", "--vgg_weights=none", "--max_train=1",
+                                     "--max_val=1", "--batch_size=7", "--loss=mse", "--perceptual_pool=2",
+                                     "--half_res_epochs=1"] + data_args(sample) + [f"--out_dir={out}"])
     assert calls == ["mse", 2, 2]                       # 07A's choice on MSE; BatchNorm re-estimated each epoch
+    assert halved == [128] * 7                          # epoch 1's 7 batches (49 frames) halved, epoch 2's not
     history = pd.read_csv(out / "history.csv")
     assert {"train_mse", "train_perceptual", "val_mse", "val_perceptual", "val_loss"} <= set(history.columns)
     assert np.allclose(history["val_loss"], history["val_mse"] + 0.1 * history["val_perceptual"], rtol=1e-5)
@@ -902,7 +916,7 @@ def test_batchnorm_statistics_are_re_estimated_from_training_batches():
     ("train_baseline.py", ["--t_in=4", "--t_out=2"]),
     ("train_multimodal.py", ["--t_in=3", "--modalities=vil,ir107,lght"]),
     ("train_synthetic.py", ["--input_mods=ir069,ir107,lght"]),
-    ("train_advanced.py", ["--target_size=64", "--max_train=1", "--batch_size=7"]),      # no ImageNet weights
+    ("train_advanced.py", ["--target_size=64", "--half_res_epochs=0", "--max_train=1", "--batch_size=7"]),
 ])
 def test_script_end_to_end(tmp_path, sample, script, extra, monkeypatch):
     def offline(*args, **kwargs):                                      # never download weights in a test
@@ -1184,7 +1198,8 @@ def test_a_script_pasted_into_a_cell_runs_with_its_edited_config(tmp_path, sampl
     size = 64 if script == "train_advanced.py" else 32
     text = edit_config((HERE / script).read_text(), CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]),
                        OUT_DIR=str(out), TARGET_SIZE=size, BASE=4, EPOCHS=1, BATCH_SIZE=2, MAX_TRAIN=1,
-                       MAX_VAL=1, **({"VGG_WEIGHTS": "none", "PERCEPTUAL_POOL": 4} if script == "train_advanced.py" else {}))
+                       MAX_VAL=1, **({"VGG_WEIGHTS": "none", "PERCEPTUAL_POOL": 4, "HALF_RES_EPOCHS": 0}
+                                     if script == "train_advanced.py" else {}))
     run_in_cell(text)
     assert (out / "metrics.json").exists() and (out / "predictions.png").exists()
     assert torch.load(out / "best.pt", weights_only=True)["script"] == script[:-3]
@@ -1295,6 +1310,30 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, sample):
         ckpt = common.load_checkpoint(tmp_path / name)
         assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
                                           if v.is_floating_point())
+
+
+def test_the_first_half_res_epochs_train_on_frames_pooled_2x2(tmp_path, sample):
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert common.half_resolution(x, x + 1)[0].flatten().tolist() == [2.5, 4.5, 10.5, 12.5]      # 2 x 2 means
+    assert common.half_resolution(x, x + 1)[1].flatten().tolist() == [3.5, 5.5, 11.5, 13.5]
+
+    class Recorder(nn.Conv2d):                          # remembers the grid of every batch it sees
+        def forward(self, x):
+            self.seen.append((self.training, x.shape[-1]))
+            return super().forward(x)
+    events = common.load_catalog(sample[0], sample[1])
+    train = common.SyntheticRadarDataset(events.iloc[:1], sample[1], target_size=32, train=True)
+    val = common.SyntheticRadarDataset(events.iloc[1:2], sample[1], target_size=32, train=False)
+    cfg = FitCfg()
+    cfg.OUT_DIR = str(tmp_path)
+    model = Recorder(2, 1, 1)
+    model.seen = []
+    train_loader = common.make_loader(train, cfg, torch.device("cpu"), shuffle=True)
+    val_loader = common.make_loader(val, cfg, torch.device("cpu"), shuffle=False)
+    common.fit(model, train_loader, val_loader, torch.nn.functional.mse_loss, torch.optim.Adam(model.parameters()),
+               cfg, torch.device("cpu"), half_res_epochs=2)         # the targets are halved too, or the loss fails
+    n, m = len(train_loader), len(val_loader)
+    assert model.seen == ([(True, 16)] * n + [(False, 32)] * m) * 2 + [(True, 32)] * n + [(False, 32)] * m
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

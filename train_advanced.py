@@ -2,8 +2,8 @@
 
     IR069 + IR107 (+ optional lightning)  ->  VIL,   AdvancedUNet (5 levels, a residual block on each and three
     more in the bottleneck, output clipped to [0, 1]), loss = balanced MSE + MAE (+ 0.1 x VGG16 perceptual with
-    ImageNet weights); ReduceLROnPlateau and best.pt on the validation MSE, BatchNorm statistics re-estimated
-    before each validation.
+    ImageNet weights); the first 2 epochs on frames halved to 64 x 64, then whole frames; ReduceLROnPlateau and
+    best.pt on the validation MSE, BatchNorm statistics re-estimated before each validation.
 
 Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
 Run `python train_advanced.py --help` for every setting; override any with --key=value.
@@ -29,6 +29,7 @@ class Config:
                                              # left out), or none: use untrained VGG16 layers anyway
     BN_BATCHES = 2                           # re-estimate BatchNorm statistics on this many batches per epoch (0: off)
     EPOCHS = 5                               # passes over every frame of every training event
+    HALF_RES_EPOCHS = 2                      # the first epochs train on frames average-pooled 2 x 2 (0.4x the time)
     BATCH_SIZE = 16                          # samples per optimizer step
     LR = 1.5e-3                              # Adam learning rate (notebook: 1e-4, slower to converge on the sample)
     LR_PATIENCE = 0                          # ReduceLROnPlateau: halve LR after this many epochs without improvement
@@ -67,6 +68,9 @@ build_reference = common.fit_ir_lookup
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, size_multiple=2 ** 5, script="train_advanced")   # 5 U-Net levels
+    if cfg.HALF_RES_EPOCHS and (cfg.TARGET_SIZE % 2 ** 6 or cfg.TARGET_SIZE < 2 ** 7):      # halved, then 5 levels
+        raise common.UserError(f"--target_size={cfg.TARGET_SIZE}: must be a multiple of 64 and at least 128 "
+                               f"with --half_res_epochs > 0 (those epochs halve the grid), or set --half_res_epochs=0")
     common.seed_everything(cfg.SEED)
     device = common.init_device(cfg.DEVICE)            # joins torchrun's process group if launched so
     out = common.check_out_dir(cfg)
@@ -102,7 +106,8 @@ def main(argv=None):
     extra = {"perceptual_backbone": backbone}
     with common.locked(out):                           # one run at a time writes in OUT_DIR
         history = common.fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler,
-                             extra=extra, select="mse", bn_batches=cfg.BN_BATCHES)   # as notebook 07A: MSE decides
+                             extra=extra, select="mse", bn_batches=cfg.BN_BATCHES,   # as notebook 07A: MSE decides
+                             half_res_epochs=cfg.HALF_RES_EPOCHS)
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
         common.report(model, build_reference(cfg, data), data, cfg, device, history, extra, epoch=best["epoch"])
 
