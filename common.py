@@ -2058,6 +2058,7 @@ RUN_OUTPUTS = ("config.json", "metrics_*.json", "predictions*.png", "skill*.png"
                "forecast*.gif")
 # Config keys that may change when a run is resumed; every other key must match the checkpoint.
 RESUMABLE_KEYS = {"EPOCHS", "RESUME", "OVERWRITE", "NUM_WORKERS", "DEVICE", "OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}
+ADDED_KEYS = {"HALF_RES_EPOCHS": 0, "BOTTLENECK_BLOCKS": 3}  # keys added later: the value older runs trained with
 CHECKPOINT_EVERY_S = 60           # last.pt at most this often (and after the last epoch, and on Ctrl-C)
 
 
@@ -2261,6 +2262,8 @@ def config_from_checkpoint(config_cls, ckpt, path, script):
 
 
 def check_same_config(saved, current, path):
+    old = {k: v for k, v in ADDED_KEYS.items() if k in current}   # a run from before a key ran as it says
+    saved = {**old, **saved}
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
     if differ:

@@ -1336,6 +1336,18 @@ def test_the_first_half_res_epochs_train_on_frames_pooled_2x2(tmp_path, sample):
     assert model.seen == ([(True, 16)] * n + [(False, 32)] * m) * 2 + [(True, 32)] * n + [(False, 32)] * m
 
 
+def test_a_run_from_before_a_key_existed_resumes_as_it_ran():
+    import train_advanced
+    import train_synthetic
+    current = common.config_dict(common.parse_config(train_advanced.Config, []))
+    saved = {k: v for k, v in current.items() if k != "HALF_RES_EPOCHS"}         # a run made before the key
+    with pytest.raises(common.UserError, match="another configuration .half_res_epochs: 0 there, 2 now"):
+        common.check_same_config(saved, current, "last.pt")
+    common.check_same_config(saved, {**current, "HALF_RES_EPOCHS": 0}, "last.pt")   # as it ran: resumes
+    synthetic = common.config_dict(common.parse_config(train_synthetic.Config, []))
+    common.check_same_config(dict(synthetic), synthetic, "last.pt")                 # a script without the key
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     common.save_checkpoint({"model": {}, "epoch": 1}, path)
