@@ -2262,7 +2262,7 @@ def config_from_checkpoint(config_cls, ckpt, path, script):
 
 
 def check_same_config(saved, current, path):
-    old = {k: v for k, v in ADDED_KEYS.items() if k in current}   # a run from before a key ran as it says
+    old = {k: v for k, v in ADDED_KEYS.items() if k in current}   # keys older runs lack: as they trained
     saved = {**old, **saved}
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
