@@ -2252,18 +2252,22 @@ def config_from_checkpoint(config_cls, ckpt, path, script):
 
     def text(value):
         return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    saved = with_added_keys(ckpt["config"], vars(config_cls))
     try:
-        return parse_config(config_cls, [f"--{k.lower()}={text(v)}" for k, v in ckpt["config"].items()],
-                            script=script)
+        return parse_config(config_cls, [f"--{k.lower()}={text(v)}" for k, v in saved.items()], script=script)
     except HelpShown:
         raise UserError(f"{path}: its config is not one {script}.py accepts") from None
     except UserError as e:
         raise UserError(f"{path}: its config is not one {script}.py accepts ({e})") from None
 
 
+def with_added_keys(saved, known):
+    """A checkpoint's config with the keys of `known` added since it was made, at the values it trained with."""
+    return {**{k: v for k, v in ADDED_KEYS.items() if k in known}, **saved}
+
+
 def check_same_config(saved, current, path):
-    old = {k: v for k, v in ADDED_KEYS.items() if k in current}   # keys older runs lack: as they trained
-    saved = {**old, **saved}
+    saved = with_added_keys(saved, current)
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
     if differ:
@@ -2586,6 +2590,10 @@ def check_config(cfg, size_multiple=1):
              f"must be a multiple of {size_multiple}, at least {max(16, 2 * size_multiple)} (the U-Net halves it "
              f"{int(math.log2(size_multiple))} times and BatchNorm needs 2 x 2 at the bottom; pooled CSI needs "
              f"16 x 16)" if size_multiple > 1 else "must be >= 16 (pooled CSI takes 16 x 16 tiles)")
+        if getattr(cfg, "HALF_RES_EPOCHS", 0):          # those epochs halve the grid before the U-Net does
+            need(cfg.TARGET_SIZE % (2 * size_multiple) == 0 and cfg.TARGET_SIZE >= 4 * size_multiple, "TARGET_SIZE",
+                 f"must be a multiple of {2 * size_multiple} and at least {4 * size_multiple} with "
+                 f"--half_res_epochs > 0 (those epochs halve the grid), or set --half_res_epochs=0")
         need(cfg.TARGET_SIZE <= 4 * NATIVE_SIZE["vil"], "TARGET_SIZE",
              f"must be <= {4 * NATIVE_SIZE['vil']} (SEVIR's VIL is {NATIVE_SIZE['vil']} x {NATIVE_SIZE['vil']})")
     if hasattr(cfg, "IR_NORM"):

@@ -68,9 +68,6 @@ build_reference = common.fit_ir_lookup
 
 def main(argv=None):
     cfg = common.parse_config(Config, argv, size_multiple=2 ** 5, script="train_advanced")   # 5 U-Net levels
-    if cfg.HALF_RES_EPOCHS and (cfg.TARGET_SIZE % 2 ** 6 or cfg.TARGET_SIZE < 2 ** 7):      # halved, then 5 levels
-        raise common.UserError(f"--target_size={cfg.TARGET_SIZE}: must be a multiple of 64 and at least 128 "
-                               f"with --half_res_epochs > 0 (those epochs halve the grid), or set --half_res_epochs=0")
     common.seed_everything(cfg.SEED)
     device = common.init_device(cfg.DEVICE)            # joins torchrun's process group if launched so
     out = common.check_out_dir(cfg)
