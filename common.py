@@ -2890,7 +2890,7 @@ MAX_CATALOG_BYTES = 1 << 30       # SEVIR's CATALOG.csv is about 32 MB: a "catal
 ASK_ABOVE_BYTES = 50e9            # a download above this asks first (or needs --yes off a terminal)
 SUBSET_MARKER = "DOWNLOADED_SUBSET.txt"           # marks a folder written by download
 PREPARED_MARKER = "PREPARED_COPY.txt"             # marks a folder written by prepare
-PREPARED_COMPRESSION = None       # measured (README): lzf saves 18% of the bytes and halves the warm read speed
+PREPARED_COMPRESSION = None       # measured: lzf saves 18% of the bytes and halves the warm read speed
 GENERATED_COPY = "a copy of the GENERATED sample (synthetic weather, not real data)"   # in PREPARED_MARKER
 
 

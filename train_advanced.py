@@ -21,7 +21,7 @@ class Config:
     INPUT_MODS = ("ir069", "ir107")          # satellite inputs; add lght for lightning (as the SEVIR paper)
     TARGET_SIZE = 128                        # common grid in pixels (notebook: 384); a multiple of 32
     BASE = 8                                 # U-Net width (notebook: 32 = 94 M parameters, too slow for a laptop CPU)
-    BOTTLENECK_BLOCKS = 3                    # extra residual blocks in the bottleneck (07A's 3; 1: 10% faster, README)
+    BOTTLENECK_BLOCKS = 3                    # extra residual blocks in the bottleneck (07A's 3; 1 is 10% faster)
     LOSS = "bmse_mae"                        # pixel term: bmse_mae (balanced MSE + MAE), mse (notebook 07A), mae, ...
     PERCEPTUAL_WEIGHT = 0.1                  # loss = LOSS + PERCEPTUAL_WEIGHT x VGG perceptual loss (notebook 07A)
     PERCEPTUAL_POOL = 1                      # VGG16 sees both fields average-pooled k x k (1 = notebook; cost ~ 1/k^2)
