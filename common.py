@@ -24,7 +24,6 @@ Part 2 is the machinery, which a reader of the notebooks does not need to follow
     python common.py sample --out DIR [--events N]       a generated sample dataset
     python common.py download --out DIR [--max-events N] a subset of the real SEVIR
     python common.py prepare --catalog C --root R --out DIR --size S   a copy that reads only what a sample needs
-    python common.py bench                               speed and memory on this machine
 """
 
 import argparse
@@ -145,177 +144,100 @@ def lightning_to_grid(flashes, size=48):
     return grid
 
 
-EVENT_CACHE_MB = 512             # a dataset whose events fit in this much memory keeps them (its workers share it)
+class SEVIRVIL(Dataset):
+    """VIL -> VIL nowcasting (notebook 05). x: (1, t_in, S, S), y: (1, t_out, S, S), VIL code / 255.
 
-
-def data_end(ds):
-    """The byte where a contiguous dataset's data ends in its file (0 for chunked or empty data)."""
-    offset = ds.id.get_offset() if ds.chunks is None else None
-    return 0 if offset is None else offset + ds.id.get_storage_size()
-
-
-class _SEVIREvents(Dataset):
-    """Shared machinery: per-modality file/index arrays, lazy per-process HDF5 handles, windows.
-
-    Items are (event, first frame) pairs of windows of `length` frames. Training takes every window of
-    every event, in the order of the DataLoader's sampler (shuffled from SEED each epoch); Earthformer trains
-    on its held-out stride only. Held-out sets take windows starting every `val_stride` frames (12, an hour,
-    as Earthformer: frames 0-24, 12-36, 24-48 for 13 -> 12), the same ones each run.
+    As the notebook calls it, SEVIRVIL(catalog_path, root_dir, t_in=12, t_out=1, limit=None, start_idx=0):
+    the catalog's usable VIL events (load_catalog), `limit` of them from `start_idx`. The scripts pass their
+    period's table of events in place of the path. Training takes every window of every event; held out,
+    the windows starting every `val_stride` frames (Earthformer: frames 0-24, 12-36, 24-48 for 13 -> 12).
     """
 
-    def __init__(self, events, root, mods, length, train, val_stride, ir_norm):
-        if ir_norm not in IR_NORMS:
-            raise UserError(f"ir_norm={ir_norm!r}: one of {', '.join(IR_NORMS)}")
-        self.root, self.mods, self.length = Path(root), tuple(mods), length
-        self.ir_norm = ir_norm
-        self.ids = events["id"].to_numpy().astype(str)
-        self.paths, self.file_idx, self.index = {}, {}, {}
-        for mod in self.mods:
-            names = events[f"{mod}_file"].to_numpy().astype(str)
-            uniq, inverse = np.unique(names, return_inverse=True)
-            self.paths[mod] = [str(self.root / n) for n in uniq]        # joined once, not per item
-            self.file_idx[mod] = inverse.astype(np.int64)
-            self.index[mod] = events[f"{mod}_index"].to_numpy().astype(np.int64)
-        starts = np.arange(0, N_FRAMES - length + 1, 1 if train else val_stride)
-        self.items = np.array([(e, s) for e in range(len(self.ids)) for s in starts], dtype=np.int64).reshape(-1, 2)
-        self._forget(pid=None)
-        self.cache_mb = EVENT_CACHE_MB            # the events are kept in memory where they all fit in this
+    def __init__(self, catalog_path, root_dir, t_in=12, t_out=1, limit=None, start_idx=0, target_size=None,
+                 train=True, val_stride=12):
+        events = event_table(catalog_path, root_dir, ("vil",)).iloc[start_idx:][:limit]
+        self.mods = ("vil",)
+        self.reader = SEVIRReader(events, root_dir, self.mods)
+        self.t_in, self.t_out, self.target_size = t_in, t_out, target_size
+        self.windows = windows(len(events), t_in + t_out, 1 if train else val_stride)
 
     def __len__(self):
-        return len(self.items)
+        return len(self.windows)
 
-    def __getstate__(self):                       # DataLoader workers open their own files
-        state = self.__dict__.copy()
-        state.update(_files={}, _datasets={}, _events={}, _pid=None)
-        return state
-
-    def _forget(self, pid):
-        """Drop the open files and the events kept in memory (this process's, or a worker's after a fork)."""
-        self._files, self._datasets, self._events, self._pid = {}, {}, {}, pid
-
-    def _open(self, path, name, index=None):
-        """h5py dataset `name` of the file at `path`; files open once per process, lazily. A file cut short
-        since (its size below the end of its data), or one that no longer holds event `index`, is an OSError,
-        not zeros read past its end."""
-        if self._pid != os.getpid():              # forked into a worker: never share HDF5 handles
-            self._forget(os.getpid())
-        if (path, name) not in self._datasets:
-            if path not in self._files:
-                self._files[path] = h5py.File(path, "r")
-            ds = self._files[path][name]
-            self._datasets[(path, name)] = ds, data_end(ds), ds.shape[0]
-        ds, end, n_events = self._datasets[(path, name)]
-        if end and os.path.getsize(path) < end:
-            raise OSError(f"{path} is truncated: {os.path.getsize(path):,} bytes, its data ends at {end:,}")
-        if index is not None and index >= n_events:        # the file was replaced by a shorter one since
-            raise OSError(f"{path} now holds {n_events} events, not event {index}")
-        return ds
-
-    def __getitem__(self, i):
-        """Item i as (x, y); None when its file cannot be read any more (collate_skipping drops it)."""
-        e, start = self.event_and_start(i)
-        try:
-            return self.sample(e, start)
-        except (OSError, KeyError) as err:        # a file that went bad after indexing
-            print(f"warning: skipped event {self.ids[e]}: {str(err).splitlines()[0]}", file=sys.stderr)
-            for f in self._files.values():
-                f.close()
-            self._forget(self._pid)               # reopen next time: the file may be back
-            return None
-
-    def event_and_start(self, i):
-        e, s = self.items[i]
-        return int(e), int(s)
-
-    def read(self, mod, e, start, stop, size):
-        """Frames start..stop-1 of modality `mod` of event e as float32 (T, size, size), normalised.
-
-        The grid is the file's: SEVIR's own (VIL 384, IR 192) or a prepared copy's (python common.py
-        prepare). SEVIR stores each event contiguous with time as the fastest axis, so any subset of
-        frames touches every disk page of the event: it is read whole and sliced in memory (3x faster
-        than h5py's strided read). Where the frames are resized and all the events fit in memory
-        (_all_fit), each event is read and resized once per process and its other windows are cut from
-        memory, the same values (resizing costs more than the read; without it, a copy out of memory
-        costs as much as the read). A prepared copy stores one frame per chunk: only the window is read.
-        """
-        if (mod, e) in self._events:              # read and resized before: no file touched
-            return normalize(mod, self._events[(mod, e)][start:stop].clone(), self.ir_norm)
-        path = self.paths[mod][self.file_idx[mod][e]]
-        if mod == "lght":
-            frames = torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop])
-            return normalize(mod, resize_frames(frames, size), self.ir_norm)
-        i = self.index[mod][e]
-        ds = self._open(path, mod, i)
-        if ds.chunks is not None:       # frame by frame, each one chunk read contiguous (a strided read is 6x slower)
-            frames = torch.from_numpy(np.stack([ds[i, :, :, t] for t in range(start, stop)])).float()
-        elif size not in (None, ds.shape[1]) and self._all_fit(size):
-            self._events[(mod, e)] = resize_frames(self._frames(ds, i, 0, N_FRAMES), size)
-            return self.read(mod, e, start, stop, size)        # cut from memory, as the first line does
-        else:
-            frames = self._frames(ds, i, start, stop)
-        return normalize(mod, resize_frames(frames, size), self.ir_norm)
-
-    def _all_fit(self, size):
-        """Whether every event's frames of every modality fit in `cache_mb` at `size` as float32, shared
-        among the DataLoader's worker processes (each keeps its own)."""
-        worker = torch.utils.data.get_worker_info()
-        share = self.cache_mb / (worker.num_workers if worker else 1)
-        return len(self.ids) * len(self.mods) * N_FRAMES * size ** 2 * 4 <= share * 2 ** 20
-
-    @staticmethod
-    def _frames(ds, i, start, stop):
-        """Frames start..stop-1 of event i of a dataset in SEVIR's layout (N, H, W, T), as float32 (T, H, W):
-        the bytes are reordered first (4x cheaper than reordering the floats)."""
-        return torch.from_numpy(np.ascontiguousarray(ds[i][:, :, start:stop].transpose(2, 0, 1))).float()
+    def __getitem__(self, idx):
+        e, s = self.windows[idx]                                   # event, first frame of the window
+        with self.reader.skip_if_unreadable(e):                    # (a file gone bad since: None, skipped)
+            vil = self.reader.read("vil", e, s, s + self.t_in + self.t_out, self.target_size)  # (T, S, S)
+            vil = normalize("vil", vil)                            # VIL code / 255
+            return vil[None, :self.t_in], vil[None, self.t_in:]    # (1, T_in, S, S), (1, T_out, S, S)
 
 
-class SEVIRVIL(_SEVIREvents):
-    """VIL -> VIL nowcasting (notebook 05). x: (1, t_in, S, S), y: (1, t_out, S, S), VIL code / 255."""
+class SEVIRMultimodal(Dataset):
+    """Modalities stacked as channels -> VIL (notebook 06). x: (C, t_in, S, S), y: (1, t_out, S, S) VIL.
 
-    def __init__(self, events, root, t_in=12, t_out=1, target_size=None, train=True, val_stride=12):
-        super().__init__(events, root, ("vil",), t_in + t_out, train, val_stride, "sevir")
-        self.t_in, self.t_out, self.target_size = t_in, t_out, target_size
-
-    def sample(self, e, s):
-        vil = self.read("vil", e, s, s + self.t_in + self.t_out, self.target_size)   # (T, S, S)
-        return vil[None, :self.t_in], vil[None, self.t_in:]
-
-
-class SEVIRMultimodal(_SEVIREvents):
-    """Modalities stacked as channels -> VIL (notebook 06). x: (C, t_in, S, S), y: (1, t_out, S, S) VIL."""
-
-    def __init__(self, events, root, mods=("vil", "ir069", "ir107"), t_in=12, t_out=1, target_size=192,
-                 train=True, val_stride=12, ir_norm="sevir"):
-        if "vil" not in mods:
-            raise UserError("SEVIRMultimodal needs vil among its modalities (it is the target)")
-        super().__init__(events, root, mods, t_in + t_out, train, val_stride, ir_norm)
-        self.t_in, self.t_out, self.target_size = t_in, t_out, target_size
-
-    def sample(self, e, s):
-        x = torch.empty(len(self.mods), self.t_in, self.target_size, self.target_size)
-        for c, mod in enumerate(self.mods):
-            if mod == "vil":                          # read VIL once: inputs and target
-                vil = self.read(mod, e, s, s + self.t_in + self.t_out, self.target_size)
-                x[c], y = vil[:self.t_in], vil[None, self.t_in:]
-            else:
-                x[c] = self.read(mod, e, s, s + self.t_in, self.target_size)
-        return x, y
-
-
-class SyntheticRadarDataset(_SEVIREvents):
-    """Satellite -> radar at the same time (notebook 07). x: (C, S, S), y: (1, S, S) VIL.
-
-    Training takes every frame of every event; held out, frames 0, 4, 8, ..., 48 of each event.
+    As the notebook calls it, SEVIRMultimodal(df, root, events, mods=("vil",), ...): `df` a SEVIR catalog
+    (its usable events are taken) and `events` the ids to use. The scripts pass a table of events as `df`
+    and no ids (all of them). Windows as SEVIRVIL's.
     """
 
-    def __init__(self, events, root, input_mods=("ir069", "ir107"), target_size=192, train=True,
-                 val_stride=4, ir_norm="sevir"):
-        super().__init__(events, root, tuple(input_mods) + ("vil",), 1, train, val_stride, ir_norm)
-        self.input_mods, self.target_size = tuple(input_mods), target_size
+    def __init__(self, df, root, events=None, mods=("vil",), t_in=12, t_out=1, target_size=192, train=True,
+                 val_stride=12, ir_norm="sevir"):
+        if "vil" not in mods:
+            raise UserError("SEVIRMultimodal needs vil among its modalities (it is the target)")
+        table = event_table(df, root, mods, events)
+        self.reader = SEVIRReader(table, root, mods)
+        self.mods, self.t_in, self.t_out, self.target_size, self.ir_norm = tuple(mods), t_in, t_out, target_size, ir_norm
+        self.windows = windows(len(table), t_in + t_out, 1 if train else val_stride)
 
-    def sample(self, e, t):
-        x = torch.cat([self.read(mod, e, t, t + 1, self.target_size) for mod in self.input_mods])
-        return x, self.read("vil", e, t, t + 1, self.target_size)
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, idx):
+        e, s = self.windows[idx]                                   # event, first frame of the window
+        x = torch.empty(len(self.mods), self.t_in, self.target_size, self.target_size)
+        with self.reader.skip_if_unreadable(e):
+            for c, mod in enumerate(self.mods):
+                if mod == "vil":                                   # inputs and target: read once
+                    vil = normalize(mod, self.reader.read(mod, e, s, s + self.t_in + self.t_out, self.target_size))
+                    x[c], y = vil[:self.t_in], vil[None, self.t_in:]
+                else:                                              # inputs only
+                    x[c] = normalize(mod, self.reader.read(mod, e, s, s + self.t_in, self.target_size), self.ir_norm)
+            return x, y                                            # (C, T_in, S, S), (1, T_out, S, S)
+
+
+class SyntheticRadarDataset(Dataset):
+    """Satellite -> radar at the same time (notebook 07). x: (C, S, S), y: (1, S, S) VIL.
+
+    As the notebook calls it, SyntheticRadarDataset(df, root, events, input_mods, t_sample=24, ...): frame
+    `t_sample` of each event. The scripts pass a table of events as `df` and t_sample=None: every frame of
+    every event in training, frames 0, 4, 8, ..., 48 held out.
+    """
+
+    def __init__(self, df, root, events=None, input_mods=("ir069", "ir107"), t_sample=24, target_size=192,
+                 train=True, val_stride=4, ir_norm="sevir"):
+        self.input_mods = tuple(input_mods)
+        self.mods = self.input_mods + ("vil",)
+        table = event_table(df, root, self.mods, events)
+        self.reader = SEVIRReader(table, root, self.mods)
+        self.target_size, self.ir_norm = target_size, ir_norm
+        self.windows = windows(len(table), 1, 1 if train else val_stride, only=t_sample)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, idx):
+        e, t = self.windows[idx]                                   # event, frame
+        with self.reader.skip_if_unreadable(e):
+            x = torch.cat([normalize(mod, self.reader.read(mod, e, t, t + 1, self.target_size), self.ir_norm)
+                           for mod in self.input_mods])            # (C, S, S)
+            return x, normalize("vil", self.reader.read("vil", e, t, t + 1, self.target_size))   # (1, S, S)
+
+
+def windows(n_events, length, stride, only=None):
+    """(event, first frame) of every item: windows of `length` frames starting every `stride` frames (or
+    only at frame `only`), event by event. An (n, 2) int64 array."""
+    starts = [only] if only is not None else range(0, N_FRAMES - length + 1, stride)
+    return np.array([(e, s) for e in range(n_events) for s in starts], dtype=np.int64).reshape(-1, 2)
 
 
 def collate_skipping(batch):
@@ -1238,7 +1160,7 @@ def fit_ir_lookup(cfg, data):
     """The synthetic-radar reference: IRLookup on IR107 (on IR069 when that is the only IR input), fitted
     on frames 0, 4, 8, ..., 48 of every training event (the held-out frames; the same each run)."""
     mods = cfg.INPUT_MODS
-    fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, target_size=cfg.TARGET_SIZE,
+    fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, t_sample=None, target_size=cfg.TARGET_SIZE,
                                    train=False, ir_norm=cfg.IR_NORM)
     loader = DataLoader(fit_on, batch_size=16, collate_fn=collate_skipping)
     mod = "ir107" if "ir107" in mods else "ir069"
@@ -1388,7 +1310,7 @@ def _samples(dataset, num_samples, candidates=48):
     ranked = sorted(rain, key=rain.get, reverse=True)
     chosen, events = [], set()
     for i in ranked:                                   # the rainiest item of each event first
-        event = dataset.event_and_start(i)[0]
+        event = dataset.windows[i][0]
         if event not in events:
             chosen.append(i)
             events.add(event)
@@ -1526,6 +1448,118 @@ SAMPLE_EVENTS = 32                               # events in the default sample:
 EARTHFORMER_SPLIT = ("2019-01-01", "2019-06-01")
 
 
+EVENT_CACHE_MB = 512             # a dataset whose events fit in this much memory keeps them (its workers share it)
+
+
+def data_end(ds):
+    """The byte where a contiguous dataset's data ends in its file (0 for chunked or empty data)."""
+    offset = ds.id.get_offset() if ds.chunks is None else None
+    return 0 if offset is None else offset + ds.id.get_storage_size()
+
+
+def event_table(df, root, mods, events=None):
+    """The datasets' events: a table of events as load_catalog returns it, or a catalog (its path, or the
+    DataFrame the notebooks read) whose usable events load_catalog finds; only the ids `events`, if given."""
+    if not isinstance(df, pd.DataFrame) or "img_type" in df:
+        df = load_catalog(df, root, mods)
+    if events is not None:
+        usable = set(df["id"])
+        df = df.set_index("id").loc[[i for i in events if i in usable]].reset_index()
+    return df
+
+
+class SEVIRReader:
+    """Frames of a table of events from SEVIR's HDF5 files (or a prepared copy), float32 in stored units.
+
+    Files open once per process, lazily (each DataLoader worker opens its own). SEVIR stores an event
+    contiguous with time the fastest axis, so any of its frames touch every page of it: the event is read
+    whole and sliced in memory (3x faster than h5py's strided read); a prepared copy stores one frame per
+    chunk, and only the frames are read. Where frames are resized and every event fits in `cache_mb`,
+    each event is read and resized once per process and its other windows are cut from memory (the same
+    values). A file cut short or replaced since the catalog check is an OSError, never zeros read.
+    """
+
+    def __init__(self, events, root, mods):
+        self.ids = events["id"].to_numpy().astype(str)
+        self.paths, self.file_idx, self.index = {}, {}, {}
+        for mod in mods:
+            names = events[f"{mod}_file"].to_numpy().astype(str)
+            uniq, inverse = np.unique(names, return_inverse=True)
+            self.paths[mod] = [str(Path(root) / n) for n in uniq]      # joined once, not per item
+            self.file_idx[mod] = inverse.astype(np.int64)
+            self.index[mod] = events[f"{mod}_index"].to_numpy().astype(np.int64)
+        self.n_values = len(self.ids) * len(self.paths) * N_FRAMES   # frames a cache of every event holds
+        self.cache_mb = EVENT_CACHE_MB
+        self._forget(pid=None)
+
+    def __getstate__(self):                       # DataLoader workers open their own files
+        return {**self.__dict__, "_files": {}, "_datasets": {}, "_events": {}, "_pid": None}
+
+    def _forget(self, pid):
+        """Drop the open files and the events kept in memory (this process's, or a worker's after a fork)."""
+        self._files, self._datasets, self._events, self._pid = {}, {}, {}, pid
+
+    def read(self, mod, e, start, stop, size):
+        """Frames start..stop-1 of modality `mod` of event e, resized to size x size: float32 (T, size, size)."""
+        if (mod, e) in self._events:              # read and resized before: no file touched
+            return self._events[(mod, e)][start:stop].clone()
+        path = self.paths[mod][self.file_idx[mod][e]]
+        if mod == "lght":
+            return resize_frames(torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop]), size)
+        i = self.index[mod][e]
+        ds = self._open(path, mod, i)
+        if ds.chunks is not None:       # frame by frame, each one chunk read contiguous (a strided read is 6x slower)
+            frames = torch.from_numpy(np.stack([ds[i, :, :, t] for t in range(start, stop)])).float()
+        elif size not in (None, ds.shape[1]) and self._all_fit(size):
+            self._events[(mod, e)] = resize_frames(self._frames(ds, i, 0, N_FRAMES), size)
+            return self._events[(mod, e)][start:stop].clone()
+        else:
+            frames = self._frames(ds, i, start, stop)
+        return resize_frames(frames, size)
+
+    @contextlib.contextmanager
+    def skip_if_unreadable(self, e):
+        """Around reading an item of event e: a file that went bad since the check is one warning, and the
+        item None (collate_skipping drops it); the files are reopened next time (they may be back)."""
+        try:
+            yield
+        except (OSError, KeyError) as err:
+            print(f"warning: skipped event {self.ids[e]}: {str(err).splitlines()[0]}", file=sys.stderr)
+            for f in self._files.values():
+                f.close()
+            self._forget(self._pid)
+
+    def _open(self, path, name, index=None):
+        """h5py dataset `name` of the file at `path`, opened once per process. A file cut short since (its
+        size below the end of its data), or one that no longer holds event `index`, is an OSError."""
+        if self._pid != os.getpid():              # forked into a worker: never share HDF5 handles
+            self._forget(os.getpid())
+        if (path, name) not in self._datasets:
+            if path not in self._files:
+                self._files[path] = h5py.File(path, "r")
+            ds = self._files[path][name]
+            self._datasets[(path, name)] = ds, data_end(ds), ds.shape[0]
+        ds, end, n_events = self._datasets[(path, name)]
+        if end and os.path.getsize(path) < end:
+            raise OSError(f"{path} is truncated: {os.path.getsize(path):,} bytes, its data ends at {end:,}")
+        if index is not None and index >= n_events:        # the file was replaced by a shorter one since
+            raise OSError(f"{path} now holds {n_events} events, not event {index}")
+        return ds
+
+    def _all_fit(self, size):
+        """Whether every event's frames of every modality fit in `cache_mb` at `size` as float32, shared
+        among the DataLoader's worker processes (each keeps its own)."""
+        worker = torch.utils.data.get_worker_info()
+        share = self.cache_mb / (worker.num_workers if worker else 1)
+        return self.n_values * size ** 2 * 4 <= share * 2 ** 20
+
+    @staticmethod
+    def _frames(ds, i, start, stop):
+        """Frames start..stop-1 of event i of a dataset in SEVIR's layout (N, H, W, T), as float32 (T, H, W):
+        the bytes are reordered first (4x cheaper than reordering the floats)."""
+        return torch.from_numpy(np.ascontiguousarray(ds[i][:, :, start:stop].transpose(2, 0, 1))).float()
+
+
 def load_events(cfg, mods):
     """Catalog -> usable events -> train / validation / test events by SPLIT_DATES, each cut to
     MAX_TRAIN / MAX_VAL / MAX_TEST events spread over its period.
@@ -1603,7 +1637,7 @@ NEEDED_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "pct_
 
 
 def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_missing=0.0):
-    """One row per usable event: `id`, `time_utc`, `event_type`, and `<mod>_file`, `<mod>_index` per modality.
+    """One row per usable event of a catalog (its path, or the DataFrame pandas read from it): `id`, `time_utc`, `event_type`, and `<mod>_file`, `<mod>_index` per modality.
 
     Usable: every requested modality has exactly one catalog row (ids duplicated within a
     modality are dropped, as SEVIR's reference loaders do) with a safe file_name, a whole-number
@@ -1613,6 +1647,8 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
     """
     mods = tuple(mods)
     df = read_catalog(catalog_path)
+    if isinstance(catalog_path, pd.DataFrame):
+        catalog_path = "the catalog"
     df = df[df["img_type"].isin(mods)]
     if df.empty:
         raise UserError(f"catalog {catalog_path} has no rows of type {', '.join(mods)}")
@@ -1653,72 +1689,46 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
     return events.sort_values(["time_utc", "id"]).reset_index(drop=True)
 
 
-def read_catalog(path):
-    """Read a SEVIR CATALOG.csv into a DataFrame with parsed time_utc; UserError if it is not one."""
-    path = Path(path)
-    df = raw_catalog(path, columns=NEEDED_COLUMNS + ["event_type", "size_x"])
+def read_catalog(catalog):
+    """A SEVIR CATALOG.csv (its path, or the DataFrame pandas read from it) with parsed file_index, pct_missing
+    and time_utc, the rest as text; UserError if it is not one."""
+    df = catalog.astype(str) if isinstance(catalog, pd.DataFrame) else \
+        raw_catalog(catalog, columns=NEEDED_COLUMNS + ["event_type", "size_x"])
     missing = [c for c in NEEDED_COLUMNS if c not in df.columns]
     if missing:
-        raise UserError(f"{path} lacks SEVIR catalog columns: {', '.join(missing)}")
+        raise UserError(f"{catalog if isinstance(catalog, (str, Path)) else 'the catalog'} lacks SEVIR catalog "
+                        f"columns: {', '.join(missing)}")
     if df.empty:
-        raise UserError(f"catalog {path} has no rows")
+        raise UserError(f"catalog {catalog} has no rows")
     df["img_type"] = df["img_type"].str.strip().str.lower()
     index = df["file_index"].str.strip()
     df["file_index"] = np.where(index.str.fullmatch(r"\d+"), index, "-1").astype(np.int64)   # "3.7" is no index
-    pct = df["pct_missing"].str.replace(",", ".")                        # a decimal comma (a ;-separated sheet)
-    df["pct_missing"] = pd.to_numeric(pct, errors="coerce").fillna(1.0)
+    df["pct_missing"] = pd.to_numeric(df["pct_missing"], errors="coerce").fillna(1.0)
     df["size_x"] = df["size_x"] if "size_x" in df else ""
-    df["time_utc"] = _catalog_times(df["time_utc"])
+    df["time_utc"] = pd.to_datetime(df["time_utc"], format="%Y-%m-%d %H:%M:%S", errors="coerce")   # SEVIR's form
     return df
 
 
-_PIPED_CATALOGS = {}              # a catalog given as a pipe (<(cat CATALOG.csv)) can be read once: kept here
-
-
 def raw_catalog(path, columns=None):
-    """The columns of a catalog file as text (those of `columns` it has, or all). Separated by commas as SEVIR
-    writes it, or by semicolons or tabs as spreadsheets may save it (told by its header line, which may start
-    with a byte-order mark); a pipe is read once and kept."""
+    """The columns of a SEVIR CATALOG.csv file as text (those of `columns` it has, or all)."""
     path = Path(path)
-    if not path.exists() or path.is_dir():
-        raise UserError(f"catalog not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if not path.exists():
+        raise UserError(f"catalog not found: {path}")
+    if not path.is_file():
+        raise UserError(f"catalog {path} is not a file")
     if not os.access(path, os.R_OK):
         raise UserError(f"catalog {path}: no permission to read it")
-    key = (str(path), path.stat().st_ino)                  # the pipe itself, not just its /dev/fd name
-    if key in _PIPED_CATALOGS:
-        data = _PIPED_CATALOGS[key]
-    else:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CATALOG_BYTES + 1)
-        if len(data) > MAX_CATALOG_BYTES:
-            raise UserError(f"catalog {path} is over {MAX_CATALOG_BYTES >> 20} MiB: not a SEVIR catalog (32 MB)")
-        if not path.is_file():
-            _PIPED_CATALOGS[key] = data
-    header = data.split(b"\n", 1)[0]
-    sep = max((",", ";", "\t"), key=lambda c: header.count(c.encode()))
+    if path.stat().st_size > MAX_CATALOG_BYTES:
+        raise UserError(f"catalog {path} is over {MAX_CATALOG_BYTES >> 20} MiB: not a SEVIR catalog (32 MB)")
+    with open(path, "rb") as f:
+        header = f.readline()
+    if b"," not in header or b"id" not in header:
+        raise UserError(f"{path} is not SEVIR's comma-separated CSV catalog (its first line: {header[:60]!r})")
     try:
-        return pd.read_csv(io.BytesIO(data), sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                           usecols=None if columns is None else lambda c: c in columns)   # (a spreadsheet's BOM)
+        return pd.read_csv(path, dtype=str, keep_default_na=False,
+                           usecols=None if columns is None else lambda c: c in columns)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path} is not a CSV catalog ({type(e).__name__}: {e})".splitlines()[0]) from None
-
-
-def _catalog_times(text):
-    """time_utc as Timestamps; NaT where it cannot be read for certain.
-
-    SEVIR writes "2019-05-12 18:30:00". A spreadsheet may write "5/12/2019 18:30" (month first) or
-    "12/5/2019 18:30" (day first): the order is taken from rows that can be read only one way (a
-    number above 12); when none can, or they disagree, the slashed dates are ambiguous and left NaT.
-    """
-    t = pd.to_datetime(text, format="%Y-%m-%d %H:%M:%S", errors="coerce")
-    parts = text.str.extract(r"^\s*(\d{1,2})/(\d{1,2})/\d{4} \d{1,2}:\d{2}(?::\d{2})?\s*$").astype(float)
-    slashed = parts[0].notna() & t.isna()
-    first_is_day, second_is_day = (parts[0] > 12).any(), (parts[1] > 12).any()
-    if slashed.any() and first_is_day != second_is_day:
-        order = "%d/%m/%Y %H:%M" if first_is_day else "%m/%d/%Y %H:%M"
-        minutes = text[slashed].str.strip().str.replace(r"(:\d{2}):\d{2}$", r"\1", regex=True)   # drop seconds
-        t[slashed] = pd.to_datetime(minutes, format=order, errors="coerce")
-    return t
 
 
 def _catalog_rejects(df, n_mods, max_pct_missing):
@@ -1977,7 +1987,7 @@ def report(model, references, data, cfg, device, history=(), extra=None, num_sam
     def scores(name):
         dataset, times = getattr(data, name), getattr(data, f"{name}_events")["time_utc"]
         loader = make_loader(dataset, cfg, device, shuffle=False)
-        result = {"split": name, "n_events": len(dataset.ids), "n_samples": len(dataset),
+        result = {"split": name, "n_events": len(dataset.reader.ids), "n_samples": len(dataset),
                   "period": [f"{times.min()}", f"{times.max()}"],
                   "model": evaluate(model, loader, device)[1],
                   **{r.name: evaluate(r, loader, device)[1] for r in references}}
@@ -2525,7 +2535,7 @@ def _config_docs(cls):
     return docs
 
 
-# The training scripts: the only modules a checkpoint's "script" may name (visualize.py, bench).
+# The training scripts: the only modules a checkpoint's "script" may name (visualize.py).
 PATH_KEYS = {"OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}        # Config keys that name files or folders
 SCRIPTS = ("train_baseline", "train_multimodal", "train_synthetic", "train_advanced")
 KNOWN_MODS = ("vil", "ir069", "ir107", "lght")
@@ -3224,286 +3234,8 @@ class HTTPRangeFile(io.RawIOBase):
 
 
 # ======================================================================================
-# 12. Tools: speed and memory on this machine (python common.py bench), the command line
+# 12. The command line: python common.py sample | download | prepare
 # ======================================================================================
-
-# What bench measures for each training script: its default data and network. They are stated here because
-# common.py does not import the scripts (they import it); a test checks them against the scripts' Config.
-BENCH_CASES = {
-    "train_baseline": dict(mods=("vil",), t_in=12, t_out=1, size=96, batch=4, model="evolution", base=8,
-                           loss="bmse_bmae"),
-    "train_multimodal": dict(mods=("vil", "ir069", "ir107"), t_in=12, t_out=1, size=96, batch=4, model="evolution",
-                             base=8, loss="bmse_bmae"),
-    "train_synthetic": dict(mods=("ir069", "ir107"), size=128, batch=8, model="SyntheticRadarUNet", base=8, loss="mae"),
-    "train_advanced": dict(mods=("ir069", "ir107"), size=128, batch=16, model="AdvancedUNet", base=8, loss="bmse_mae",
-                           bottleneck_blocks=3),
-}
-PROTOCOL_CASE = dict(mods=("vil",), t_in=13, t_out=12, size=384)     # SEVIR_PROTOCOL's held-out windows
-
-
-def bench_dataset(case, events, root, train=True):
-    """The dataset a script builds at the settings of `case` (its training set, or held-out windows)."""
-    if "t_in" not in case:
-        return SyntheticRadarDataset(events, root, input_mods=case["mods"], target_size=case["size"], train=train)
-    if case["mods"] == ("vil",):
-        return SEVIRVIL(events, root, t_in=case["t_in"], t_out=case["t_out"], target_size=case["size"], train=train)
-    return SEVIRMultimodal(events, root, mods=case["mods"], t_in=case["t_in"], t_out=case["t_out"],
-                           target_size=case["size"], train=train)
-
-
-def bench_model(case):
-    """The network a script builds at the settings of `case`."""
-    if "t_in" in case:
-        return build_nowcaster(case["model"], len(case["mods"]), case["t_in"], case["t_out"], case["base"],
-                               vil_channel=case["mods"].index("vil"))
-    if case["model"] == "AdvancedUNet":
-        return AdvancedUNet(len(case["mods"]), 1, case["base"], case["bottleneck_blocks"])
-    return SyntheticRadarUNet(in_channels=len(case["mods"]), out_channels=1, base=case["base"])
-
-
-def bench(root=SAMPLE_ROOT, with_memory=True):
-    """Print one table: data loading against the h5py floor, catalog speed, DataLoader rates,
-    training-step time / FLOPs / MFU and peak memory of each script's defaults, on this machine."""
-    import tempfile
-    root = Path(root).resolve()                         # the child runs start in this file's folder
-    device = pick_device("auto")
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else ("Apple MPS" if device.type == "mps" else "none")
-    print(f"# python common.py bench  |  {dt.date.today()}  |  {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), GPU: {gpu}")
-    catalog = Path(root) / "CATALOG.csv"
-    if not catalog.exists():
-        make_sample_sevir(root)
-    rows = []
-
-    def dataset(name, catalog, root):                  # a script's training set, or the protocol's test windows
-        case = PROTOCOL_CASE if name == "protocol" else BENCH_CASES[name]
-        mods = case["mods"] + (() if "t_in" in case else ("vil",))
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            train, _, test = split_by_dates(load_catalog(catalog, root, mods), EARTHFORMER_SPLIT)
-        return bench_dataset(case, test, root, train=False) if name == "protocol" else bench_dataset(case, train, root)
-
-    # 1. items/s of each dataset class against the floor; the protocol's windows (13 + 12 VIL frames at 384).
-    # Each pass starts with no event in memory, as the first epoch of a run.
-    original = {name: dataset(name, catalog, root)
-                for name in ("train_baseline", "train_multimodal", "train_synthetic", "protocol")}
-    for name, ds in original.items():
-        n = len(ds)
-        item = _rate(lambda i: ds[i], n, repeat=3, start=lambda: ds._events.clear())
-        floor = _rate(_floor_reader(ds), n, repeat=3)
-        limit = 1.3 if type(ds).__name__ == "SEVIRVIL" else 1.5
-        rows.append((f"{type(ds).__name__} items/s ({name}{'' if name == 'protocol' else ' defaults'})",
-                     f"{item:.1f}", f"floor {floor:.1f}/s, floor/dataset {floor / item:.2f} (<= {limit})"))
-
-    # 1b. bytes read per item and items/s (warm): SEVIR's layout against a prepared copy at the same grid,
-    # for each script's defaults and for the protocol (13 + 12 VIL frames at 384)
-    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        measured = []
-        for name in original:
-            ds = dataset(name, catalog, root)
-            ds.cache_mb = 0                             # each item read from its file, as for a large period
-            copy = Path(tmp) / f"{ds.target_size}_{'_'.join(ds.mods)}"
-            if not copy.exists():
-                with contextlib.redirect_stderr(quiet):
-                    prepare(catalog, root, copy, ds.target_size, types=ds.mods)
-            ds_copy = dataset(name, copy / "CATALOG.csv", copy)
-            n = min(len(ds), 200)
-            measured.append((name, ds.target_size, item_bytes(ds), bytes_read_per_item(ds, n),
-                             bytes_read_per_item(ds_copy, n), _rate(lambda i: ds[i], n), _rate(lambda i: ds_copy[i], n)))
-    for name, size, stored, from_sevir, from_copy, rate, rate_copy in measured:
-        rows.append((f"bytes read per item, {name} at {size}", f"{from_sevir / 1e6:.2f} MB -> {from_copy / 1e3:.0f} kB",
-                     f"SEVIR file -> prepared copy: {from_sevir / from_copy:.0f}x fewer; frames as stored "
-                     f"{stored / 1e3:.0f} kB, copy/frames {from_copy / stored:.2f} (<= 1.5); items/s warm "
-                     f"{rate:.0f} -> {rate_copy:.0f}"))
-
-    # 2. load_catalog on a catalog of the real size
-    with tempfile.TemporaryDirectory() as tmp:
-        big = _padded_catalog(catalog, 76_004, Path(tmp) / "CATALOG.csv")
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            t0 = time.perf_counter()
-            load_catalog(big, root)
-            took = time.perf_counter() - t0
-        rows.append(("load_catalog, 76,004 rows", f"{took:.2f} s", "(<= 1 s)"))
-
-    # 3. DataLoader batches/s over 5 epochs (workers start again each epoch: windows follow SEED and epoch)
-    for script in ("train_baseline", "train_multimodal", "train_synthetic"):
-        ds, batch = original[script], BENCH_CASES[script]["batch"]
-        for workers in (0, 2):
-            cfg = SimpleNamespace(BATCH_SIZE=batch, SEED=0, NUM_WORKERS=workers)
-            loader = make_loader(ds, cfg, device, shuffle=True)
-            t0 = time.perf_counter()
-            n = sum(1 for epoch in range(1, 6) for _ in loader_epoch(loader, epoch))
-            rows.append((f"DataLoader batches/s, {script}, NUM_WORKERS={workers}",
-                         f"{n / (time.perf_counter() - t0):.1f}", f"batch {batch}, {n} batches in 5 epochs"))
-
-    # 4. training step, FLOPs, MFU
-    peak = _measured_peak(device)
-    rows.append((f"peak FLOP/s on {device.type}, fp32", f"{peak / 1e9:.0f} GFLOP/s",
-                 "best of a 2048^2 matmul and a 256-ch 3x3 conv, timed in this run"))
-    for script, case in BENCH_CASES.items():
-        sec, flops, b = _train_step_cost(case, device)
-        rows.append((f"train step, {script} defaults", f"{sec * 1000:.0f} ms",
-                     f"batch {b}, {flops / 1e9:.2f} GFLOP/sample, MFU {flops * b / sec / peak:.0%}"))
-
-    # 5. peak resident memory of each default run (one epoch; later epochs reuse the same memory)
-    if with_memory:
-        rows += _peak_memory_rows(catalog, root)
-
-    width = max(len(r[0]) for r in rows)
-    print(f"| {'measure':<{width}} | value | note |\n|{'-' * (width + 2)}|---|---|")
-    for name, value, note in rows:
-        print(f"| {name:<{width}} | {value} | {note} |")
-
-
-def bytes_read_per_item(dataset, n=None):
-    """Bytes this process reads from files (Linux /proc/self/io rchar) per dataset item, over the first n
-    items after one warm-up item (which opens the files); None where the count is not available."""
-    def rchar():
-        try:
-            return int(next(line.split()[1] for line in open("/proc/self/io") if line.startswith("rchar")))
-        except OSError:
-            return None
-    n = min(n or len(dataset), len(dataset) - 1)
-    dataset[0]
-    before = rchar()
-    for i in range(1, n + 1):
-        dataset[i]
-    after = rchar()
-    return None if before is None else (after - before) / n
-
-
-def item_bytes(dataset):
-    """Bytes that the frames of one item occupy as stored (at the dataset's grid): what it must read at least."""
-    frames = {m: (dataset.length if m == "vil" or not hasattr(dataset, "t_in") else dataset.t_in) for m in dataset.mods}
-    size = dataset.target_size
-    return sum(frames[m] * size * size * np.dtype(EVENT_DTYPE[m]).itemsize for m in dataset.mods if m != "lght")
-
-
-def _rate(fn, n, repeat=2, start=None):
-    """Calls per second of fn(i) for i < n, best of `repeat` passes (the first warms the page cache), each
-    pass after start() if given."""
-    best = float("inf")
-    for _ in range(repeat):
-        if start:
-            start()
-        t0 = time.perf_counter()
-        for i in range(n):
-            fn(i)
-        best = min(best, time.perf_counter() - t0)
-    return n / best
-
-
-def _floor_reader(ds):
-    """A bare h5py read plus float conversion of the same frames a dataset item reads (no resize)."""
-    files = {}
-
-    def read(i):
-        e, start = ds.event_and_start(i)
-        for mod in ds.mods:
-            stop = start + (ds.length if mod == "vil" or ds.length == 1 else ds.t_in)
-            path = ds.paths[mod][ds.file_idx[mod][e]]
-            f = files.get(path) or files.setdefault(path, h5py.File(path, "r"))
-            f[mod][ds.index[mod][e], :, :, start:stop].astype(np.float32)
-    return read
-
-
-def _padded_catalog(catalog, n_rows, path):
-    """The sample's catalog padded to n_rows with rows of events whose files are absent."""
-    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
-    reps = -(-n_rows // len(df))
-    pad = pd.concat([df] * reps, ignore_index=True).iloc[:n_rows - len(df)].copy()
-    pad["id"] = [f"S{9_000_000 + i}" for i in range(len(pad))]
-    pad["file_name"] = pad["file_name"].str.replace("SEVIR_", "ABSENT_SEVIR_", regex=False)
-    pd.concat([df, pad], ignore_index=True).to_csv(path, index=False)
-    return path
-
-
-def _measured_peak(device):
-    """FLOP/s of the best of a 2048^2 fp32 matmul and a 256-channel 3x3 convolution (an implicit GEMM),
-    timed here: on some CPUs (MKL on AMD) the matmul alone runs well under what convolutions reach."""
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    conv, x = nn.Conv2d(256, 256, 3, padding=1).to(device), torch.randn(8, 256, 64, 64, device=device)
-    best = 0.0
-    for fn, flops in ((lambda: a @ b, 2 * 2048 ** 3), (lambda: conv(x), 2 * 8 * 64 * 64 * 256 * 256 * 9)):
-        with torch.no_grad():
-            fn()
-            _sync(device)
-            t0, reps = time.perf_counter(), 0
-            while time.perf_counter() - t0 < 1.0:
-                fn()
-                reps += 1
-            _sync(device)
-        best = max(best, flops * reps / (time.perf_counter() - t0))
-    return best
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _train_step_cost(case, device):
-    """(seconds per training step, FLOPs per sample, batch) of a script's default model and pixel loss."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model = bench_model(case).to(device)
-    s, b, c = case["size"], case["batch"], len(case["mods"])
-    if "t_in" in case:
-        x, y = torch.rand(b, c, case["t_in"], s, s), torch.rand(b, 1, case["t_out"], s, s)
-    else:
-        x, y = torch.rand(b, c, s, s), torch.rand(b, 1, s, s)
-    x, y = x.to(device), y.to(device)
-    loss_fn = LOSSES[case["loss"]]        # train_advanced's perceptual term is off without ImageNet weights
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    amp = amp_dtype(device)
-
-    def step():
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    step()
-    _sync(device)
-    t0, n = time.perf_counter(), 0
-    while n < 3 or time.perf_counter() - t0 < 3:
-        step()
-        n += 1
-    _sync(device)
-    return (time.perf_counter() - t0) / n, counter.get_total_flops() / b, b
-
-
-def _peak_memory_rows(catalog, root):
-    """The bench's rows of each training script's peak memory, on the data at catalog and root."""
-    import tempfile
-    data_args = [f"--catalog_path={catalog}", f"--sevir_root={root}"]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for script in SCRIPTS:
-            mb = _peak_rss_mb(f"{script}.py", Path(tmp) / script, data_args)
-            rows.append((f"peak RSS, {script} default run", f"{mb:.0f} MB", "(<= 4096 MB)"))
-    return rows
-
-
-def _peak_rss_mb(script, out_dir, data_args):
-    """Peak resident memory (MB) of `python script --epochs=1` in a child process."""
-    import subprocess
-    # Linux keeps ru_maxrss across exec (it would include this process); VmHWM is the child's own peak.
-    code = ("import resource, runpy, sys\n"
-            f"sys.argv = [{script!r}, '--epochs=1', '--out_dir={out_dir}'] + {data_args!r}\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-            "finally:\n    try:\n        kb = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-            "    except OSError:\n        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # macOS: bytes\n"
-            "    print('PEAK_RSS', kb / 1024)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent)
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("PEAK_RSS")]
-    if out.returncode != 0 or not line:
-        raise RunError(f"{script} --epochs=1 failed:\n{out.stderr[-2000:]}")
-    return float(line[0].split()[1])
-
 
 def _cli(argv=None):
     parser = argparse.ArgumentParser(prog="common.py", description=__doc__.splitlines()[0])
@@ -3532,9 +3264,6 @@ def _cli(argv=None):
     p.add_argument("--since", default=None, help="events with time_utc after this date (YYYY-MM-DD)")
     p.add_argument("--until", default=None, help="events with time_utc up to this date")
     p.add_argument("--event-type", default=None, help='NWS event type, e.g. "Hail"')
-    b = sub.add_parser("bench", help="measure data loading, training steps and memory on this machine")
-    b.add_argument("--root", default=SAMPLE_ROOT, help="sample folder (made if absent)")
-    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (one epoch per script)")
     args = parser.parse_args(argv)
     for option in ("out", "catalog", "root"):
         if getattr(args, option, None) is not None:
@@ -3549,8 +3278,6 @@ def _cli(argv=None):
     elif args.command == "prepare":
         prepare(args.catalog, args.root, args.out, args.size, tuple(t.strip() for t in args.types.split(",") if t.strip()),
                 args.max_events, args.since, args.until, args.event_type)
-    elif args.command == "bench":                       # its child runs start in this file's folder:
-        bench(Path(args.root).resolve(), with_memory=not args.no_memory)      # a relative --root is resolved first
 
 
 if __name__ == "__main__":

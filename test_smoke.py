@@ -129,6 +129,18 @@ def run_alone(script, *args, cwd, beside=("common.py",)):
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
+def bytes_read_per_item(dataset, n):
+    """Bytes this process reads from files (Linux /proc/self/io rchar) per item, over items 1..n (item 0 opens
+    the files)."""
+    def rchar():
+        return int(next(line.split()[1] for line in open("/proc/self/io") if line.startswith("rchar")))
+    dataset[0]
+    before = rchar()
+    for i in range(1, n + 1):
+        dataset[i]
+    return (rchar() - before) / n
+
+
 def data_args(sample):
     catalog, root = sample
     return [f"--catalog_path={catalog}", f"--sevir_root={root}"]
@@ -295,22 +307,16 @@ def test_load_catalog_drop_reasons(tmp_path, capsys):
         common.load_catalog(catalog, tmp_path, mods=("vil", "ir069"))
 
 
-@pytest.mark.parametrize("first, second, read", [
-    ("5/12/2019 18:30", "6/17/2019 1:00", True),           # 17 > 12: month first, certain
-    ("12/5/2019 18:30", "17/6/2019 01:00:00", True),       # 17 > 12: day first, certain
-    ("5/12/2019 18:30", "6/7/2019 1:00", False),           # every date reads both ways: ambiguous
-])
-def test_catalog_saved_by_a_spreadsheet_reads_the_same(tmp_path, first, second, read, capsys):
-    text = REAL_ROWS.replace("2019-05-12 18:30:00", first).replace("2019-06-17 01:00:00", second).replace(
-        "+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere ", "#NAME?")
-    (tmp_path / "CATALOG.csv").write_text(text)
+def test_a_catalog_must_be_sevirs_csv_and_its_times_sevirs_form(tmp_path, capsys):
+    table = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
     write_vil_file(tmp_path / VIL_FILE, 3, ids=["S834603", "S1", "S821019"])
-    if read:
-        events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",), max_pct_missing=1)
-        assert events["time_utc"].tolist() == [pd.Timestamp("2019-05-12 18:30"), pd.Timestamp("2019-06-17 01:00")]
-    else:
-        with pytest.raises(common.UserError, match="bad time_utc: 2"):
-            common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",), max_pct_missing=1)
+    table.to_csv(tmp_path / "sheet.csv", sep=";", index=False)          # as a spreadsheet may save it
+    with pytest.raises(common.UserError, match="not SEVIR's comma-separated CSV catalog"):
+        common.load_catalog(tmp_path / "sheet.csv", tmp_path, mods=("vil",))
+    table["time_utc"] = ["5/12/2019 18:30", "2019-06-17 01:00:00", "5/12/2019 18:30", "5/12/2019 18:30"]
+    table.to_csv(tmp_path / "CATALOG.csv", index=False)
+    events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",), max_pct_missing=1)
+    assert events["id"].tolist() == ["S821019"] and "dropped bad time_utc: 1" in capsys.readouterr().out
 
 
 def test_files_that_do_not_hold_what_the_catalog_says_are_dropped(tmp_path, capsys):
@@ -389,7 +395,7 @@ def test_a_file_truncated_during_a_run_is_skipped_not_read_as_zeros(tmp_path, ca
 
 @pytest.mark.parametrize("content, words", [
     (None, "catalog not found"),
-    ("", "not a CSV catalog"),
+    ("", "not SEVIR's comma-separated CSV catalog"),
     ("id,file_name,img_type\nS1,a.h5,vil\n", "lacks SEVIR catalog columns: file_index, time_utc, pct_missing"),
     (REAL_ROWS.splitlines()[0] + "\n", "has no rows"),
 ])
@@ -465,7 +471,7 @@ def test_protocol_selects_earthformers_events_and_windows(tmp_path):
     assert sorted(data.train_events["id"]) == ["S1", "S10", "S2"] and sorted(data.test_events["id"]) == ["S5", "S6", "S9"]
     assert sorted(data.val_events["id"]) == ["S3", "S4"]
     ds = common.SEVIRVIL(data.test_events, data.root, t_in=13, t_out=12, target_size=32, train=False)
-    assert [ds.event_and_start(i) for i in range(len(ds))] == [(e, s) for e in range(3) for s in (0, 12, 24)]
+    assert [tuple(w) for w in ds.windows.tolist()] == [(e, s) for e in range(3) for s in (0, 12, 24)]
     with pytest.raises(common.UserError, match="uses Earthformer's 2019-01-01,2019-06-01"):
         common.parse_config(train_baseline.Config, ["--protocol=sevir", "--split_dates=2019-02-01,2019-06-01"])
 
@@ -546,30 +552,54 @@ def test_events_that_fit_in_memory_are_read_once_and_give_the_same_items(sample,
     catalog, root = sample
     events = common.load_catalog(catalog, root)
     for make in (lambda: common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48),
-                 lambda: common.SEVIRMultimodal(events, root, t_in=3, target_size=48, ir_norm="minmax", train=False),
-                 lambda: common.SyntheticRadarDataset(events, root, target_size=48)):
+                 lambda: common.SEVIRMultimodal(events, root, mods=ALL_MODS[:3], t_in=3, target_size=48, ir_norm="minmax", train=False),
+                 lambda: common.SyntheticRadarDataset(events, root, t_sample=None, target_size=48)):
         kept, read = make(), make()
-        read.cache_mb = 0                                                # each item read from its file
+        read.reader.cache_mb = 0                                         # each item read from its file
         for i in range(0, len(kept), 3):
             assert all(torch.equal(a, b) for a, b in zip(kept[i], read[i])), (type(kept).__name__, i)
-        assert len(kept._events) == len(kept.mods) * len(events) and not read._events
-    native = common.SEVIRMultimodal(events, root, t_in=3, target_size=192, train=False)    # IR is not resized
+        assert len(kept.reader._events) == len(kept.reader.paths) * len(events) and not read.reader._events
+    native = common.SEVIRMultimodal(events, root, mods=ALL_MODS[:3], t_in=3, target_size=192, train=False)    # IR is not resized
     native[0]
-    assert list(native._events) == [("vil", 0)]
+    assert list(native.reader._events) == [("vil", 0)]
     kept, read = (common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48) for _ in range(2))
-    read.cache_mb = 0
-    assert common.bytes_read_per_item(kept, 40) < 0.01 * common.bytes_read_per_item(read, 40)   # event 0's windows
+    read.reader.cache_mb = 0
+    assert bytes_read_per_item(kept, 40) < 0.01 * bytes_read_per_item(read, 40)   # event 0's windows
     too_many = common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48)
-    too_many.cache_mb = 5 * 49 * 48 * 48 * 4 / 2 ** 20 * 0.99                          # just below the five events
+    too_many.reader.cache_mb = 5 * 49 * 48 * 48 * 4 / 2 ** 20 * 0.99                          # just below the five events
     too_many[0]
-    assert not too_many._events
-    too_many.cache_mb *= 1.5                                          # room for them, but not in each of 2 workers
+    assert not too_many.reader._events
+    too_many.reader.cache_mb *= 1.5                                          # room for them, but not in each of 2 workers
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=2))
     too_many[0]
-    assert not too_many._events
+    assert not too_many.reader._events
     monkeypatch.undo()
     too_many[0]
-    assert list(too_many._events) == [("vil", 0)]
+    assert list(too_many.reader._events) == [("vil", 0)]
+
+
+def test_the_notebooks_dataset_calls_run_as_written_and_give_the_scripts_items(sample):
+    catalog, root = sample
+    events = common.load_catalog(catalog, root)
+    notebook = common.SEVIRVIL(str(catalog), str(root), t_in=12, t_out=1, limit=2, start_idx=1)   # notebook 05
+    ours = common.SEVIRVIL(events.iloc[1:3], root, t_in=12, t_out=1)                      # as the scripts build it
+    x, y = notebook[40]                                                   # event 2, frames 3-14
+    assert x.shape == (1, 12, 384, 384) and y.shape == (1, 1, 384, 384) and len(notebook) == len(ours) == 2 * 37
+    assert all(torch.equal(a, b) for a, b in zip((x, y), ours[40])) and not torch.equal(x, notebook[41][0])
+    df = pd.read_csv(catalog, low_memory=False, dtype={"minute_offsets": "string"})   # as notebooks 06 and 07
+    table = events.iloc[[3, 0, 4]].reset_index(drop=True)                  # in the order the ids are given
+    ids = list(table["id"])
+    mods = ("vil", "ir069", "ir107")
+    notebook = common.SEVIRMultimodal(df, root, ids, mods=mods, t_in=12, t_out=1, target_size=64)
+    ours = common.SEVIRMultimodal(table, root, mods=mods, t_in=12, t_out=1, target_size=64)
+    x, y = notebook[37 + 5]                                                # event 0, frames 5-17
+    assert x.shape == (3, 12, 64, 64) and y.shape == (1, 1, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip((x, y), ours[37 + 5])) and not torch.equal(y, notebook[5][1])
+    notebook = common.SyntheticRadarDataset(df, root, ids, input_mods=mods[1:], t_sample=24, target_size=64)
+    ours = common.SyntheticRadarDataset(table, root, input_mods=mods[1:], t_sample=None, target_size=64)
+    x, y = notebook[1]                                                     # event 0, frame 24: one per event
+    assert len(notebook) == 3 and x.shape == (2, 64, 64) and y.shape == (1, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip((x, y), ours[49 + 24])) and not torch.equal(y, ours[49 + 23][1])
 
 
 def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
@@ -586,8 +616,8 @@ def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
         assert abs(float(x[0, k, -1, 0]) * 255 - 2 * (12 + k)) < 1e-3        # VIL resized 384 -> 192
     assert abs(float(y[0, 0, -1, 0]) * 255 - 2 * 24) < 1e-3
 
-    syn = common.SyntheticRadarDataset(events, root, input_mods=("ir069", "ir107"), target_size=96, train=False)
-    assert [syn.event_and_start(i)[1] for i in range(len(syn))] == list(range(0, 49, 4))
+    syn = common.SyntheticRadarDataset(events, root, input_mods=("ir069", "ir107"), t_sample=None, target_size=96, train=False)
+    assert [syn.windows[i][1] for i in range(len(syn))] == list(range(0, 49, 4))
     x, y = syn[6]                                                     # frame 24
     assert x.shape == (2, 96, 96) and y.shape == (1, 96, 96)
     assert abs(float(x[1, -1, 0]) * scale + shift - 2400) < 0.5
@@ -822,19 +852,16 @@ def test_the_table_prints_small_scores_with_three_significant_digits(capsys):
 
 def test_figure_rows_come_from_different_events():
     class Held:                                  # 3 events x 4 windows; event 0 is the rainiest in every window
-        items = [(e, s) for e in range(3) for s in range(4)]
+        windows = [(e, s) for e in range(3) for s in range(4)]
 
         def __len__(self):
-            return len(self.items)
-
-        def event_and_start(self, i):
-            return self.items[i]
+            return len(self.windows)
 
         def __getitem__(self, i):
-            e, s = self.items[i]
+            e, s = self.windows[i]
             return torch.zeros(1), torch.full((1,), 10.0 * (e == 0) + s)
     picked = common._samples(Held(), 3)
-    assert [Held.items[i][0] for i in picked] == [0, 1, 2]               # one storm per row
+    assert [Held.windows[i][0] for i in picked] == [0, 1, 2]               # one storm per row
     assert len(common._samples(Held(), 5)) == 5                          # more rows than events: the next rainiest
 
 
@@ -1267,10 +1294,11 @@ def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(tmp_path, c
     catalog = common.make_sample_sevir(root, n_events=5, seed=1)
     events = common.load_catalog(catalog, root, mods=("vil",))
     ds = common.SEVIRVIL(events, root, t_in=2, t_out=1, target_size=16, train=True)
-    random_event = int(np.flatnonzero(ds.ids == next(i for i in ds.ids if i.startswith("R")))[0])
-    broken = Path(ds.paths["vil"][ds.file_idx["vil"][random_event]])
+    ids = ds.reader.ids
+    random_event = int(np.flatnonzero(ids == next(i for i in ids if i.startswith("R")))[0])
+    broken = Path(ds.reader.paths["vil"][ds.reader.file_idx["vil"][random_event]])
     broken.write_bytes(b"truncated" * 10)                         # valid at indexing, bad now
-    item = int(np.flatnonzero(ds.items[:, 0] == random_event)[0])
+    item = int(np.flatnonzero(ds.windows[:, 0] == random_event)[0])
     assert ds[item] is None and ds[0] is not None
     assert "skipped event R" in capsys.readouterr().err
 
@@ -1290,8 +1318,8 @@ class FitCfg:
 
 def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, sample):
     events = common.load_catalog(sample[0], sample[1])
-    train = common.SyntheticRadarDataset(events.iloc[:3], sample[1], target_size=32, train=True)
-    val = common.SyntheticRadarDataset(events.iloc[3:], sample[1], target_size=32, train=False)
+    train = common.SyntheticRadarDataset(events.iloc[:3], sample[1], t_sample=None, target_size=32, train=True)
+    val = common.SyntheticRadarDataset(events.iloc[3:], sample[1], t_sample=None, target_size=32, train=False)
     cfg = FitCfg()
     cfg.OUT_DIR = str(tmp_path)
     model = common.SyntheticRadarUNet(2, 1, base=2)
@@ -1322,8 +1350,8 @@ def test_the_first_half_res_epochs_train_on_frames_pooled_2x2(tmp_path, sample):
             self.seen.append((self.training, x.shape[-1]))
             return super().forward(x)
     events = common.load_catalog(sample[0], sample[1])
-    train = common.SyntheticRadarDataset(events.iloc[:1], sample[1], target_size=32, train=True)
-    val = common.SyntheticRadarDataset(events.iloc[1:2], sample[1], target_size=32, train=False)
+    train = common.SyntheticRadarDataset(events.iloc[:1], sample[1], t_sample=None, target_size=32, train=True)
+    val = common.SyntheticRadarDataset(events.iloc[1:2], sample[1], t_sample=None, target_size=32, train=False)
     cfg = FitCfg()
     cfg.OUT_DIR = str(tmp_path)
     model = Recorder(2, 1, 1)
@@ -1480,7 +1508,7 @@ def test_protocol_sets_the_benchmark_and_its_windows_and_split(sample):
     assert t(data.train_events).max() <= pd.Timestamp("2019-01-01") < t(data.val_events).min()
     assert t(data.val_events).max() <= pd.Timestamp("2019-06-01") < t(data.test_events).min()
     ds = common.SEVIRVIL(data.test_events, data.root, t_in=13, t_out=12, target_size=32, train=False)
-    assert [ds.event_and_start(i)[1] for i in range(3)] == [0, 12, 24]       # frames 0-24, 12-36, 24-48
+    assert [ds.windows[i][1] for i in range(3)] == [0, 12, 24]       # frames 0-24, 12-36, 24-48
     assert len(ds) == 3 * len(data.test_events)
 
 
@@ -2110,7 +2138,7 @@ def test_a_prepared_copy_gives_the_same_items_and_reads_only_its_frames(tmp_path
     half_unit = {"vil": 0.5 / 255, "ir069": 0.5 / ir, "ir107": 0.5 / common.SEVIR_ZSCORE["ir107"][1], "lght": 1e-6}
     for make in (lambda ev, r: common.SEVIRVIL(ev, r, t_in=3, t_out=2, target_size=32, train=False),
                  lambda ev, r: common.SEVIRMultimodal(ev, r, mods=ALL_MODS, t_in=3, t_out=1, target_size=32, train=False),
-                 lambda ev, r: common.SyntheticRadarDataset(ev, r, input_mods=("ir069", "ir107", "lght"),
+                 lambda ev, r: common.SyntheticRadarDataset(ev, r, input_mods=("ir069", "ir107", "lght"), t_sample=None,
                                                             target_size=32, train=False)):
         original, prepared = make(a, root), make(b, copy)
         mods = original.mods if not hasattr(original, "input_mods") else original.input_mods + ("vil",)
@@ -2127,13 +2155,13 @@ def test_a_prepared_copy_reads_little_more_than_the_frames_of_an_item(tmp_path, 
     copy = common.prepare(catalog, root, tmp_path / "prepared", 128)
     for path, base in ((catalog, root), (copy, tmp_path / "prepared")):
         events = common.load_catalog(path, base)
-        ds = common.SyntheticRadarDataset(events, base, target_size=128, train=True)
-        ds.cache_mb = 0                                                 # as for events too many to keep
-        per_item = common.bytes_read_per_item(ds, 60)
+        ds = common.SyntheticRadarDataset(events, base, t_sample=None, target_size=128, train=True)
+        ds.reader.cache_mb = 0                                          # as for events too many to keep
+        per_item = bytes_read_per_item(ds, 60)
         if base == root:
             original = per_item
-    stored = common.item_bytes(ds)                                      # 80 KB: 1 VIL + 2 IR frames at 128
-    assert stored == 128 * 128 * 5 and per_item <= 1.5 * stored and original >= 50 * per_item
+    stored = 128 * 128 * (1 + 2 + 2)                                    # 80 KB: 1 VIL + 2 IR frames at 128 as stored
+    assert per_item <= 1.5 * stored and original >= 50 * per_item
 
 
 def test_prepare_resumes_and_refuses_bad_arguments(tmp_path, sample, monkeypatch, capsys):
@@ -2261,27 +2289,6 @@ def test_a_tool_holds_its_folder_and_a_small_copy_is_named(tmp_path, sample, cap
     assert set(pd.read_csv(again)["size_x"].dropna().astype(int)) <= {8, 48}
 
 
-def test_catalogs_from_a_pipe_or_a_spreadsheet_read_the_same(tmp_path, sample):
-    catalog, root = sample
-    text = Path(catalog).read_text()
-    expected = common.load_catalog(catalog, root)
-    table = pd.read_csv(catalog, dtype=str, keep_default_na=False)
-    table["pct_missing"] = table["pct_missing"].str.replace(".", ",")
-    for sep in (";", "\t"):
-        table.to_csv(tmp_path / "sheet.csv", sep=sep, index=False, encoding="utf-8-sig")     # with a BOM too
-        assert common.load_catalog(tmp_path / "sheet.csv", root).equals(expected)
-    r, w = os.pipe()                                                    # as <(cat CATALOG.csv) gives it
-    os.write(w, text.encode())
-    os.close(w)
-    try:
-        piped = f"/dev/fd/{r}"
-        assert common.load_catalog(piped, root).equals(expected)
-        common.prepare(piped, root, tmp_path / "copy", 16)              # reads it twice: kept after the first
-    finally:
-        os.close(r)
-    assert len(common.load_catalog(tmp_path / "copy" / "CATALOG.csv", tmp_path / "copy")) == len(expected)
-
-
 def test_torchrun_batches_are_checked_first_and_rank_1_defers_to_rank_0(tmp_path, monkeypatch):
     import train_baseline
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -2307,46 +2314,3 @@ def test_download_with_size_writes_the_prepared_form(tmp_path, bucket):
     for p in (tmp_path / "prep").rglob("*.h5"):
         with h5py.File(p) as f, h5py.File(tmp_path / "dl" / p.relative_to(tmp_path / "prep")) as g:
             assert all(np.array_equal(f[n][()], g[n][()]) for n in f) and set(f) == set(g)
-
-
-def test_bench_measures_the_scripts_defaults(sample):
-    import importlib
-    cases = {**common.BENCH_CASES, "protocol": common.PROTOCOL_CASE}
-    for name, case in cases.items():
-        script = importlib.import_module("train_baseline" if name == "protocol" else name)
-        cfg = common.parse_config(script.Config, data_args(sample) + (["--protocol=sevir"] if name == "protocol" else []))
-        mods = tuple(getattr(cfg, "MODALITIES", getattr(cfg, "INPUT_MODS", ("vil",))))
-        assert case["mods"] == mods and case["size"] == cfg.TARGET_SIZE, name
-        if "t_in" in case:
-            assert (case["t_in"], case["t_out"]) == (cfg.T_IN, cfg.T_OUT), name
-        data = script.build_data(cfg)
-        ds, ours = (data.test, common.bench_dataset(case, data.test_events, data.root, train=False)) \
-            if name == "protocol" else (data.train, common.bench_dataset(case, data.train_events, data.root))
-        assert type(ours) is type(ds) and len(ours) == len(ds) and ours.mods == ds.mods, name
-        assert all(torch.equal(a, b) for a, b in zip(ours[len(ds) // 2], ds[len(ds) // 2])), name
-        if name != "protocol":
-            assert (case["batch"], case["base"], case["loss"], case.get("model", "")) == \
-                (cfg.BATCH_SIZE, cfg.BASE, cfg.LOSS, getattr(cfg, "MODEL", case.get("model", ""))), name
-            theirs, built = script.build_model(cfg), common.bench_model(case)
-            assert type(built) is type(theirs) and common.count_parameters(built) == common.count_parameters(theirs)
-
-
-def test_bench_memory_runs_each_script_on_the_benched_data(sample, monkeypatch):
-    import importlib
-    calls = []
-    monkeypatch.setattr(common, "_peak_rss_mb", lambda script, out_dir, args: calls.append((script, args)) or 1234.0)
-    catalog, root = sample
-    rows = common._peak_memory_rows(catalog, root)
-    assert [script for script, _ in calls] == [f"{s}.py" for s in common.SCRIPTS] and len(rows) == len(calls)
-    for script, args in calls:                          # arguments the script itself accepts, naming that data
-        cfg = common.parse_config(importlib.import_module(script[:-3]).Config, args)
-        assert (Path(cfg.CATALOG_PATH), Path(cfg.SEVIR_ROOT)) == (Path(catalog), Path(root))
-    assert all(value == "1234 MB" for _, value, _ in rows)
-
-
-def test_bench_resolves_a_relative_root_before_it_starts(tmp_path, monkeypatch):
-    got = []
-    monkeypatch.setattr(common, "bench", lambda root, with_memory: got.append(root))
-    monkeypatch.chdir(tmp_path)
-    common._cli(["bench", "--root", "s6", "--no-memory"])
-    assert got == [tmp_path / "s6"] and got[0].is_absolute()

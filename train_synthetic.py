@@ -38,7 +38,7 @@ def build_data(cfg):
     """Events with INPUT_MODS and VIL, split by date into train / validation / test; single frames, every
     input and VIL resized to TARGET_SIZE (every frame in training, frames 0, 4, ..., 48 when held out)."""
     data = common.load_events(cfg, mods=cfg.INPUT_MODS + ("vil",))
-    kw = dict(input_mods=cfg.INPUT_MODS, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM)
+    kw = dict(input_mods=cfg.INPUT_MODS, t_sample=None, target_size=cfg.TARGET_SIZE, ir_norm=cfg.IR_NORM)
     data.train = SyntheticRadarDataset(data.train_events, data.root, train=True, **kw)   # x (C, S, S), y (1, S, S)
     data.val = SyntheticRadarDataset(data.val_events, data.root, train=False, **kw)     # chooses best.pt
     data.test = SyntheticRadarDataset(data.test_events, data.root, train=False, **kw)   # the reported scores
