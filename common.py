@@ -14,7 +14,7 @@ Part 1 is the notebooks' code in their order, under their names and signatures (
     6. figures     visualize_predictions, visualize_multimodal (the notebooks'), curves, spectra, forecast.gif
 Part 2 is the machinery, which a reader of the notebooks does not need to follow a sample or a step:
     7. events      catalog -> usable events -> train / validation / test by date
-    8. run files   report() (metrics.json and every figure), checkpoints written atomically and loaded
+    8. run files   test_and_report() (metrics.json and every figure), checkpoints written atomically and loaded
                    weights_only, one run per folder, resume
     9. config      Config overrides from the command line, devices, torchrun
    10. sample      make_sample_sevir: a generated dataset in SEVIR's exact format
@@ -46,12 +46,6 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-# Ctrl-C while the libraries below load (seconds): one line and status 130, not a traceback from inside them.
-_LOADING = threading.current_thread() is threading.main_thread() and "IPython" not in sys.modules
-if _LOADING:
-    _sigint = signal.signal(signal.SIGINT, lambda *_: (print("interrupted: while loading", file=sys.stderr),
-                                                       os._exit(130)))
-
 import h5py
 import numpy as np
 import pandas as pd
@@ -59,9 +53,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-
-if _LOADING:
-    signal.signal(signal.SIGINT, _sigint)
 
 
 # ######################################################################################
@@ -455,8 +446,8 @@ class NowcastUNet(nn.Module):
 
 
 class EvolutionNet(nn.Module):
-    """Motion and growth applied to the last frame, after NowcastNet's evolution network (Zhang et al.,
-    Nature 2023). The storm's steering motion is measured in the input (steering_motion: the shift that best
+    """Motion and growth applied to the last frame (an addition; an idea of the evolution network of Zhang et
+    al., Nature 2023, which is not the notebooks' NowcastNet above, a plain Conv3D). The storm's steering motion is measured in the input (steering_motion: the shift that best
     maps the first VIL frame onto the last) and every input frame is moved along it to the last frame's time;
     a U-Net over these aligned frames, stacked as channels, predicts for each lead k a local correction to the
     velocity and an intensity change s_k (growth and decay). The forecast is the last VIL frame moved k steps
@@ -675,7 +666,7 @@ def balanced_mse(pred, y):
     return (bmse_weights(y) * (pred - y) ** 2).mean()
 
 
-def balanced_mse_mae(pred, y):
+def balanced_mse_balanced_mae(pred, y):
     """B-MSE + B-MAE, the training loss of Shi et al. 2017: the absolute term keeps clear sky at 0 (no haze)."""
     err = pred - y
     return (bmse_weights(y) * (err ** 2 + err.abs())).mean()
@@ -688,7 +679,7 @@ def balanced_mse_plain_mae(pred, y):
     return (bmse_weights(y) * err ** 2 + err.abs()).mean()
 
 
-LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "bmse": balanced_mse, "bmse_bmae": balanced_mse_mae,
+LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "bmse": balanced_mse, "bmse_bmae": balanced_mse_balanced_mae,
           "bmse_mae": balanced_mse_plain_mae}
 
 
@@ -852,20 +843,21 @@ def cosine_schedule(optimizer, total_steps, warmup=20):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler=None, extra=None,
-        select="loss", augment=None, bn_batches=0, half_res_epochs=0):
+def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler=None, augment=None, extra=None,
+        advanced=False):
     """Train for cfg.EPOCHS epochs with validation, history.csv, last.pt / best.pt and resume.
 
     loss_fn(pred, y) returns the loss, or a dict of terms with the loss under "loss" (each term is logged).
-    The validation term `select` picks best.pt and steps a ReduceLROnPlateau scheduler; any other
-    scheduler steps once per training batch. With bn_batches > 0 the BatchNorm statistics are re-estimated
-    on that many training batches before each validation (recompute_batchnorm). The first half_res_epochs
-    train on half_resolution batches instead of `augment`ed ones (validation stays on whole frames).
-    last.pt (model, optimizer, scheduler, random state) is written at most every CHECKPOINT_EVERY_S seconds,
-    after the last epoch and on Ctrl-C or SIGTERM, always as of a finished epoch, so a resumed run continues
-    exactly; best.pt holds the weights without the optimizer. `extra` (a small dict) goes into every checkpoint.
-    Returns the history: one dict per epoch.
+    The validation loss picks best.pt and steps a ReduceLROnPlateau scheduler; any other scheduler steps once
+    per training batch; `augment(x, y)` transforms each training batch. advanced=True is train_advanced.py's
+    recipe: notebook 07A's choice of best.pt on the validation "mse" term, the first cfg.HALF_RES_EPOCHS on
+    half_resolution batches, and BatchNorm statistics re-estimated on cfg.BN_BATCHES training batches before
+    each validation (recompute_batchnorm). last.pt (model, optimizer, scheduler, random state) is written at
+    most every CHECKPOINT_EVERY_S seconds, after the last epoch and on Ctrl-C or SIGTERM, always as of a
+    finished epoch, so a resumed run continues exactly; best.pt holds the weights without the optimizer.
+    `extra` (a small dict) goes into every checkpoint. Returns the history: one dict per epoch.
     """
+    select = "mse" if advanced else "loss"
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     start, best_val, history = start_or_resume(model, optimizer, scheduler, cfg)
@@ -873,10 +865,11 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
     try:
         for epoch in range(start, cfg.EPOCHS + 1):
             t0, lr = time.time(), optimizer.param_groups[0]["lr"]          # the rate this epoch starts at
-            transform = half_resolution if epoch <= half_res_epochs else augment
+            transform = half_resolution if advanced and epoch <= cfg.HALF_RES_EPOCHS else augment
             train = train_epoch(model, loader_epoch(train_loader, epoch), loss_fn, optimizer, device, epoch, scaler,
                                 None if plateau else scheduler, transform)
-            recompute_batchnorm(model, train_loader, device, bn_batches)
+            if advanced:
+                recompute_batchnorm(model, train_loader, device, cfg.BN_BATCHES)
             val, metrics = evaluate(model, val_loader, device, loss_fn)
             if plateau:
                 scheduler.step(val[select])
@@ -888,7 +881,7 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
             saver.epoch_done(model, optimizer, scheduler, epoch, best_val, metrics, history, extra, improved)
             print(f"epoch {epoch}/{cfg.EPOCHS}  train {_terms_text(train)}  val {_terms_text(val)}  "
                   f"CSI-M {metrics['csi_m']:.3f}  {history[-1]['seconds']:.0f}s" + ("  * best" if improved else ""))
-    except BaseException as e:                           # Ctrl-C, SIGTERM (see run()), a stop or a bug
+    except BaseException as e:                           # Ctrl-C, SIGTERM (see run_with_exit_status), a stop or a bug
         saver.keep_last_epoch()
         if not isinstance(e, KeyboardInterrupt):
             raise
@@ -1607,8 +1600,8 @@ def resolve_data(cfg):
                 print(f"No SEVIR catalog at {catalog}: generating a sample dataset in {SAMPLE_ROOT} (once).")
                 make_sample_sevir(SAMPLE_ROOT)
             elif marker.exists() and marker.read_text() != SAMPLE_MARKER_TEXT:
-                print(f"The generated sample in {SAMPLE_ROOT} is of an older version: generating it again.")
-                make_sample_sevir(SAMPLE_ROOT)
+                raise UserError(f"{SAMPLE_ROOT} holds a sample made by an older version of the scripts: delete "
+                                f"the folder and run again")
         barrier()
         print("Using GENERATED sample data, not real weather. For SEVIR: --catalog_path=.../CATALOG.csv "
               "--sevir_root=...  (see README)")
@@ -1967,7 +1960,7 @@ def spread(events, n):
 # 8. Run files: the report, checkpoints, one run per folder, resume, atomic writes
 # ======================================================================================
 
-def report(model, references, data, cfg, device, history=(), extra=None, num_samples=3, split="test",
+def test_and_report(model, references, data, cfg, device, history=(), extra=None, num_samples=3, split="test",
            cmap="sevir", checkpoint="best.pt", epoch=None):
     """Score model and reference forecasts (one or a list) on the same held-out windows; write metrics.json
     and every figure.
@@ -2068,7 +2061,6 @@ RUN_OUTPUTS = ("config.json", "metrics_*.json", "predictions*.png", "skill*.png"
                "forecast*.gif")
 # Config keys that may change when a run is resumed; every other key must match the checkpoint.
 RESUMABLE_KEYS = {"EPOCHS", "RESUME", "OVERWRITE", "NUM_WORKERS", "DEVICE", "OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}
-ADDED_KEYS = {"HALF_RES_EPOCHS": 0, "BOTTLENECK_BLOCKS": 3}  # keys added later: the value older runs trained with
 CHECKPOINT_EVERY_S = 60           # last.pt at most this often (and after the last epoch, and on Ctrl-C)
 
 
@@ -2262,7 +2254,11 @@ def config_from_checkpoint(config_cls, ckpt, path, script):
 
     def text(value):
         return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    saved = with_added_keys(ckpt["config"], vars(config_cls))
+    saved = ckpt["config"]
+    missing = [k for k in vars(config_cls) if k.isupper() and k not in saved]
+    if missing:
+        raise UserError(f"{path} was made by an older version of the scripts (its config lacks "
+                        f"{', '.join(missing).lower()}): train it again")
     try:
         return parse_config(config_cls, [f"--{k.lower()}={text(v)}" for k, v in saved.items()], script=script)
     except HelpShown:
@@ -2271,13 +2267,10 @@ def config_from_checkpoint(config_cls, ckpt, path, script):
         raise UserError(f"{path}: its config is not one {script}.py accepts ({e})") from None
 
 
-def with_added_keys(saved, known):
-    """A checkpoint's config with the keys of `known` added since it was made, at the values it trained with."""
-    return {**{k: v for k, v in ADDED_KEYS.items() if k in known}, **saved}
-
-
 def check_same_config(saved, current, path):
-    saved = with_added_keys(saved, current)
+    if set(current) - set(saved):
+        raise UserError(f"cannot resume {path}: it was made by an older version of the scripts (its config lacks "
+                        f"{', '.join(sorted(set(current) - set(saved))).lower()}); start again with --overwrite=true")
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
     if differ:
@@ -2375,7 +2368,7 @@ def write_json(path, obj):
 # 9. Configuration and command line, devices, torchrun
 # ======================================================================================
 
-def run(main):
+def run_with_exit_status(main):
     """Call main(); a RunError or Ctrl-C becomes one line on stderr and its exit status.
 
     SIGTERM (what schedulers and Colab send) and SIGHUP (a closed terminal or ssh session; unless nohup made
@@ -3281,4 +3274,4 @@ def _cli(argv=None):
 
 
 if __name__ == "__main__":
-    run(_cli)
+    run_with_exit_status(_cli)

@@ -83,7 +83,7 @@ def run_script(script, *args, cwd):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                common.run(lambda: module.main(list(args)))
+                common.run_with_exit_status(lambda: module.main(list(args)))
                 code = 0
             except SystemExit as e:
                 code = e.code or 0
@@ -909,7 +909,7 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     out = tmp_path / "adv"
     calls = []
     real_fit, real_bn = common.fit, common.recompute_batchnorm
-    monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append(k.get("select")) or real_fit(*a, **k))
+    monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append(k.get("advanced")) or real_fit(*a, **k))
     monkeypatch.setattr(common, "recompute_batchnorm", lambda *a: calls.append(a[-1]) or real_bn(*a))
     halved = []                                         # the grid each training batch had before and after
     real_half = common.half_resolution
@@ -917,7 +917,7 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     train_advanced.main(TINY[:-4] + ["--target_size=128", "--epochs=2", "--vgg_weights=none", "--max_train=1",
                                      "--max_val=1", "--batch_size=7", "--loss=mse", "--perceptual_pool=2",
                                      "--half_res_epochs=1"] + data_args(sample) + [f"--out_dir={out}"])
-    assert calls == ["mse", 2, 2]                       # 07A's choice on MSE; BatchNorm re-estimated each epoch
+    assert calls == [True, 2, 2]                        # 07A's recipe; BatchNorm re-estimated each epoch
     assert halved == [128] * 7                          # epoch 1's 7 batches (49 frames) halved, epoch 2's not
     history = pd.read_csv(out / "history.csv")
     assert {"train_mse", "train_perceptual", "val_mse", "val_perceptual", "val_loss"} <= set(history.columns)
@@ -1251,7 +1251,7 @@ def test_a_pasted_cell_resumes_shows_help_and_errors_without_a_banner(tmp_path, 
 
     cell = run_in_cell(text.replace('if __name__ == "__main__":', "if False:"))    # define, do not run
     with pytest.raises(SystemExit) as e:
-        common.run(lambda: cell["main"](["--help"]))
+        common.run_with_exit_status(lambda: cell["main"](["--help"]))
     assert e.value.code == 0 and "--input_mods" in capsys.readouterr().out
 
     monkeypatch.setattr(common, "in_ipython", lambda: True)                # inside Jupyter: no SystemExit
@@ -1353,27 +1353,30 @@ def test_the_first_half_res_epochs_train_on_frames_pooled_2x2(tmp_path, sample):
     train = common.SyntheticRadarDataset(events.iloc[:1], sample[1], t_sample=None, target_size=32, train=True)
     val = common.SyntheticRadarDataset(events.iloc[1:2], sample[1], t_sample=None, target_size=32, train=False)
     cfg = FitCfg()
-    cfg.OUT_DIR = str(tmp_path)
+    cfg.OUT_DIR, cfg.HALF_RES_EPOCHS, cfg.BN_BATCHES = str(tmp_path), 2, 0
     model = Recorder(2, 1, 1)
     model.seen = []
     train_loader = common.make_loader(train, cfg, torch.device("cpu"), shuffle=True)
     val_loader = common.make_loader(val, cfg, torch.device("cpu"), shuffle=False)
-    common.fit(model, train_loader, val_loader, torch.nn.functional.mse_loss, torch.optim.Adam(model.parameters()),
-               cfg, torch.device("cpu"), half_res_epochs=2)         # the targets are halved too, or the loss fails
+
+    def loss_fn(pred, y):                                # the targets are halved too, or the loss fails
+        return {"loss": F.l1_loss(pred, y), "mse": F.mse_loss(pred, y)}
+    common.fit(model, train_loader, val_loader, loss_fn, torch.optim.Adam(model.parameters()), cfg,
+               torch.device("cpu"), advanced=True)
     n, m = len(train_loader), len(val_loader)
     assert model.seen == ([(True, 16)] * n + [(False, 32)] * m) * 2 + [(True, 32)] * n + [(False, 32)] * m
 
 
-def test_a_run_from_before_a_key_existed_resumes_as_it_ran():
+def test_a_run_from_an_older_version_is_one_line_saying_to_start_again():
     import train_advanced
-    import train_synthetic
     current = common.config_dict(common.parse_config(train_advanced.Config, []))
     saved = {k: v for k, v in current.items() if k != "HALF_RES_EPOCHS"}         # a run made before the key
-    with pytest.raises(common.UserError, match="another configuration .half_res_epochs: 0 there, 2 now"):
+    with pytest.raises(common.UserError, match="older version of the scripts .its config lacks half_res_epochs"):
         common.check_same_config(saved, current, "last.pt")
-    common.check_same_config(saved, {**current, "HALF_RES_EPOCHS": 0}, "last.pt")   # as it ran: resumes
-    synthetic = common.config_dict(common.parse_config(train_synthetic.Config, []))
-    common.check_same_config(dict(synthetic), synthetic, "last.pt")                 # a script without the key
+    with pytest.raises(common.UserError, match="older version of the scripts .its config lacks half_res_epochs"):
+        common.config_from_checkpoint(train_advanced.Config, {"model": {}, "config": saved, "epoch": 1,
+                                                              "history": []}, "best.pt", "train_advanced")
+    common.check_same_config(dict(current), current, "last.pt")                   # the same version resumes
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -1556,9 +1559,9 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
                       "common.pysteps_methods, common.FIGURE_DPI = (lambda: None), 20\n"   # optical flow: tested elsewhere
                       "common._save_figure = lambda fig, path: common.write_atomically(path, lambda tmp: open(tmp, 'wb').close())\n"
                       f"args = {two_args!r}\n"
-                      "common.run(lambda: train_baseline.main(args + ['--epochs=1']))\n"
+                      "common.run_with_exit_status(lambda: train_baseline.main(args + ['--epochs=1']))\n"
                       "print('FIRST RUN ENDED', flush=True)\n"
-                      "common.run(lambda: train_baseline.main(args + ['--resume=true']))\n")
+                      "common.run_with_exit_status(lambda: train_baseline.main(args + ['--resume=true']))\n")
     import socket                                      # the two workers as torchrun starts them (its environment),
     with socket.socket() as free:                      # without its agent process (a third import of torch)
         free.bind(("127.0.0.1", 0))
@@ -1787,6 +1790,9 @@ def test_default_paths_make_the_sample_once(tmp_path, monkeypatch, capsys):
     for _ in range(2):
         catalog, root, kind = common.resolve_data(cfg)
     assert made == [common.SAMPLE_ROOT] and kind == "sample" and catalog.exists()
+    (tmp_path / common.SAMPLE_ROOT / common.SAMPLE_MARKER).write_text("a sample of another version\n")
+    with pytest.raises(common.UserError, match="made by an older version of the scripts: delete the folder"):
+        common.resolve_data(cfg)
     assert "GENERATED sample data, not real weather" in capsys.readouterr().out
     cfg.CATALOG_PATH = "elsewhere/CATALOG.csv"                     # a path the user named: no sample
     with pytest.raises(common.UserError, match="catalog not found: elsewhere/CATALOG.csv"):
@@ -1804,7 +1810,7 @@ def one_line_error(fn, capsys):
     """Run fn as a script's command line runs it; return (exit status, stderr) and check it is one line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        common.run(fn)
+        common.run_with_exit_status(fn)
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
     return e.value.code, err
@@ -1914,7 +1920,7 @@ def test_a_closed_terminal_saves_like_ctrl_c_unless_nohup_ignores_it(tmp_path, s
     seen = []
     signal.signal(signal.SIGHUP, signal.SIG_IGN)                         # started under nohup: keep going
     try:
-        common.run(lambda: seen.append(signal.getsignal(signal.SIGHUP)))
+        common.run_with_exit_status(lambda: seen.append(signal.getsignal(signal.SIGHUP)))
     finally:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -1942,7 +1948,7 @@ def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
     code, err = one_line_error(lambda: visualize.main([str(tmp_path / "notes.txt")]), capsys)
     assert code == 2 and "is not a checkpoint" in err and "more than tensors" not in err
     with pytest.raises(SystemExit) as e:
-        common.run(lambda: visualize.main(["--help"]))
+        common.run_with_exit_status(lambda: visualize.main(["--help"]))
     assert e.value.code == 0 and "--num_samples" in capsys.readouterr().out
 
     visualize.main([str(out / "last.pt")])                             # another checkpoint: its own files
@@ -1978,6 +1984,8 @@ def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
 
     ckpt = torch.load(out / "best.pt", weights_only=True)
     ckpt["script"] = "train_advanced"                                   # weights of another script's network
+    import train_advanced
+    ckpt["config"] = {**common.config_dict(common.parse_config(train_advanced.Config, [])), **ckpt["config"]}
     torch.save(ckpt, tmp_path / "mislabelled.pt")
     code, err = one_line_error(lambda: visualize.main([str(tmp_path / "mislabelled.pt")]), capsys)
     assert code == 2 and "does not fit AdvancedUNet" in err
@@ -2242,6 +2250,9 @@ def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monke
     cfg = type("Cfg", (), {"CATALOG_PATH": common.DEFAULT_CATALOG, "SEVIR_ROOT": common.DEFAULT_ROOT})
     catalog, root, kind = common.resolve_data(cfg)
     assert made == [common.SAMPLE_ROOT] and kind == "sample" and catalog.exists()
+    (tmp_path / common.SAMPLE_ROOT / common.SAMPLE_MARKER).write_text("a sample of another version\n")
+    with pytest.raises(common.UserError, match="made by an older version of the scripts: delete the folder"):
+        common.resolve_data(cfg)
     (tmp_path / common.SAMPLE_ROOT / "CATALOG.csv").unlink()             # under torchrun only rank 0 makes it
     waited = []
     monkeypatch.setattr(common, "is_main", lambda: False)

@@ -103,11 +103,11 @@ def main(argv=None):
     extra = {"perceptual_backbone": backbone}
     with common.locked(out):                           # one run at a time writes in OUT_DIR
         history = common.fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler,
-                             extra=extra, select="mse", bn_batches=cfg.BN_BATCHES,   # as notebook 07A: MSE decides
-                             half_res_epochs=cfg.HALF_RES_EPOCHS)
+                             extra=extra, advanced=True)    # best.pt on the validation MSE (07A), half-res, BN
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
-        common.report(model, build_reference(cfg, data), data, cfg, device, history, extra, epoch=best["epoch"])
+        common.test_and_report(model, build_reference(cfg, data), data, cfg, device, history, extra,
+                               epoch=best["epoch"])
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run_with_exit_status(main)

@@ -1,7 +1,7 @@
 """Baseline radar nowcasting (notebook 05): the next VIL frames from the last ones.
 
     VIL, T_IN frames  ->  VIL, T_OUT frames,   MODEL: EvolutionNet (motion and growth applied to the last
-    frame, after NowcastNet's evolution network), NowcastNet (the notebook's Conv3D), a U-Net over time
+    frame; an addition), NowcastNet (the notebook's Conv3D), a U-Net over time
     stacked as channels (the SEVIR paper's baseline) or an encoder-forecaster ConvLSTM; LOSS: balanced MSE + MAE.
 
 Reference forecasts: persistence (the last frame, repeated), optical flow (pysteps' Lucas-Kanade motion and
@@ -79,8 +79,8 @@ def main(argv=None):
         history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device,
                              scheduler, augment=common.flip_rotate if cfg.AUGMENT else None)
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
-        common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
+        common.test_and_report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run_with_exit_status(main)

@@ -71,8 +71,8 @@ def main(argv=None):
         history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device,
                              scheduler)
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
-        common.report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
+        common.test_and_report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run_with_exit_status(main)

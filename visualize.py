@@ -83,10 +83,10 @@ def main(argv=None):
         rows = pd.read_csv(run_history).to_dict("records")
         history = rows if len(rows) >= len(history) else history
     with common.locked(ckpt_path.parent):          # not while a run writes there
-        common.report(model, script.build_reference(cfg, data), data, cfg, device, history=history,
+        common.test_and_report(model, script.build_reference(cfg, data), data, cfg, device, history=history,
                       extra=ckpt.get("extra"), num_samples=opts.NUM_SAMPLES, split=opts.SPLIT, cmap=opts.CMAP,
                       checkpoint=ckpt_path.name, epoch=ckpt["epoch"])
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run_with_exit_status(main)
