@@ -60,28 +60,8 @@ from torch.utils.data import DataLoader, Dataset
 # ######################################################################################
 
 # ======================================================================================
-# 1. Data: the errors a user can fix, one sample of each script, the loaders (notebooks 05, 06, 07)
+# 1. Data: one item of each notebook's dataset (05, 06, 07), the loaders
 # ======================================================================================
-
-class RunError(Exception):
-    """A run cannot go on; shown as one line, exit status 1."""
-    code, label = 1, "error"
-
-
-class UserError(RunError):
-    """A mistake the user can fix (path, config value, file); one line, exit status 2."""
-    code = 2
-
-
-class Interrupted(RunError):
-    """Ctrl-C or SIGTERM; one line (with how to resume), exit status 130."""
-    code, label = 130, "interrupted"
-
-
-class HelpShown(RunError):
-    """--help was printed; exit status 0."""
-    code = 0
-
 
 N_FRAMES = 49                                     # frames per SEVIR event, 5 minutes apart
 # SEVIR layout facts (see the SEVIR paper and its tutorial)
@@ -687,40 +667,6 @@ LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "bmse": balanced_mse, "bmse_bmae"
 # 4. Training loop: train_epoch, evaluate, fit
 # ======================================================================================
 
-def prepare_model(model, cfg, device):
-    """Move to the device; on CUDA use channels_last for 2-D networks; wrap in DistributedDataParallel under
-    torchrun; torch.compile if TORCH_COMPILE."""
-    model = model.to(device)
-    if device.type == "cuda" and not any(isinstance(m, nn.Conv3d) for m in model.modules()):
-        model = model.to(memory_format=torch.channels_last)
-    if dist_info()[1] > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)    # batch statistics over all GPUs
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if getattr(cfg, "TORCH_COMPILE", False):
-        model = torch.compile(model)
-    return model
-
-
-def unwrap(model):
-    """The plain module under torch.compile (and DistributedDataParallel) wrappers."""
-    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
-
-
-def to_device(t, device):
-    t = t.to(device, non_blocking=True)
-    return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 and device.type == "cuda" else t
-
-
-def amp_dtype(device):
-    """Mixed precision on CUDA only: bf16 where supported, else fp16 (with a GradScaler)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None, scheduler=None, augment=None):
     """One pass over the training data; returns the mean of each loss term per sample, {"loss": ...}.
     A `scheduler` given here steps once per batch (e.g. a cosine decay over the whole run); `augment(x, y)`
@@ -757,61 +703,6 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None, s
     return _mean_terms(terms, sums, n)
 
 
-def half_resolution(x, y):
-    """Inputs and targets average-pooled 2 x 2: the same storms on a quarter of the pixels. A fully
-    convolutional network's first epochs learn the coarse picture there at about 0.4x the time (progressive
-    resizing; README); the later epochs, on whole frames, the fine detail."""
-    return F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-
-
-def flip_rotate(x, y):
-    """The batch turned by a random quarter turn and flipped or not, inputs and targets alike (the last two
-    axes, a square grid): storms move and grow alike in every direction, so each window counts 8 times."""
-    turns, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
-
-    def turn(t):
-        t = torch.rot90(t, turns, (-2, -1))
-        return t.flip(-1) if flip else t
-    return turn(x), turn(y)
-
-
-@torch.no_grad()
-def recompute_batchnorm(model, loader, device, n_batches):
-    """Re-estimate every BatchNorm's running mean and variance from `n_batches` training batches with the
-    weights as they are now ("precise BN"). The running averages kept during training lag behind weights
-    that still move fast; scored with them, a deep U-Net's validation scores swing from epoch to epoch."""
-    net = unwrap(model)
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or n_batches <= 0:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None                              # a plain mean over the batches below
-    net.train()
-    for i, (x, _) in enumerate(batches(loader, "training")):
-        if i == n_batches:
-            break
-        net(to_device(x, device))
-    world = dist_info()[1]
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-        for t in (m.running_mean, m.running_var):      # every process scores with the same statistics
-            all_reduce_sum(t).div_(world)
-
-
-def loss_terms(loss):
-    """A loss function returns the loss to minimise, or a dict with it under "loss" and other terms to log."""
-    return loss if isinstance(loss, dict) else {"loss": loss}
-
-
-def _mean_terms(terms, sums, n, device="cpu"):
-    """{name: sum / n} with sums and n added up over processes (torchrun)."""
-    totals = all_reduce_sum(torch.cat([torch.as_tensor(sums, dtype=torch.float64).reshape(-1),
-                                       torch.tensor([float(n)], dtype=torch.float64)]).to(device)).tolist()
-    return {k: v / totals[-1] for k, v in zip(terms, totals[:-1])}
-
-
 @torch.inference_mode()
 def evaluate(forecast, loader, device, loss_fn=None):
     """Score a model or a reference forecast on a loader: (mean loss terms or None, SkillScore dict).
@@ -833,14 +724,6 @@ def evaluate(forecast, loader, device, loss_fn=None):
         skill.update(pred.float().clamp(0, 1), y)
     means = _mean_terms(terms, sums if loss_fn is not None else [0.0], n, device)
     return (means if loss_fn is not None else None), skill.all_reduce().compute()
-
-
-def cosine_schedule(optimizer, total_steps, warmup=20):
-    """Learning rate: a short linear warm-up, then a cosine decay to 0 at `total_steps` (stepped per batch).
-    The factor is computed from the step count alone, so a resumed run with more epochs decays to the new end."""
-    def factor(step):
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler=None, augment=None, extra=None,
@@ -890,10 +773,107 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
     return history
 
 
+def loss_terms(loss):
+    """A loss function returns the loss to minimise, or a dict with it under "loss" and other terms to log."""
+    return loss if isinstance(loss, dict) else {"loss": loss}
+
+
+def _mean_terms(terms, sums, n, device="cpu"):
+    """{name: sum / n} with sums and n added up over processes (torchrun)."""
+    totals = all_reduce_sum(torch.cat([torch.as_tensor(sums, dtype=torch.float64).reshape(-1),
+                                       torch.tensor([float(n)], dtype=torch.float64)]).to(device)).tolist()
+    return {k: v / totals[-1] for k, v in zip(terms, totals[:-1])}
+
+
 def _terms_text(terms):
     """'0.00123' for a plain loss, '0.00412 (mse 0.00110, perceptual 0.03010)' with more terms."""
     rest = ", ".join(f"{k} {v:.5f}" for k, v in terms.items() if k != "loss")
     return f"{terms['loss']:.5f}" + (f" ({rest})" if rest else "")
+
+
+def cosine_schedule(optimizer, total_steps, warmup=20):
+    """Learning rate: a short linear warm-up, then a cosine decay to 0 at `total_steps` (stepped per batch).
+    The factor is computed from the step count alone, so a resumed run with more epochs decays to the new end."""
+    def factor(step):
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def flip_rotate(x, y):
+    """The batch turned by a random quarter turn and flipped or not, inputs and targets alike (the last two
+    axes, a square grid): storms move and grow alike in every direction, so each window counts 8 times."""
+    turns, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
+
+    def turn(t):
+        t = torch.rot90(t, turns, (-2, -1))
+        return t.flip(-1) if flip else t
+    return turn(x), turn(y)
+
+
+def half_resolution(x, y):
+    """Inputs and targets average-pooled 2 x 2: the same storms on a quarter of the pixels. A fully
+    convolutional network's first epochs learn the coarse picture there at about 0.4x the time (progressive
+    resizing; README); the later epochs, on whole frames, the fine detail."""
+    return F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model, loader, device, n_batches):
+    """Re-estimate every BatchNorm's running mean and variance from `n_batches` training batches with the
+    weights as they are now ("precise BN"). The running averages kept during training lag behind weights
+    that still move fast; scored with them, a deep U-Net's validation scores swing from epoch to epoch."""
+    net = unwrap(model)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or n_batches <= 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                              # a plain mean over the batches below
+    net.train()
+    for i, (x, _) in enumerate(batches(loader, "training")):
+        if i == n_batches:
+            break
+        net(to_device(x, device))
+    world = dist_info()[1]
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        for t in (m.running_mean, m.running_var):      # every process scores with the same statistics
+            all_reduce_sum(t).div_(world)
+
+
+def prepare_model(model, cfg, device):
+    """Move to the device; on CUDA use channels_last for 2-D networks; wrap in DistributedDataParallel under
+    torchrun; torch.compile if TORCH_COMPILE."""
+    model = model.to(device)
+    if device.type == "cuda" and not any(isinstance(m, nn.Conv3d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    if dist_info()[1] > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)    # batch statistics over all GPUs
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if getattr(cfg, "TORCH_COMPILE", False):
+        model = torch.compile(model)
+    return model
+
+
+def unwrap(model):
+    """The plain module under torch.compile (and DistributedDataParallel) wrappers."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def to_device(t, device):
+    t = t.to(device, non_blocking=True)
+    return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 and device.type == "cuda" else t
+
+
+def amp_dtype(device):
+    """Mixed precision on CUDA only: bf16 where supported, else fp16 (with a GradScaler)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 # ======================================================================================
@@ -2367,6 +2347,26 @@ def write_json(path, obj):
 # ======================================================================================
 # 9. Configuration and command line, devices, torchrun
 # ======================================================================================
+
+class RunError(Exception):
+    """A run cannot go on; shown as one line, exit status 1."""
+    code, label = 1, "error"
+
+
+class UserError(RunError):
+    """A mistake the user can fix (path, config value, file); one line, exit status 2."""
+    code = 2
+
+
+class Interrupted(RunError):
+    """Ctrl-C or SIGTERM; one line (with how to resume), exit status 130."""
+    code, label = 130, "interrupted"
+
+
+class HelpShown(RunError):
+    """--help was printed; exit status 0."""
+    code = 0
+
 
 def run_with_exit_status(main):
     """Call main(); a RunError or Ctrl-C becomes one line on stderr and its exit status.

@@ -23,8 +23,16 @@ import torch.nn.functional as F
 
 import common
 
+
+# --------------------------------------------------------------------------------------
+# Shared fakes: tiny generated data, scripts run in this process, figures built but not drawn
+# --------------------------------------------------------------------------------------
+
 HERE = Path(__file__).resolve().parent
+
+
 TINY = ["--target_size=32", "--base=4", "--epochs=1", "--batch_size=2", "--max_train=1", "--max_val=1"]
+
 
 # Genuine rows of SEVIR's CATALOG.csv (from the 2019 H1 excerpt in shared/data): one event with
 # vil, ir069 and ir107, and a vil row with pct_missing > 0.
@@ -35,7 +43,12 @@ S821019,vil/2019/SEVIR_VIL_STORMEVENTS_2019_0101_0630.h5,2,vil,2019-06-17 01:00:
 S834603,ir107/2019/SEVIR_IR107_STORMEVENTS_2019_0101_0630.h5,0,ir107,2019-05-12 18:30:00,-121:-116:-111:-106:-101:-96:-91:-86:-81:-76:-71:-66:-61:-56:-51:-46:-41:-36:-31:-26:-21:-16:-11:-6:-1:4:9:14:19:24:29:34:39:44:49:54:59:64:69:74:79:84:89:94:99:104:109:114:119,138793,834603,Flood,29.86291091,-100.8555301,33.35231856,-96.83814671,+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere ,192,192,384000,384000,-26.26375961,32.82101059,0
 S834603,ir069/2019/SEVIR_IR069_STORMEVENTS_2019_0101_0630.h5,0,ir069,2019-05-12 18:30:00,-121:-116:-111:-106:-101:-96:-91:-86:-81:-76:-71:-66:-61:-56:-51:-46:-41:-36:-31:-26:-21:-16:-11:-6:-1:4:9:14:19:24:29:34:39:44:49:54:59:64:69:74:79:84:89:94:99:104:109:114:119,138793,834603,Flood,29.86291091,-100.8555301,33.35231856,-96.83814671,+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere ,192,192,384000,384000,-34.65353394,-16.16814232,0
 """
+
+
 VIL_FILE = "vil/2019/SEVIR_VIL_STORMEVENTS_2019_0101_0630.h5"
+
+
+ALL_MODS = ("vil", "ir069", "ir107", "lght")
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +142,16 @@ def run_alone(script, *args, cwd, beside=("common.py",)):
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
+def one_line_error(fn, capsys):
+    """Run fn as a script's command line runs it; return (exit status, stderr) and check it is one line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.run_with_exit_status(fn)
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return e.value.code, err
+
+
 def bytes_read_per_item(dataset, n):
     """Bytes this process reads from files (Linux /proc/self/io rchar) per item, over items 1..n (item 0 opens
     the files)."""
@@ -146,103 +169,6 @@ def data_args(sample):
     return [f"--catalog_path={catalog}", f"--sevir_root={root}"]
 
 
-# --------------------------------------------------------------------------------------
-# Config and command line
-# --------------------------------------------------------------------------------------
-
-class Cfg:
-    EPOCHS = 3             # passes
-    LR = 1e-3              # learning rate
-    RESUME = False         # continue
-    MODALITIES = ("vil", "ir069")  # inputs
-    T_IN = 12              # frames in
-    T_OUT = 1              # frames out
-    TARGET_SIZE = 128      # grid
-    BATCH_SIZE = 4         # batch
-
-
-def test_overrides_are_typed_and_case_insensitive():
-    cfg = common.parse_config(Cfg, ["--EPOCHS=5", "--lr=1", "--resume=TRUE", "--modalities=vil,ir107"])
-    assert (cfg.EPOCHS, cfg.LR, cfg.RESUME, cfg.MODALITIES) == (5, 1.0, True, ("vil", "ir107"))
-    assert isinstance(cfg.LR, float)
-    assert Cfg.EPOCHS == 3                               # the class keeps its defaults
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--epochs=2.5"], "--epochs=2.5: expected int"),
-    (["--resume=maybe"], "expected true or false"),
-    (["--nope=1"], "unknown key --nope"),
-    (["epochs=1"], "expected --key=value"),
-    (["--epochs=0"], "--epochs=0: must be > 0"),
-    (["--batch_size=-1"], "must be > 0"),
-    (["--t_in=40", "--t_out=10"], "T_IN + T_OUT must be <= 49"),
-    (["--modalities=vil,radar"], "--modalities=('vil', 'radar')"),
-    (["--modalities=ir069"], "must include vil"),
-])
-def test_bad_overrides_are_one_line_errors(args, words):
-    with pytest.raises(common.UserError, match=None) as e:
-        common.parse_config(Cfg, args)
-    assert words in str(e.value) and "\n" not in str(e.value)
-
-
-def test_a_tilde_in_a_path_means_home_for_every_path(tmp_path, monkeypatch, capsys):
-    import train_synthetic
-    import visualize
-    monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = common.parse_config(train_synthetic.Config, ["--out_dir=~/runs/a", "--catalog_path=~/c.csv",
-                                                       "--sevir_root=~/sevir"])
-    assert (cfg.OUT_DIR, cfg.CATALOG_PATH, cfg.SEVIR_ROOT) == (
-        f"{tmp_path}/runs/a", f"{tmp_path}/c.csv", f"{tmp_path}/sevir")
-    assert common.check_out_dir(cfg) == tmp_path / "runs/a"             # checked where it will be written
-    code, err = one_line_error(lambda: visualize.main(["~/nowhere"]), capsys)
-    assert code == 2 and str(tmp_path / "nowhere") in err
-    code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", "~/c.csv", "--root", "~/r",
-                                                    "--out", "~/p", "--size", "32"]), capsys)
-    assert code == 2 and str(tmp_path / "c.csv") in err
-    long = "x" * 256                                                    # a name no file system takes
-    with pytest.raises(common.UserError, match="--out_dir=.*longer than 255 bytes"):
-        common.parse_config(train_synthetic.Config, [f"--out_dir={tmp_path / long / 'run'}"])
-    with pytest.raises(common.UserError, match="--catalog_path=.*longer than 255"):
-        common.parse_config(train_synthetic.Config, [f"--catalog_path={long}.csv"])
-    for fn in (lambda: visualize.main([str(tmp_path / long)]), lambda: common._cli(["sample", "--out", long])):
-        code, err = one_line_error(fn, capsys)
-        assert code == 2 and "longer than 255 bytes" in err
-
-
-def test_target_size_must_halve():
-    with pytest.raises(common.UserError, match="pooled CSI takes 16 x 16"):     # checked before any training
-        common.parse_config(Cfg, ["--target_size=12"])
-    with pytest.raises(common.UserError, match="multiple of 32"):
-        common.parse_config(Cfg, ["--target_size=48"], size_multiple=32)
-    with pytest.raises(common.UserError, match="at least 64"):
-        common.parse_config(Cfg, ["--target_size=32"], size_multiple=32)
-    assert common.parse_config(Cfg, ["--target_size=64"], size_multiple=32).TARGET_SIZE == 64
-
-
-def test_half_res_epochs_need_a_grid_that_halves_once_more(tmp_path):
-    r = run_script("train_advanced.py", "--target_size=96", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
-    assert "--target_size=96: must be a multiple of 64 and at least 128 with --half_res_epochs > 0" in r.stderr
-    r = run_script("train_advanced.py", "--half_res_epochs=-1", cwd=tmp_path)
-    assert r.returncode == 2 and "--half_res_epochs=-1: must be >= 0" in r.stderr
-
-
-def test_help_and_cli_error_exit_status(tmp_path):
-    r = run_script("train_synthetic.py", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "--input_mods" in r.stdout and "satellite inputs" in r.stdout
-    r = run_script("train_advanced.py", "--help", cwd=tmp_path)                  # a comment continued below it
-    assert "if unavailable the perceptual term is left out), or none: use untrained VGG16" in r.stdout
-    r = run_script("train_synthetic.py", "--epochz=3", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown key --epochz" in r.stderr
-    r = run_script("train_synthetic.py", "--catalog_path=/nowhere/CATALOG.csv", cwd=tmp_path)
-    assert r.returncode == 2 and "catalog not found: /nowhere/CATALOG.csv" in r.stderr and "Traceback" not in r.stderr
-
-
-# --------------------------------------------------------------------------------------
-# Catalog: usable events, drop reasons, split
-# --------------------------------------------------------------------------------------
-
 def write_vil_file(path, n, frame_fn=None, ids=None):
     """A SEVIR-layout VIL file: `vil` (n, 384, 384, 49) uint8, `id` byte strings (S0, S1, ... by default)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +184,803 @@ def write_vil_file(path, n, frame_fn=None, ids=None):
         for i in range(n):
             d[i] = frame_fn(i)
 
+
+def vil_catalog(tmp_path, rows, frame_fn=None):
+    """CATALOG.csv of VIL rows made from a genuine row with changed fields, and the VIL file they index."""
+    good = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False).iloc[0]
+    table = pd.DataFrame([{**good.to_dict(), **changes} for changes in rows])
+    table.to_csv(tmp_path / "CATALOG.csv", index=False)
+    ids = {int(r.get("file_index", good["file_index"])): r["id"] for r in rows}
+    write_vil_file(tmp_path / VIL_FILE, max(ids) + 1, frame_fn, [ids.get(i, "?") for i in range(max(ids) + 1)])
+    return tmp_path / "CATALOG.csv"
+
+
+@pytest.fixture()
+def indexed_files(tmp_path):
+    """Files whose every frame encodes its own time index; the top half of each image is marked.
+
+    vil code = 2 t + 1 (top rows) or 2 t (bottom rows); ir = 100 t + 50 (top) or 100 t (bottom).
+    """
+    rows = np.arange(384)[:, None, None] < 192                       # (H, 1, 1)
+    t = np.arange(49)[None, None, :]                                 # (1, 1, T)
+    write_vil_file(tmp_path / VIL_FILE, 2, lambda i: np.broadcast_to(2 * t + rows, (384, 384, 49)),
+                   ids=["S834603", "S821019"])
+    base = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
+    for mod in ("ir069", "ir107"):
+        path = tmp_path / f"{mod}/2019/SEVIR_{mod.upper()}_STORMEVENTS_2019_0101_0630.h5"
+        path.parent.mkdir(parents=True)
+        top = np.arange(192)[:, None, None] < 96
+        with h5py.File(path, "w") as f:
+            f["id"] = np.array([b"S834603"])
+            f[mod] = np.broadcast_to(100 * t + 50 * top, (1, 192, 192, 49)).astype(np.int16)
+    base.to_csv(tmp_path / "CATALOG.csv", index=False)
+    return common.load_catalog(tmp_path / "CATALOG.csv", tmp_path), tmp_path
+
+
+def moving_blob(t_in, t_out, step=(1, 2), size=48, channels=1, vil_channel=0):
+    """x (1, channels, t_in, S, S), y (1, 1, t_out, S, S): a Gaussian blob moving `step` = (dx, dy) pixels
+    a frame, VIL at vil_channel."""
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    def frame(k):
+        cx, cy = 12 + step[0] * k, 14 + step[1] * k
+        return 0.9 * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 3.0 ** 2))
+    frames = torch.stack([frame(k) for k in range(t_in + t_out)])
+    x = torch.zeros(1, channels, t_in, size, size)
+    x[0, vil_channel] = frames[:t_in]
+    return x, frames[None, None, t_in:]
+
+
+def centre(field):
+    """(x, y) centre of mass of a (H, W) field."""
+    yy, xx = torch.meshgrid(torch.arange(field.shape[0]).float(), torch.arange(field.shape[1]).float(), indexing="ij")
+    return float((field * xx).sum() / field.sum()), float((field * yy).sum() / field.sum())
+
+
+class Cfg:
+    EPOCHS = 3             # passes
+    LR = 1e-3              # learning rate
+    RESUME = False         # continue
+    MODALITIES = ("vil", "ir069")  # inputs
+    T_IN = 12              # frames in
+    T_OUT = 1              # frames out
+    TARGET_SIZE = 128      # grid
+    BATCH_SIZE = 4         # batch
+
+
+class FitCfg:
+    EPOCHS, BATCH_SIZE, NUM_WORKERS, SEED, RESUME, OVERWRITE = 3, 2, 0, 0, False, False
+    script = "train_synthetic"
+
+
+REFERENCE = {"train_baseline.py": "persistence", "train_multimodal.py": "persistence",
+             "train_synthetic.py": "ir_lookup", "train_advanced.py": "ir_lookup"}
+
+
+KERNEL_ARGV = ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f", "/root/.local/kernel-7.json",
+               "--HistoryManager.hist_file=:memory:", "--IPKernelApp.parent_handle=12", "--Session.key=b''"]
+
+
+def edit_config(text, **values):
+    """The script's text with Config values replaced, as a user edits them in a notebook cell."""
+    import re
+    for key, value in values.items():
+        text, n = re.subn(rf"^(    {key} = ).*?(\s+#)", lambda m: m.group(1) + repr(value) + m.group(2), text,
+                          count=1, flags=re.M)
+        assert n == 1, key
+    return text
+
+
+def run_in_cell(text, argv=KERNEL_ARGV):
+    """Execute text as a notebook cell does: as __main__, with no file behind it and the kernel's sys.argv."""
+    import types
+    cell = types.ModuleType("__main__")
+    saved = sys.modules["__main__"], sys.argv
+    sys.modules["__main__"], sys.argv = cell, list(argv)
+    try:
+        exec(compile(text, "<cell>", "exec"), cell.__dict__)
+    finally:
+        sys.modules["__main__"], sys.argv = saved
+    return cell.__dict__
+
+
+@pytest.fixture(scope="session")
+def bucket_files(tmp_path_factory):
+    """The files of a 10-event bucket, generated once: CATALOG.csv and data/<type>/..."""
+    root = tmp_path_factory.mktemp("bucket")
+    common.make_sample_sevir(root / "data", n_events=10, seed=2)
+    (root / "data" / "CATALOG.csv").rename(root / "CATALOG.csv")
+    return root
+
+
+@pytest.fixture()
+def bucket(tmp_path, bucket_files):
+    """A SEVIR-like bucket (CATALOG.csv, data/<type>/...) served on 127.0.0.1, counting bytes. Its HDF5 files
+    are hard links to the session's (only read); its catalog is a copy each test may edit."""
+    import http.server
+    import shutil
+    import threading
+    root = tmp_path / "bucket"
+    shutil.copytree(bucket_files / "data", root / "data", copy_function=os.link)
+    shutil.copy(bucket_files / "CATALOG.csv", root / "CATALOG.csv")
+    state = {"served": 0, "fail_next": 0, "limit": None, "paths": [], "extra": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["paths"].append(self.path)
+            path = root / self.path.lstrip("/")
+            if state["fail_next"] > 0:
+                state["fail_next"] -= 1
+                return self.send_error(503)
+            if not path.is_file():
+                return self.send_error(404)
+            size = path.stat().st_size
+            start, stop = 0, size
+            if "Range" in self.headers:
+                a, b = self.headers["Range"].split("=")[1].split("-")
+                start, stop = int(a), min(int(b) + 1, size)
+            if state["limit"] is not None and state["served"] + stop - start > state["limit"]:
+                return self.send_error(403)
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read(stop - start) + b"x" * state["extra"]          # a mirror that sends too much
+            self.send_response(206 if "Range" in self.headers else 200)
+            if "Range" in self.headers:
+                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            state["served"] += len(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root, state
+    server.shutdown()
+
+
+def earthformer_events(catalog, start, end):
+    """Earthformer's SEVIRDataLoader event selection for VIL, restated from its documented rules:
+    start < time_utc <= end, then pct_missing == 0, then ids with exactly one row per type."""
+    c = pd.read_csv(catalog, parse_dates=["time_utc"], low_memory=False)
+    if start is not None:
+        c = c[c.time_utc > pd.Timestamp(start)]
+    if end is not None:
+        c = c[c.time_utc <= pd.Timestamp(end)]
+    c = c[(c.pct_missing == 0) & (c.img_type == "vil")]
+    return sorted(c.groupby("id").filter(lambda g: len(g) == 1)["id"])
+
+
+# --------------------------------------------------------------------------------------
+# 1. Data: what one item is (SEVIRVIL, SEVIRMultimodal, SyntheticRadarDataset), the loaders
+# --------------------------------------------------------------------------------------
+
+def test_the_notebooks_dataset_calls_run_as_written_and_give_the_scripts_items(sample):
+    catalog, root = sample
+    events = common.load_catalog(catalog, root)
+    notebook = common.SEVIRVIL(str(catalog), str(root), t_in=12, t_out=1, limit=2, start_idx=1)   # notebook 05
+    ours = common.SEVIRVIL(events.iloc[1:3], root, t_in=12, t_out=1)                      # as the scripts build it
+    x, y = notebook[40]                                                   # event 2, frames 3-14
+    assert x.shape == (1, 12, 384, 384) and y.shape == (1, 1, 384, 384) and len(notebook) == len(ours) == 2 * 37
+    assert all(torch.equal(a, b) for a, b in zip((x, y), ours[40])) and not torch.equal(x, notebook[41][0])
+    df = pd.read_csv(catalog, low_memory=False, dtype={"minute_offsets": "string"})   # as notebooks 06 and 07
+    table = events.iloc[[3, 0, 4]].reset_index(drop=True)                  # in the order the ids are given
+    ids = list(table["id"])
+    mods = ("vil", "ir069", "ir107")
+    notebook = common.SEVIRMultimodal(df, root, ids, mods=mods, t_in=12, t_out=1, target_size=64)
+    ours = common.SEVIRMultimodal(table, root, mods=mods, t_in=12, t_out=1, target_size=64)
+    x, y = notebook[37 + 5]                                                # event 0, frames 5-17
+    assert x.shape == (3, 12, 64, 64) and y.shape == (1, 1, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip((x, y), ours[37 + 5])) and not torch.equal(y, notebook[5][1])
+    notebook = common.SyntheticRadarDataset(df, root, ids, input_mods=mods[1:], t_sample=24, target_size=64)
+    ours = common.SyntheticRadarDataset(table, root, input_mods=mods[1:], t_sample=None, target_size=64)
+    x, y = notebook[1]                                                     # event 0, frame 24: one per event
+    assert len(notebook) == 3 and x.shape == (2, 64, 64) and y.shape == (1, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip((x, y), ours[49 + 24])) and not torch.equal(y, ours[49 + 23][1])
+
+
+def test_sevirvil_returns_true_time_order_and_image_rows(indexed_files):
+    events, root = indexed_files
+    ds = common.SEVIRVIL(events, root, t_in=12, t_out=3, target_size=None, train=False)
+    assert len(ds) == 3                                              # windows start at 0, 12, 24
+    for i, start in enumerate([0, 12, 24]):
+        x, y = ds[i]
+        assert x.shape == (1, 12, 384, 384) and y.shape == (1, 3, 384, 384)
+        codes = torch.cat([x, y], 1)[0] * 255                       # (T, H, W)
+        for k in range(15):
+            assert torch.allclose(codes[k, :192], torch.tensor(2.0 * (start + k) + 1))   # top rows
+            assert torch.allclose(codes[k, 192:], torch.tensor(2.0 * (start + k)))       # bottom rows
+
+
+def test_training_takes_every_window_in_a_seeded_order(indexed_files):
+    events, root = indexed_files
+    ds = common.SEVIRVIL(events, root, t_in=4, t_out=1, target_size=48, train=True)
+    assert len(ds) == len(events) * (49 - 5 + 1)                    # every window of every event
+    x, y = ds[7]                                                     # event 0, window starting at frame 7
+    assert round(float(x[0, 0, -1, 0]) * 255 / 2) == 7 and round(float(y[0, 0, -1, 0]) * 255 / 2) == 11
+    sampler = common.EpochSampler(len(ds), shuffle=True, seed=0, batch_size=4)
+    orders = []
+    for epoch in (1, 2, 1):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert sorted(orders[0]) == list(range(len(ds))) and orders[0] != orders[1] and orders[0] == orders[2]
+    other = common.EpochSampler(len(ds), shuffle=True, seed=1, batch_size=4)
+    other.set_epoch(1)
+    assert list(other) != orders[0]
+
+
+def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
+    events, root = indexed_files
+    shift, scale = common.SEVIR_ZSCORE["ir107"]
+    mm = common.SEVIRMultimodal(events, root, mods=("vil", "ir069", "ir107"), t_in=12, t_out=1,
+                                target_size=192, train=False)
+    x, y = mm[1]                                                     # window starting at frame 12
+    assert x.shape == (3, 12, 192, 192) and y.shape == (1, 1, 192, 192)
+    raw_ir = x[2] * scale + shift                                    # back to deg C x 100
+    for k in range(12):
+        assert abs(float(raw_ir[k, 0, 0]) - (100 * (12 + k) + 50)) < 0.5      # top row
+        assert abs(float(raw_ir[k, -1, 0]) - 100 * (12 + k)) < 0.5           # bottom row
+        assert abs(float(x[0, k, -1, 0]) * 255 - 2 * (12 + k)) < 1e-3        # VIL resized 384 -> 192
+    assert abs(float(y[0, 0, -1, 0]) * 255 - 2 * 24) < 1e-3
+
+    syn = common.SyntheticRadarDataset(events, root, input_mods=("ir069", "ir107"), t_sample=None, target_size=96, train=False)
+    assert [syn.windows[i][1] for i in range(len(syn))] == list(range(0, 49, 4))
+    x, y = syn[6]                                                     # frame 24
+    assert x.shape == (2, 96, 96) and y.shape == (1, 96, 96)
+    assert abs(float(x[1, -1, 0]) * scale + shift - 2400) < 0.5
+    assert abs(float(y[0, -1, 0]) * 255 - 48) < 1e-3
+    minmax = common.SEVIRMultimodal(events, root, mods=("vil", "ir107"), t_in=2, t_out=1, target_size=96,
+                                    train=False, ir_norm="minmax")
+    assert float(minmax[0][0][1].min()) == 0.0 and float(minmax[0][0][1].max()) == pytest.approx(1.0)
+
+
+def test_lightning_rasterisation_is_causal():
+    t0 = -120 * 60                                 # time of frame 0; frame k is at t0 + 300 k seconds
+    flashes = np.array([
+        # t (s),          lat, lon,  x,    y
+        [t0 - 600, 0, 0, 3.5, 2.2],          # before frame 0: frame 0
+        [t0, 0, 0, 3.9, 2.0],                # exactly at frame 0's time: frame 0
+        [t0 + 1, 0, 0, 3.9, 2.0],            # one second later: frame 1, not 0
+        [t0 + 300, 0, 0, 0.0, 47.99],        # exactly at frame 1's time: frame 1, bottom-left corner
+        [0, 0, 0, 10.0, 10.0],               # at time_utc (frame 24)
+        [1, 0, 0, 11.0, 10.0],               # one second after time_utc: frame 25
+        [7200, 0, 0, 47.5, 0.0],             # +120 min: the last frame, top-right corner
+        [7201, 0, 0, 47.5, 0.0],             # after the last frame: in no frame
+        [0, 0, 0, 48.0, 5.0],                # off the grid (x = 48)
+        [0, 0, 0, -0.5, 5.0],                # off the grid (x < 0)
+    ], dtype=np.float32)
+    grid = common.lightning_to_grid(flashes)
+    assert grid.shape == (49, 48, 48) and grid.sum() == 7
+    assert grid[0, 2, 3] == 2 and grid[1, 2, 3] == 1 and grid[1, 47, 0] == 1 and grid[48, 0, 47] == 1
+    assert grid[24, 10, 10] == 1 and grid[24, 10, 11] == 0 and grid[25, 10, 11] == 1
+    assert common.lightning_to_grid(np.zeros((0, 5))).sum() == 0
+
+
+def test_downsampling_keeps_the_mean_and_a_single_bright_pixel(tmp_path):
+    rng = np.random.default_rng(0)
+    field = rng.integers(0, 200, (384, 384, 1), dtype=np.uint8).repeat(49, axis=2)
+    spike = np.zeros((384, 384, 49), np.uint8)
+    spike[201, 202] = 254                                           # one bright pixel between the 4 x 4 blocks' centres
+    catalog = vil_catalog(tmp_path, [{"id": "S1"}, {"id": "S2", "file_index": "1"}],
+                          lambda i: field if i == 0 else spike)
+    events = common.load_catalog(catalog, tmp_path, mods=("vil",))
+    ds = common.SEVIRVIL(events, tmp_path, t_in=1, t_out=1, target_size=96, train=False)
+    noisy, bright = ds[0][0], ds[len(ds) // 2][0]                        # (1, 1, 96, 96)
+    assert float(noisy.mean()) * 255 == pytest.approx(float(field.mean()), rel=0.01)
+    assert float(bright.sum()) * 255 * 16 == pytest.approx(254, rel=0.01)            # its mass is kept
+    assert float(bright.max()) > 0
+
+
+def test_events_that_fit_in_memory_are_read_once_and_give_the_same_items(sample, monkeypatch):
+    catalog, root = sample
+    events = common.load_catalog(catalog, root)
+    for make in (lambda: common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48),
+                 lambda: common.SEVIRMultimodal(events, root, mods=ALL_MODS[:3], t_in=3, target_size=48, ir_norm="minmax", train=False),
+                 lambda: common.SyntheticRadarDataset(events, root, t_sample=None, target_size=48)):
+        kept, read = make(), make()
+        read.reader.cache_mb = 0                                         # each item read from its file
+        for i in range(0, len(kept), 3):
+            assert all(torch.equal(a, b) for a, b in zip(kept[i], read[i])), (type(kept).__name__, i)
+        assert len(kept.reader._events) == len(kept.reader.paths) * len(events) and not read.reader._events
+    native = common.SEVIRMultimodal(events, root, mods=ALL_MODS[:3], t_in=3, target_size=192, train=False)    # IR is not resized
+    native[0]
+    assert list(native.reader._events) == [("vil", 0)]
+    kept, read = (common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48) for _ in range(2))
+    read.reader.cache_mb = 0
+    assert bytes_read_per_item(kept, 40) < 0.01 * bytes_read_per_item(read, 40)   # event 0's windows
+    too_many = common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48)
+    too_many.reader.cache_mb = 5 * 49 * 48 * 48 * 4 / 2 ** 20 * 0.99                          # just below the five events
+    too_many[0]
+    assert not too_many.reader._events
+    too_many.reader.cache_mb *= 1.5                                          # room for them, but not in each of 2 workers
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=2))
+    too_many[0]
+    assert not too_many.reader._events
+    monkeypatch.undo()
+    too_many[0]
+    assert list(too_many.reader._events) == [("vil", 0)]
+
+
+def test_a_file_truncated_during_a_run_is_skipped_not_read_as_zeros(tmp_path, capsys):
+    catalog = vil_catalog(tmp_path, [{"id": "S0", "file_index": "0"}, {"id": "S1", "file_index": "1"}],
+                          lambda i: np.full((384, 384, 49), 100, np.uint8))
+    events = common.load_catalog(catalog, tmp_path, mods=("vil",))
+    ds = common.SEVIRVIL(events, tmp_path, t_in=2, t_out=1, target_size=32, train=False)
+    assert float(ds[0][0].mean()) * 255 == pytest.approx(100)
+    with open(tmp_path / VIL_FILE, "r+b") as f:                       # cut while the dataset has it open
+        f.truncate(os.path.getsize(tmp_path / VIL_FILE) - 7_000_000)
+    assert ds[len(ds) - 1] is None and "truncated" in capsys.readouterr().err
+    write_vil_file(tmp_path / VIL_FILE, 1, ids=["S0"])                 # replaced by a file of fewer events
+    assert ds[len(ds) - 1] is None and "now holds 1 events, not event 1" in capsys.readouterr().err
+    assert ds[0] is not None
+
+
+def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(tmp_path, capsys):
+    root = tmp_path / "s"
+    catalog = common.make_sample_sevir(root, n_events=5, seed=1)
+    events = common.load_catalog(catalog, root, mods=("vil",))
+    ds = common.SEVIRVIL(events, root, t_in=2, t_out=1, target_size=16, train=True)
+    ids = ds.reader.ids
+    random_event = int(np.flatnonzero(ids == next(i for i in ids if i.startswith("R")))[0])
+    broken = Path(ds.reader.paths["vil"][ds.reader.file_idx["vil"][random_event]])
+    broken.write_bytes(b"truncated" * 10)                         # valid at indexing, bad now
+    item = int(np.flatnonzero(ds.windows[:, 0] == random_event)[0])
+    assert ds[item] is None and ds[0] is not None
+    assert "skipped event R" in capsys.readouterr().err
+
+    def loader(items):
+        return torch.utils.data.DataLoader(items, batch_size=4, collate_fn=common.collate_skipping)
+    good = (torch.zeros(1), torch.zeros(1))
+    got = list(common.batches(loader([good] * 19 + [None]), "training"))     # 5%: goes on
+    assert sum(len(x) for x, _ in got) == 19
+    with pytest.raises(common.RunError, match="3 of 20 training samples could not be read"):
+        list(common.batches(loader([None] * 3 + [good] * 17), "training"))
+
+
+def test_workers_give_the_same_metrics(tmp_path, sample):
+    import train_baseline
+    args = TINY + ["--t_in=3", "--max_train=1", "--batch_size=4"] + data_args(sample)
+    train_baseline.main(args + [f"--out_dir={tmp_path / 'w0'}"])
+    train_baseline.main(args + [f"--out_dir={tmp_path / 'w2'}", "--num_workers=2"])
+    w0 = json.loads((tmp_path / "w0/metrics.json").read_text())
+    w2 = json.loads((tmp_path / "w2/metrics.json").read_text())
+    assert w0["model"] == w2["model"] and w0["persistence"] == w2["persistence"]
+
+
+# --------------------------------------------------------------------------------------
+# 2. Models: the notebooks' networks, then the nowcasters added
+# --------------------------------------------------------------------------------------
+
+def test_the_notebooks_calls_build_the_same_networks_and_figures(tmp_path, sample, monkeypatch, capsys,
+                                                                  drawn_figures):
+    """Each class and figure function called exactly as notebooks 05, 06, 07 and 07A call them."""
+    model = common.NowcastNet(12, 1)                                   # NowcastNet(Config.T_IN, Config.T_OUT)
+    assert model(torch.rand(2, 1, 12, 16, 16)).shape == (2, 1, 1, 16, 16)
+    notebook = {f"{name}.{p}": torch.randn(shape if p == "weight" else shape[:1])   # notebook 05's layers
+                for name, shape in (("enc1", (32, 1, 3, 3, 3)), ("enc2", (64, 32, 3, 3, 3)), ("enc3", (128, 64, 3, 3, 3)),
+                                    ("dec1", (64, 128, 3, 3, 3)), ("dec2", (32, 64, 3, 3, 3)), ("out", (1, 32, 1, 1, 1)))
+                for p in ("weight", "bias")}
+    model.load_state_dict(notebook)                                    # strict: the same names and shapes
+    assert common.count_parameters(model) == pytest.approx(555e3, rel=0.01)           # base 32
+    mm = common.MultimodalNowcastNet(3, 12, 1)                         # in_channels=3, t_in=12, t_out=1
+    assert mm(torch.rand(2, 3, 12, 16, 16)).shape == (2, 1, 1, 16, 16) and mm.enc1.in_channels == 3
+    assert mm.enc1.out_channels == 32                                  # base stays 32
+    assert common.MultimodalNowcastNet(in_channels=1, t_in=12, t_out=3, base=8)(
+        torch.rand(1, 1, 12, 8, 8)).shape == (1, 1, 3, 8, 8)
+    unet = common.SyntheticRadarUNet(in_channels=2, out_channels=1, base=32)
+    assert unet(torch.rand(2, 2, 32, 32)).shape == (2, 1, 32, 32)
+    deep = common.AdvancedUNet(in_channels=2, out_channels=1)
+    assert deep(torch.rand(2, 2, 64, 64)).shape == (2, 1, 64, 64)
+
+    def offline(*args, **kwargs):                                      # never download weights in a test
+        raise OSError("offline")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    vgg = common.VGGPerceptualLoss()
+    assert vgg.backbone == "untrained" and "VGG16 ImageNet weights unavailable" in capsys.readouterr().out
+    assert vgg(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)).ndim == 0
+
+    monkeypatch.chdir(tmp_path)
+    events = common.load_catalog(sample[0], sample[1])
+    val_dataset = common.SEVIRVIL(events, sample[1], t_in=12, t_out=1, target_size=16, train=False)
+    common.visualize_predictions(model, val_dataset, torch.device("cpu"), num_samples=3)
+    assert (tmp_path / "predictions.png").stat().st_size > 0
+    (tmp_path / "predictions.png").unlink()
+
+    class config:                                                      # notebook 06's Config
+        MODALITIES = ("vil", "ir069", "ir107")
+    val_mm = common.SEVIRMultimodal(events, sample[1], mods=config.MODALITIES, t_in=12, t_out=1, target_size=16,
+                                    train=False)
+    common.visualize_multimodal(mm, val_mm, torch.device("cpu"), config, num_samples=2)
+    assert (tmp_path / "predictions.png").stat().st_size > 0
+
+
+def test_models_shapes_and_parameter_counts():
+    assert common.NowcastNet(6, t_out=3, base=4)(torch.rand(2, 1, 6, 16, 16)).shape == (2, 1, 3, 16, 16)
+    assert common.MultimodalNowcastNet(3, 6, t_out=1, base=4)(torch.rand(1, 3, 6, 16, 16)).shape == (1, 1, 1, 16, 16)
+    assert common.SyntheticRadarUNet(2, 1, base=4)(torch.rand(1, 2, 32, 32)).shape == (1, 1, 32, 32)
+    assert common.AdvancedUNet(3, 1, base=4)(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert common.count_parameters(common.SyntheticRadarUNet(2, 1, 32)) == pytest.approx(7.77e6, rel=0.01)
+    assert common.count_parameters(common.AdvancedUNet(2, 1, 32)) == pytest.approx(94.0e6, rel=0.01)
+    def residual_blocks(net):
+        return sum(isinstance(m, common.ResidualBlock) for m in net.modules())
+    assert residual_blocks(common.AdvancedUNet(2, 1, 4)) == 5 + 3                            # notebook 07A
+    import train_advanced
+    cfg = common.parse_config(train_advanced.Config, ["--bottleneck_blocks=1"])
+    assert residual_blocks(train_advanced.build_model(cfg)) == 5 + 1
+    assert common.count_parameters(common.NowcastNet(12, 1, 32)) == pytest.approx(555e3, rel=0.01)
+
+
+def test_advanced_unet_output_is_clipped_with_the_gradient_passed_through():
+    """Values in [0, 1] with exact zeros (no sigmoid haze); a pixel clipped at 0 whose truth is rain still
+    gets a gradient (a plain clamp would give none), and one whose truth is 0 gets none."""
+    torch.manual_seed(0)
+    net = common.AdvancedUNet(2, 1, base=4)
+    with torch.no_grad():
+        net.out.bias.fill_(-0.5)                         # most pixels below 0 before the clip
+    out = net(torch.rand(2, 2, 64, 64))
+    assert out.min() == 0 and out.max() <= 1 and (out == 0).float().mean() > 0.5
+    with torch.no_grad():
+        net.out.weight.zero_()                           # now every pixel is clipped at 0
+    x = torch.rand(1, 2, 64, 64)
+    for truth, pushed_up in ((0.5, True), (0.0, False)):
+        net.zero_grad()
+        pred = net(x)
+        common.LOSSES["mae"](pred, torch.full_like(pred, truth)).backward()
+        assert pred.abs().sum() == 0
+        assert (net.out.bias.grad.item() < 0) == pushed_up and (net.out.bias.grad.item() == 0) != pushed_up
+
+
+@pytest.mark.parametrize("name", ["evolution", "nowcastnet", "unet", "convlstm"])
+def test_nowcasters_forecast_twelve_frames(name):
+    model = common.build_nowcaster(name, 2, 13, 12, base=4)
+    x = torch.rand(2, 2, 13, 32, 32)
+    y = model(x)
+    assert y.shape == (2, 1, 12, 32, 32)
+    y.mean().backward()                                              # trains end to end
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_warp_moves_a_frame_by_its_displacement():
+    frame = torch.zeros(1, 16, 16)
+    frame[0, 5, 4] = 1.0
+    d = torch.zeros(1, 2, 2, 16, 16)
+    d[:, 0, 0], d[:, 1, 0], d[:, 1, 1] = 3.0, -2.0, 1.0               # (dx, dy) = (3, 0) and (-2, 1)
+    out = common.warp(frame, d)
+    assert out[0, 0, 5, 7] == pytest.approx(1.0) and out[0, 1, 6, 2] == pytest.approx(1.0)
+    assert out.sum() == pytest.approx(2.0)
+    d[:, 0, 0] = 20.0                                                 # moved off the grid: no rain left
+    assert common.warp(frame, d)[0, 0].sum() == 0
+
+
+def test_evolution_net_starts_as_the_shift_and_learns_growth_and_motion():
+    torch.manual_seed(0)
+    x, y = moving_blob(t_in=4, t_out=2, step=(1, 0), size=32, channels=2, vil_channel=1)
+    y = y * torch.tensor([1.3, 1.6]).view(1, 1, 2, 1, 1)              # the cell grows as it moves
+    y[..., 20:, 20:] = y[..., :12, :12].flip(-1)                      # and a second one moves the other way
+    model = common.EvolutionNet(in_channels=2, t_in=4, t_out=2, base=4, vil_channel=1)
+    assert torch.allclose(model(x), common.ShiftExtrapolation(1, t_out=2)(x))   # untrained: the shift reference
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = F.mse_loss(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+
+
+# --------------------------------------------------------------------------------------
+# 3. Losses
+# --------------------------------------------------------------------------------------
+
+def test_vgg_perceptual_loss_without_weights():
+    loss = common.VGGPerceptualLoss(weights="none")
+    assert loss.backbone == "untrained" and len(loss.slices) == 4
+    assert sum(p.numel() for p in loss.parameters()) == 7_635_264          # VGG16 conv1_1 .. conv4_3
+    a = torch.rand(1, 1, 32, 32, requires_grad=True)
+    value = loss(a, torch.rand(1, 1, 32, 32))
+    value.backward()
+    assert value.item() > 0 and a.grad is not None and loss(a, a).item() == 0
+
+
+def test_vgg_perceptual_loss_uses_imagenet_weights_from_the_hub_cache(tmp_path, monkeypatch, capsys):
+    from torchvision.models import VGG16_Weights
+    assert common.VGG16_URL == VGG16_Weights.IMAGENET1K_V1.url
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))                     # nothing here: untrained, said once
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert common.VGGPerceptualLoss().backbone == "untrained" and "weights unavailable" in capsys.readouterr().out
+    layers = [m for block in common.VGGPerceptualLoss(weights="none").slices for m in block]
+    state = {f"features.{i}.{k}": torch.randn_like(v) for i, m in enumerate(layers)   # torchvision's names
+             for k, v in m.state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(2, 2)                    # the rest of VGG16 is not loaded
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)             # the failed download made it
+    torch.save(state, cache / Path(common.VGG16_URL).name)
+    loss = common.VGGPerceptualLoss()
+    assert loss.backbone == "imagenet" and torch.equal(loss.slices[3][-2].weight, state["features.21.weight"])
+
+
+def test_balanced_mse_weights_rise_with_intensity():
+    codes = torch.tensor([0.0, 15.9, 16.0, 73.0, 74.0, 133.0, 180.0, 181.0, 254.0])
+    assert common.bmse_weights(codes / 255).tolist() == [1, 1, 2, 2, 5, 10, 10, 30, 30]
+    y, pred = torch.tensor([0.0, 200 / 255]), torch.tensor([0.1, 200 / 255 - 0.1])
+    assert common.balanced_mse(pred, y).item() == pytest.approx((1 * 0.01 + 30 * 0.01) / 2)
+    assert common.LOSSES["mae"](pred, y).item() == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------------------
+# 4. The loop: train_epoch, evaluate, fit
+# --------------------------------------------------------------------------------------
+
+def test_flip_rotate_turns_inputs_and_targets_alike():
+    x = torch.arange(2 * 3 * 4 * 8 * 8, dtype=torch.float32).reshape(2, 3, 4, 8, 8)
+    y = x[:, :1, -2:].clone()
+    views = set()
+    torch.manual_seed(0)
+    for _ in range(64):
+        tx, ty = common.flip_rotate(x, y)
+        assert torch.equal(tx[:, :1, -2:], ty)                       # the same transform for both
+        assert torch.equal(tx.flatten(-2).sort(-1).values, x.flatten(-2).sort(-1).values)   # pixels moved, not changed
+        views.add(tuple(tx[0, 0, 0].flatten()[:3].tolist()))
+    assert len(views) == 8                                            # all 8 turns and flips of the square
+
+
+def test_the_first_half_res_epochs_train_on_frames_pooled_2x2(tmp_path, sample):
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert common.half_resolution(x, x + 1)[0].flatten().tolist() == [2.5, 4.5, 10.5, 12.5]      # 2 x 2 means
+    assert common.half_resolution(x, x + 1)[1].flatten().tolist() == [3.5, 5.5, 11.5, 13.5]
+
+    class Recorder(nn.Conv2d):                          # remembers the grid of every batch it sees
+        def forward(self, x):
+            self.seen.append((self.training, x.shape[-1]))
+            return super().forward(x)
+    events = common.load_catalog(sample[0], sample[1])
+    train = common.SyntheticRadarDataset(events.iloc[:1], sample[1], t_sample=None, target_size=32, train=True)
+    val = common.SyntheticRadarDataset(events.iloc[1:2], sample[1], t_sample=None, target_size=32, train=False)
+    cfg = FitCfg()
+    cfg.OUT_DIR, cfg.HALF_RES_EPOCHS, cfg.BN_BATCHES = str(tmp_path), 2, 0
+    model = Recorder(2, 1, 1)
+    model.seen = []
+    train_loader = common.make_loader(train, cfg, torch.device("cpu"), shuffle=True)
+    val_loader = common.make_loader(val, cfg, torch.device("cpu"), shuffle=False)
+
+    def loss_fn(pred, y):                                # the targets are halved too, or the loss fails
+        return {"loss": F.l1_loss(pred, y), "mse": F.mse_loss(pred, y)}
+    common.fit(model, train_loader, val_loader, loss_fn, torch.optim.Adam(model.parameters()), cfg,
+               torch.device("cpu"), advanced=True)
+    n, m = len(train_loader), len(val_loader)
+    assert model.seen == ([(True, 16)] * n + [(False, 32)] * m) * 2 + [(True, 32)] * n + [(False, 32)] * m
+
+
+def test_batchnorm_statistics_are_re_estimated_from_training_batches():
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    x = torch.randn(12, 1, 4, 4) * 3 + 5
+    loader = torch.utils.data.DataLoader(list(zip(x, x)), batch_size=4, collate_fn=common.collate_skipping)
+    net[1].running_mean.fill_(100.0)                                   # stale, as after fast-moving weights
+    common.recompute_batchnorm(net, loader, torch.device("cpu"), n_batches=2)
+    with torch.no_grad():
+        first = net[0](x[:8])                                          # the two batches it may use
+        var = torch.stack([first[:4].var((0, 2, 3)), first[4:].var((0, 2, 3))]).mean(0)
+    assert torch.allclose(net[1].running_mean, first.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(net[1].running_var, var, rtol=1e-4) and net[1].momentum == 0.1
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, sample):
+    events = common.load_catalog(sample[0], sample[1])
+    train = common.SyntheticRadarDataset(events.iloc[:3], sample[1], t_sample=None, target_size=32, train=True)
+    val = common.SyntheticRadarDataset(events.iloc[3:], sample[1], t_sample=None, target_size=32, train=False)
+    cfg = FitCfg()
+    cfg.OUT_DIR = str(tmp_path)
+    model = common.SyntheticRadarUNet(2, 1, base=2)
+    train_loader = common.make_loader(train, cfg, torch.device("cpu"), shuffle=True)
+    val_loader = common.make_loader(val, cfg, torch.device("cpu"), shuffle=False)
+    calls = []
+
+    def loss_fn(pred, y):                              # finite for epoch 1, NaN from epoch 2's first batch
+        calls.append(1)
+        loss = torch.nn.functional.mse_loss(pred, y)
+        return loss * float("nan") if len(calls) > len(train_loader) + len(val_loader) else loss
+    with pytest.raises(common.RunError, match="loss is nan at epoch 2, batch 1"):
+        common.fit(model, train_loader, val_loader, loss_fn, torch.optim.Adam(model.parameters()), cfg,
+                   torch.device("cpu"))
+    for name in ("last.pt", "best.pt"):
+        ckpt = common.load_checkpoint(tmp_path / name)
+        assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                          if v.is_floating_point())
+
+
+def test_best_model_is_chosen_on_validation_and_scored_on_test(tmp_path, sample):
+    import train_synthetic
+    out = tmp_path / "run"
+    train_synthetic.main(TINY[:-3] + ["--epochs=3", "--batch_size=4", "--max_train=1", "--loss=mse"]
+                         + data_args(sample) + [f"--out_dir={out}"])
+    cfg = common.parse_config(train_synthetic.Config, data_args(sample))
+    data = train_synthetic.build_data(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert metrics["split"] == "test" and metrics["checkpoint"] == "best.pt" and metrics["epoch"] == best["epoch"]
+    assert metrics["n_events"] == len(data.test_events) and metrics["n_samples"] == len(data.test)
+    assert pd.Timestamp(metrics["period"][0]) > pd.Timestamp("2019-06-01")         # only events after the split
+    assert metrics["beside"]["split"] == "val" and metrics["beside"]["n_events"] == len(data.val_events)
+    history = pd.read_csv(out / "history.csv")
+    assert best["epoch"] == history.loc[history["val_loss"].idxmin(), "epoch"]       # chosen on validation
+    # the validation loss of the chosen epoch is the model's validation MSE, scored again beside the test
+    assert metrics["beside"]["model"]["mse"] == pytest.approx(history["val_loss"].min(), rel=1e-4)
+
+
+def test_scores_are_in_float32_even_where_training_uses_bf16(monkeypatch):
+    monkeypatch.setattr(common, "amp_dtype", lambda device: torch.bfloat16)      # as on a CUDA GPU
+    identity = torch.nn.Conv2d(1, 1, 1, bias=False)
+    torch.nn.init.ones_(identity.weight)
+    y = 0.5 + 0.5 * torch.rand(8, 1, 16, 16)                                      # values where bf16 steps are coarse
+    loader = torch.utils.data.DataLoader([(v, v) for v in y], batch_size=4, collate_fn=common.collate_skipping)
+    _, m = common.evaluate(identity, loader, torch.device("cpu"))
+    assert m["mse"] == 0 and m["csi_219"] == 1
+
+
+# --------------------------------------------------------------------------------------
+# 5. Skill scores and reference forecasts
+# --------------------------------------------------------------------------------------
+
+def test_skill_score_against_hand_counts():
+    # codes: truth and forecast on 4 pixels; threshold 74: truth >= 74 at px 0, 1; forecast at px 0, 2
+    truth = torch.tensor([100.0, 80.0, 10.0, 0.0]).view(1, 1, 2, 2) / 255
+    pred = torch.tensor([200.0, 20.0, 74.0, 0.0]).view(1, 1, 2, 2) / 255
+    s = common.SkillScore(thresholds=(16, 74, 133), pools=())
+    s.update(pred, truth)
+    m = s.compute()
+    # t=74: H=1 (px0), M=1 (px1), F=1 (px2)
+    assert m["csi_74"] == pytest.approx(1 / 3) and m["pod_74"] == pytest.approx(0.5)
+    assert m["sucr_74"] == pytest.approx(0.5) and m["bias_74"] == pytest.approx(1.0)
+    # t=16: truth px0, px1; forecast px0, px1? no: 20 >= 16 yes -> px0, px1, px2 -> H=2, M=0, F=1
+    assert m["csi_16"] == pytest.approx(2 / 3) and m["bias_16"] == pytest.approx(1.5)
+    # t=133: truth none; forecast px0 -> H=0, M=0, F=1: CSI 0, POD 0/0 undefined
+    assert m["csi_133"] == 0 and np.isnan(m["pod_133"]) and m["sucr_133"] == 0
+    assert m["csi_m"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    err = (pred - truth).flatten()
+    assert m["mse"] == pytest.approx(float((err ** 2).mean())) and m["mae"] == pytest.approx(float(err.abs().mean()))
+
+
+def test_skill_score_perfect_never_reached_and_leads():
+    truth = torch.zeros(2, 1, 3, 16, 16)
+    truth[:, :, :, 4:8, 4:8] = 150 / 255                           # reaches 16, 74, 133, never 160+
+    s = common.SkillScore()
+    s.update(truth.clone(), truth)
+    m = s.compute()
+    assert m["mse"] == 0 and m["csi_16"] == 1 and m["csi_133"] == 1 and m["bias_74"] == 1
+    assert np.isnan(m["csi_160"]) and np.isnan(m["csi_219"])          # 0/0: undefined, printed n/a
+    # CSI-M as Earthformer: the undefined thresholds count as 0 in the mean over all six
+    assert m["csi_m"] == 0.5 and m["csi_pool4_m"] == 0.5 and m["csi_pool16_m"] == 0.5
+    assert m["csi_m_per_lead"] == [0.5, 0.5, 0.5]
+    alarm = truth.clone()
+    alarm[0, 0, 0, 0, 0] = 1.0                                          # one false-alarm pixel at every threshold
+    s2 = common.SkillScore()
+    s2.update(alarm, truth)
+    m2 = s2.compute()
+    assert m2["csi_219"] == 0 and m2["csi_m"] == pytest.approx(0.5, abs=0.01)    # the same six thresholds
+    assert len(m["csi_m_per_lead"]) == 3 and m["mse_per_lead"] == [0, 0, 0]
+    s.update(torch.zeros_like(truth), truth)                           # counts accumulate
+    m = s.compute()
+    assert m["csi_16"] == pytest.approx(0.5) and m["pod_16"] == pytest.approx(0.5) and m["sucr_16"] == 1
+
+
+def test_skill_score_any_leading_dims_and_pooling():
+    truth = torch.zeros(3, 2, 8, 8)
+    truth[..., 0, 0] = 1.0                                          # one intense pixel per image
+    shifted = torch.zeros_like(truth)
+    shifted[..., 1, 1] = 1.0                                        # one pixel off: a miss and a false alarm
+    s = common.SkillScore(pools=(4,))
+    s.update(shifted, truth)
+    m = s.compute()
+    assert m["csi_219"] == 0 and m["csi_pool4_m"] == 1                # pooled 4 x 4, the cells coincide
+
+
+def test_a_sine_wave_puts_its_power_at_its_wavelength():
+    n, waves = 64, 8                                                    # 8 cycles across the grid: 8 pixels each
+    x = torch.arange(n, dtype=torch.float64)
+    for field in (torch.sin(2 * np.pi * waves * x / n)[None, :].expand(n, n),            # waves along x
+                  torch.sin(2 * np.pi * waves * x / n)[:, None].expand(n, n)):           # and along y
+        spectrum = common.radial_power_spectrum(torch.fft.fft2(field).abs() ** 2 / field.numel())
+        assert spectrum.shape == (n // 2,)
+        assert int(spectrum.argmax()) + 1 == waves and spectrum[waves - 1] > 1e6 * spectrum[waves + 1]
+    assert common.radial_power_spectrum(torch.zeros(n, n)).abs().max() == 0
+    # through the loader: wavelengths in km, blur removes power at small scales only
+    y = (0.5 + 0.5 * torch.sin(2 * np.pi * 16 * x / n))[None, None, None, :].expand(4, 1, n, n).float()
+    blurred = lambda t: F.avg_pool2d(t, 5, 1, 2, count_include_pad=False)
+    loader = torch.utils.data.DataLoader(list(zip(y, y)), batch_size=2, collate_fn=common.collate_skipping)
+    spectra = common.power_spectra({"model": lambda t: t, "blurred": blurred}, loader, torch.device("cpu"),
+                                   pixel_km=3.0)
+    assert spectra["wavelength_km"][0] == n * 3.0 and spectra["wavelength_km"][15] == 12.0       # 16 cycles: 12 km
+    assert np.allclose(spectra["model"], spectra["truth"])
+    peak = int(np.argmax(spectra["truth"]))
+    assert peak == 15 and spectra["blurred"][peak] < 0.5 * spectra["truth"][peak]
+
+
+def test_persistence_on_a_steady_field_scores_csi_1():
+    field = torch.rand(1, 1, 1, 32, 32)
+    x, y = field.expand(2, 1, 12, 32, 32), field.expand(2, 1, 3, 32, 32)
+    s = common.SkillScore()
+    s.update(common.Persistence(0, t_out=3)(x), y)
+    m = s.compute()
+    assert m["mse"] == 0 and all(m[f"csi_{t}"] == 1 for t in common.SEVIR_THRESHOLDS if (field * 255 >= t).any())
+
+
+def test_shift_reference_finds_the_one_motion_vector():
+    x, y = moving_blob(t_in=12, t_out=3, step=(1, -1), size=64)
+    x[..., 40:, :] = 0                                                 # keep the blob away from the edges
+    pred = common.ShiftExtrapolation(0, t_out=3)(x)
+    for k in range(3):
+        px, py = centre(pred[0, 0, k])
+        tx, ty = centre(y[0, 0, k])
+        assert abs(px - tx) < 0.3 and abs(py - ty) < 0.3
+
+
+@pytest.mark.skipif(common.pysteps_methods() is None, reason="needs pysteps and opencv-python-headless")
+def test_optical_flow_moves_a_shifted_blob_to_where_it_goes():
+    x, y = moving_blob(t_in=6, t_out=4, channels=2, vil_channel=1)
+    flow = common.OpticalFlow(common.pysteps_methods(), vil_channel=1, t_out=4)
+    pred = flow(x)
+    assert pred.shape == y.shape and pred.dtype == x.dtype and torch.isfinite(pred).all()
+    for k in range(4):                                               # +k+1 frames: (1, 2) pixels a frame
+        px, py = centre(pred[0, 0, k])
+        tx, ty = centre(y[0, 0, k])
+        assert abs(px - tx) < 0.5 and abs(py - ty) < 0.5, (k, px, py, tx, ty)
+    persistence = common.Persistence(1, t_out=4)(x)
+    assert (pred - y).abs().mean() < 0.3 * (persistence - y).abs().mean()
+    # what comes in from outside the grid is no rain, not NaN
+    edge, _ = moving_blob(t_in=3, t_out=1, step=(-6, 0), size=32)
+    assert torch.isfinite(common.OpticalFlow(common.pysteps_methods(), t_out=8)(edge)).all()
+
+
+def test_optical_flow_is_skipped_with_one_line_when_pysteps_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pysteps", None)               # import pysteps -> ImportError
+    assert common.pysteps_methods() is None
+    refs = common.nowcast_references(vil_channel=0, t_out=2)
+    assert [r.name for r in refs] == ["persistence", "shift"]
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "pip install pysteps opencv-python-headless" in out
+
+
+def test_ir_lookup_learns_a_monotone_relation():
+    shift, scale = common.SEVIR_ZSCORE["ir107"]
+    temps = torch.linspace(-7000, 2000, 64)                            # deg C x 100
+    x = ((temps - shift) / scale).view(1, 1, 8, 8).repeat(4, 2, 1, 1)
+    y = ((2000 - temps) / 9000).clamp(0, 1).view(1, 1, 8, 8).repeat(4, 1, 1, 1)   # colder, more VIL
+    lookup = common.IRLookup(channel=1).fit([(x, y)])
+    pred = lookup(x)
+    assert pred.shape == y.shape and (pred - y).abs().max() < 0.03
+
+
+def test_ir069_alone_gets_an_honestly_named_reference(tmp_path, sample):
+    import train_synthetic
+    train_synthetic.main(TINY + ["--input_mods=ir069"] + data_args(sample) + [f"--out_dir={tmp_path}"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["reference"] == "ir069_lookup" and "ir069_lookup" in metrics and "ir_lookup" not in metrics
+
+
+# --------------------------------------------------------------------------------------
+# 6. Figures
+# --------------------------------------------------------------------------------------
+
+def test_figure_rows_come_from_different_events():
+    class Held:                                  # 3 events x 4 windows; event 0 is the rainiest in every window
+        windows = [(e, s) for e in range(3) for s in range(4)]
+
+        def __len__(self):
+            return len(self.windows)
+
+        def __getitem__(self, i):
+            e, s = self.windows[i]
+            return torch.zeros(1), torch.full((1,), 10.0 * (e == 0) + s)
+    picked = common._samples(Held(), 3)
+    assert [Held.windows[i][0] for i in picked] == [0, 1, 2]               # one storm per row
+    assert len(common._samples(Held(), 5)) == 5                          # more rows than events: the next rainiest
+
+
+# --------------------------------------------------------------------------------------
+# 7. Events: catalog, usable events, split by date
+# --------------------------------------------------------------------------------------
 
 def test_load_catalog_drop_reasons(tmp_path, capsys):
     base = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
@@ -317,6 +1040,20 @@ def test_a_catalog_must_be_sevirs_csv_and_its_times_sevirs_form(tmp_path, capsys
     table.to_csv(tmp_path / "CATALOG.csv", index=False)
     events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",), max_pct_missing=1)
     assert events["id"].tolist() == ["S821019"] and "dropped bad time_utc: 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "catalog not found"),
+    ("", "not SEVIR's comma-separated CSV catalog"),
+    ("id,file_name,img_type\nS1,a.h5,vil\n", "lacks SEVIR catalog columns: file_index, time_utc, pct_missing"),
+    (REAL_ROWS.splitlines()[0] + "\n", "has no rows"),
+])
+def test_bad_catalogs_are_user_errors(tmp_path, content, words):
+    path = tmp_path / "CATALOG.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(common.UserError, match=words):
+        common.load_catalog(path, tmp_path)
 
 
 def test_files_that_do_not_hold_what_the_catalog_says_are_dropped(tmp_path, capsys):
@@ -379,32 +1116,82 @@ def test_data_kept_outside_a_file_is_refused_before_it_is_read(tmp_path, capsys)
     assert not list(tmp_path.glob("copy_*/**/*.h5"))
 
 
-def test_a_file_truncated_during_a_run_is_skipped_not_read_as_zeros(tmp_path, capsys):
-    catalog = vil_catalog(tmp_path, [{"id": "S0", "file_index": "0"}, {"id": "S1", "file_index": "1"}],
-                          lambda i: np.full((384, 384, 49), 100, np.uint8))
-    events = common.load_catalog(catalog, tmp_path, mods=("vil",))
-    ds = common.SEVIRVIL(events, tmp_path, t_in=2, t_out=1, target_size=32, train=False)
-    assert float(ds[0][0].mean()) * 255 == pytest.approx(100)
-    with open(tmp_path / VIL_FILE, "r+b") as f:                       # cut while the dataset has it open
-        f.truncate(os.path.getsize(tmp_path / VIL_FILE) - 7_000_000)
-    assert ds[len(ds) - 1] is None and "truncated" in capsys.readouterr().err
-    write_vil_file(tmp_path / VIL_FILE, 1, ids=["S0"])                 # replaced by a file of fewer events
-    assert ds[len(ds) - 1] is None and "now holds 1 events, not event 1" in capsys.readouterr().err
-    assert ds[0] is not None
+def test_lightning_lists_and_images_of_the_wrong_shape_are_dropped(tmp_path, capsys):
+    catalog = common.make_sample_sevir(tmp_path, n_events=3, seed=5)
+    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    lght, vil = df[df.img_type == "lght"].iloc[0], df[df.img_type == "vil"].iloc[1]
+    with h5py.File(tmp_path / lght["file_name"], "a") as f:
+        del f[lght["id"]]
+        f[lght["id"]] = np.zeros((3, 4), np.float32)                     # (n, 4): not a flash list
+    with h5py.File(tmp_path / vil["file_name"], "a") as f:
+        del f["vil"]
+        f["vil"] = np.zeros((f["id"].shape[0], 384, 384), np.uint8)       # 3-D: no time axis
+    events = common.load_catalog(catalog, tmp_path, mods=("vil", "lght"))
+    out = capsys.readouterr().out
+    assert "bad lightning data: 1" in out and "bad shape or dtype" in out
+    assert lght["id"] not in set(events["id"]) and vil["id"] not in set(events["id"])
 
 
-@pytest.mark.parametrize("content, words", [
-    (None, "catalog not found"),
-    ("", "not SEVIR's comma-separated CSV catalog"),
-    ("id,file_name,img_type\nS1,a.h5,vil\n", "lacks SEVIR catalog columns: file_index, time_utc, pct_missing"),
-    (REAL_ROWS.splitlines()[0] + "\n", "has no rows"),
-])
-def test_bad_catalogs_are_user_errors(tmp_path, content, words):
-    path = tmp_path / "CATALOG.csv"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(common.UserError, match=words):
-        common.load_catalog(path, tmp_path)
+def test_odd_structure_missing_filters_and_data_never_written_are_dropped(tmp_path, capsys, monkeypatch):
+    good = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False).iloc[0]
+    files = {"PLAIN": 1, "ID_GROUP": 1, "VIL_GROUP": 1, "UNWRITTEN": 1, "HALF": 2, "GZIP": 1, "SHUFFLE": 1, "NO_ID": 1}
+    rows, k = [], 0
+    for name, n in files.items():
+        for i in range(n):
+            rows.append({**good.to_dict(), "id": f"S{k}", "file_name": f"vil/{name}.h5", "file_index": str(i),
+                         "size_x": "16", "size_y": "16"})
+            k += 1
+    frames = np.full((16, 16, 49), 7, np.uint8)
+    (tmp_path / "vil").mkdir()
+    k = 0
+    for name, n in files.items():
+        with h5py.File(tmp_path / f"vil/{name}.h5", "w") as f:
+            ids = np.array([f"S{k + i}".encode() for i in range(n)])
+            if name != "NO_ID":
+                f.create_group("id") if name == "ID_GROUP" else f.create_dataset("id", data=ids)
+            if name == "VIL_GROUP":
+                f.create_group("vil")
+            else:
+                kw = {"HALF": dict(chunks=(1, 16, 16, 1)), "GZIP": dict(compression="gzip"),
+                      "SHUFFLE": dict(shuffle=True)}.get(name, {})
+                d = f.create_dataset("vil", (n, 16, 16, 49), dtype=np.uint8, **kw)
+                if name == "HALF":
+                    d[0], d[1, :, :, :10] = frames, frames[:, :, :10]   # the second event cut off mid-write
+                elif name != "UNWRITTEN":
+                    d[...] = frames
+        k += n
+    (tmp_path / "CATALOG.csv").write_text(pd.DataFrame(rows).to_csv(index=False))
+    real_avail = h5py.h5z.filter_avail
+    monkeypatch.setattr(h5py.h5z, "filter_avail", lambda code: code != h5py.h5z.FILTER_DEFLATE and real_avail(code))
+    events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",))
+    out, err = capsys.readouterr()
+    assert sorted(events["id"]) == ["S0", "S4", "S7", "S8"]      # PLAIN, HALF's first, SHUFFLE (available), NO_ID
+    for words in ("not a dataset: 2", "never written: 2", "missing HDF5 filter: 1"):
+        assert words in out, out
+    assert "id is a group, not a dataset" in err and "filter 1 (deflate)" in err and "never written" in err
+    ds = common.SEVIRVIL(events, tmp_path, t_in=2, t_out=1, target_size=16, train=False)
+    assert all(float(ds[i][0].max()) == pytest.approx(7 / 255) for i in range(len(ds)))     # none read as zeros
+
+    with h5py.File(tmp_path / "lght.h5", "w") as f:                    # lightning: a group, text, never written
+        f.create_group("L1")
+        f["L2"] = np.array([["a"] * 5], dtype="S1")
+        f.create_dataset("L3", (4, 5), dtype=np.float32)
+        f["L4"] = np.zeros((2, 5), np.float32)
+    lght = [{**good.to_dict(), "id": f"L{i}", "img_type": "lght", "file_name": "lght.h5", "file_index": "0"}
+            for i in range(1, 5)]
+    (tmp_path / "LGHT.csv").write_text(pd.DataFrame(lght).to_csv(index=False))
+    events = common.load_catalog(tmp_path / "LGHT.csv", tmp_path, mods=("lght",))
+    out = capsys.readouterr().out
+    assert events["id"].tolist() == ["L4"] and "not a dataset: 1" in out and "bad lightning data: 1" in out \
+        and "never written: 1" in out
+
+    no_id = pd.DataFrame(rows).iloc[8:9].assign(order=[0])             # a file without `id`: the catalog's ids
+    common._write_copy(tmp_path / "copy", no_id, lambda n: h5py.File(tmp_path / n, "r"), 8, "t")
+    with h5py.File(tmp_path / "copy/vil/NO_ID.h5") as f:
+        assert f["id"][()].tolist() == [b"S8"] and f["vil"].shape == (1, 8, 8, 49)
+    rows_ = pd.DataFrame(rows).iloc[4:6].assign(order=[0, 1])          # the copying tools refuse unwritten events
+    with pytest.raises(common.RunError, match=r"HALF.h5\[1\]: never written"):
+        common._write_copy(tmp_path / "copy", rows_, lambda n: h5py.File(tmp_path / n, "r"), 16, "t")
 
 
 def test_split_by_time_and_empty_side(sample):
@@ -425,26 +1212,20 @@ def test_split_by_time_and_empty_side(sample):
         common.split_by_dates(events, ("2000-01-01", "2019-06-01"))        # an empty first side is said too
 
 
-def vil_catalog(tmp_path, rows, frame_fn=None):
-    """CATALOG.csv of VIL rows made from a genuine row with changed fields, and the VIL file they index."""
-    good = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False).iloc[0]
-    table = pd.DataFrame([{**good.to_dict(), **changes} for changes in rows])
-    table.to_csv(tmp_path / "CATALOG.csv", index=False)
-    ids = {int(r.get("file_index", good["file_index"])): r["id"] for r in rows}
-    write_vil_file(tmp_path / VIL_FILE, max(ids) + 1, frame_fn, [ids.get(i, "?") for i in range(max(ids) + 1)])
-    return tmp_path / "CATALOG.csv"
+@pytest.mark.parametrize("value", ["2019-06-01", "2019-06-01,2019-01-01", "2019-06-01T00:00+02:00,2019-07-01",
+                                   "09/07/2018,2019-01-01", "a,b"])
+def test_split_dates_must_be_two_dates_in_order(value):
+    import train_synthetic
+    with pytest.raises(common.UserError, match="--split_dates"):
+        common.parse_config(train_synthetic.Config, [f"--split_dates={value}"])
 
 
-def earthformer_events(catalog, start, end):
-    """Earthformer's SEVIRDataLoader event selection for VIL, restated from its documented rules:
-    start < time_utc <= end, then pct_missing == 0, then ids with exactly one row per type."""
-    c = pd.read_csv(catalog, parse_dates=["time_utc"], low_memory=False)
-    if start is not None:
-        c = c[c.time_utc > pd.Timestamp(start)]
-    if end is not None:
-        c = c[c.time_utc <= pd.Timestamp(end)]
-    c = c[(c.pct_missing == 0) & (c.img_type == "vil")]
-    return sorted(c.groupby("id").filter(lambda g: len(g) == 1)["id"])
+def test_subsets_are_spread_over_their_period(tmp_path):
+    rows = [{"id": f"S{i}", "time_utc": f"2019-06-{i + 2:02d} 00:00:00", "file_index": str(i)} for i in range(10)]
+    events = common.load_catalog(vil_catalog(tmp_path, rows), tmp_path, mods=("vil",))
+    assert common.spread(events, 3)["id"].tolist() == ["S0", "S3", "S6"]
+    assert common.spread(events, 5)["id"].tolist() == ["S0", "S2", "S4", "S6", "S8"]
+    assert common.spread(events, 0)["id"].tolist() == common.spread(events, 10)["id"].tolist() == events["id"].tolist()
 
 
 def test_protocol_selects_earthformers_events_and_windows(tmp_path):
@@ -476,360 +1257,31 @@ def test_protocol_selects_earthformers_events_and_windows(tmp_path):
         common.parse_config(train_baseline.Config, ["--protocol=sevir", "--split_dates=2019-02-01,2019-06-01"])
 
 
-@pytest.mark.parametrize("value", ["2019-06-01", "2019-06-01,2019-01-01", "2019-06-01T00:00+02:00,2019-07-01",
-                                   "09/07/2018,2019-01-01", "a,b"])
-def test_split_dates_must_be_two_dates_in_order(value):
+def test_default_paths_make_the_sample_once(tmp_path, monkeypatch, capsys):
     import train_synthetic
-    with pytest.raises(common.UserError, match="--split_dates"):
-        common.parse_config(train_synthetic.Config, [f"--split_dates={value}"])
-
-
-def test_subsets_are_spread_over_their_period(tmp_path):
-    rows = [{"id": f"S{i}", "time_utc": f"2019-06-{i + 2:02d} 00:00:00", "file_index": str(i)} for i in range(10)]
-    events = common.load_catalog(vil_catalog(tmp_path, rows), tmp_path, mods=("vil",))
-    assert common.spread(events, 3)["id"].tolist() == ["S0", "S3", "S6"]
-    assert common.spread(events, 5)["id"].tolist() == ["S0", "S2", "S4", "S6", "S8"]
-    assert common.spread(events, 0)["id"].tolist() == common.spread(events, 10)["id"].tolist() == events["id"].tolist()
-
-
-# --------------------------------------------------------------------------------------
-# Datasets: time axis, orientation, windows
-# --------------------------------------------------------------------------------------
-
-@pytest.fixture()
-def indexed_files(tmp_path):
-    """Files whose every frame encodes its own time index; the top half of each image is marked.
-
-    vil code = 2 t + 1 (top rows) or 2 t (bottom rows); ir = 100 t + 50 (top) or 100 t (bottom).
-    """
-    rows = np.arange(384)[:, None, None] < 192                       # (H, 1, 1)
-    t = np.arange(49)[None, None, :]                                 # (1, 1, T)
-    write_vil_file(tmp_path / VIL_FILE, 2, lambda i: np.broadcast_to(2 * t + rows, (384, 384, 49)),
-                   ids=["S834603", "S821019"])
-    base = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
-    for mod in ("ir069", "ir107"):
-        path = tmp_path / f"{mod}/2019/SEVIR_{mod.upper()}_STORMEVENTS_2019_0101_0630.h5"
-        path.parent.mkdir(parents=True)
-        top = np.arange(192)[:, None, None] < 96
-        with h5py.File(path, "w") as f:
-            f["id"] = np.array([b"S834603"])
-            f[mod] = np.broadcast_to(100 * t + 50 * top, (1, 192, 192, 49)).astype(np.int16)
-    base.to_csv(tmp_path / "CATALOG.csv", index=False)
-    return common.load_catalog(tmp_path / "CATALOG.csv", tmp_path), tmp_path
-
-
-def test_sevirvil_returns_true_time_order_and_image_rows(indexed_files):
-    events, root = indexed_files
-    ds = common.SEVIRVIL(events, root, t_in=12, t_out=3, target_size=None, train=False)
-    assert len(ds) == 3                                              # windows start at 0, 12, 24
-    for i, start in enumerate([0, 12, 24]):
-        x, y = ds[i]
-        assert x.shape == (1, 12, 384, 384) and y.shape == (1, 3, 384, 384)
-        codes = torch.cat([x, y], 1)[0] * 255                       # (T, H, W)
-        for k in range(15):
-            assert torch.allclose(codes[k, :192], torch.tensor(2.0 * (start + k) + 1))   # top rows
-            assert torch.allclose(codes[k, 192:], torch.tensor(2.0 * (start + k)))       # bottom rows
-
-
-def test_training_takes_every_window_in_a_seeded_order(indexed_files):
-    events, root = indexed_files
-    ds = common.SEVIRVIL(events, root, t_in=4, t_out=1, target_size=48, train=True)
-    assert len(ds) == len(events) * (49 - 5 + 1)                    # every window of every event
-    x, y = ds[7]                                                     # event 0, window starting at frame 7
-    assert round(float(x[0, 0, -1, 0]) * 255 / 2) == 7 and round(float(y[0, 0, -1, 0]) * 255 / 2) == 11
-    sampler = common.EpochSampler(len(ds), shuffle=True, seed=0, batch_size=4)
-    orders = []
-    for epoch in (1, 2, 1):
-        sampler.set_epoch(epoch)
-        orders.append(list(sampler))
-    assert sorted(orders[0]) == list(range(len(ds))) and orders[0] != orders[1] and orders[0] == orders[2]
-    other = common.EpochSampler(len(ds), shuffle=True, seed=1, batch_size=4)
-    other.set_epoch(1)
-    assert list(other) != orders[0]
-
-
-def test_events_that_fit_in_memory_are_read_once_and_give_the_same_items(sample, monkeypatch):
-    catalog, root = sample
-    events = common.load_catalog(catalog, root)
-    for make in (lambda: common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48),
-                 lambda: common.SEVIRMultimodal(events, root, mods=ALL_MODS[:3], t_in=3, target_size=48, ir_norm="minmax", train=False),
-                 lambda: common.SyntheticRadarDataset(events, root, t_sample=None, target_size=48)):
-        kept, read = make(), make()
-        read.reader.cache_mb = 0                                         # each item read from its file
-        for i in range(0, len(kept), 3):
-            assert all(torch.equal(a, b) for a, b in zip(kept[i], read[i])), (type(kept).__name__, i)
-        assert len(kept.reader._events) == len(kept.reader.paths) * len(events) and not read.reader._events
-    native = common.SEVIRMultimodal(events, root, mods=ALL_MODS[:3], t_in=3, target_size=192, train=False)    # IR is not resized
-    native[0]
-    assert list(native.reader._events) == [("vil", 0)]
-    kept, read = (common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48) for _ in range(2))
-    read.reader.cache_mb = 0
-    assert bytes_read_per_item(kept, 40) < 0.01 * bytes_read_per_item(read, 40)   # event 0's windows
-    too_many = common.SEVIRVIL(events, root, t_in=4, t_out=2, target_size=48)
-    too_many.reader.cache_mb = 5 * 49 * 48 * 48 * 4 / 2 ** 20 * 0.99                          # just below the five events
-    too_many[0]
-    assert not too_many.reader._events
-    too_many.reader.cache_mb *= 1.5                                          # room for them, but not in each of 2 workers
-    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=2))
-    too_many[0]
-    assert not too_many.reader._events
-    monkeypatch.undo()
-    too_many[0]
-    assert list(too_many.reader._events) == [("vil", 0)]
-
-
-def test_the_notebooks_dataset_calls_run_as_written_and_give_the_scripts_items(sample):
-    catalog, root = sample
-    events = common.load_catalog(catalog, root)
-    notebook = common.SEVIRVIL(str(catalog), str(root), t_in=12, t_out=1, limit=2, start_idx=1)   # notebook 05
-    ours = common.SEVIRVIL(events.iloc[1:3], root, t_in=12, t_out=1)                      # as the scripts build it
-    x, y = notebook[40]                                                   # event 2, frames 3-14
-    assert x.shape == (1, 12, 384, 384) and y.shape == (1, 1, 384, 384) and len(notebook) == len(ours) == 2 * 37
-    assert all(torch.equal(a, b) for a, b in zip((x, y), ours[40])) and not torch.equal(x, notebook[41][0])
-    df = pd.read_csv(catalog, low_memory=False, dtype={"minute_offsets": "string"})   # as notebooks 06 and 07
-    table = events.iloc[[3, 0, 4]].reset_index(drop=True)                  # in the order the ids are given
-    ids = list(table["id"])
-    mods = ("vil", "ir069", "ir107")
-    notebook = common.SEVIRMultimodal(df, root, ids, mods=mods, t_in=12, t_out=1, target_size=64)
-    ours = common.SEVIRMultimodal(table, root, mods=mods, t_in=12, t_out=1, target_size=64)
-    x, y = notebook[37 + 5]                                                # event 0, frames 5-17
-    assert x.shape == (3, 12, 64, 64) and y.shape == (1, 1, 64, 64)
-    assert all(torch.equal(a, b) for a, b in zip((x, y), ours[37 + 5])) and not torch.equal(y, notebook[5][1])
-    notebook = common.SyntheticRadarDataset(df, root, ids, input_mods=mods[1:], t_sample=24, target_size=64)
-    ours = common.SyntheticRadarDataset(table, root, input_mods=mods[1:], t_sample=None, target_size=64)
-    x, y = notebook[1]                                                     # event 0, frame 24: one per event
-    assert len(notebook) == 3 and x.shape == (2, 64, 64) and y.shape == (1, 64, 64)
-    assert all(torch.equal(a, b) for a, b in zip((x, y), ours[49 + 24])) and not torch.equal(y, ours[49 + 23][1])
-
-
-def test_multimodal_and_synthetic_read_the_same_time(indexed_files):
-    events, root = indexed_files
-    shift, scale = common.SEVIR_ZSCORE["ir107"]
-    mm = common.SEVIRMultimodal(events, root, mods=("vil", "ir069", "ir107"), t_in=12, t_out=1,
-                                target_size=192, train=False)
-    x, y = mm[1]                                                     # window starting at frame 12
-    assert x.shape == (3, 12, 192, 192) and y.shape == (1, 1, 192, 192)
-    raw_ir = x[2] * scale + shift                                    # back to deg C x 100
-    for k in range(12):
-        assert abs(float(raw_ir[k, 0, 0]) - (100 * (12 + k) + 50)) < 0.5      # top row
-        assert abs(float(raw_ir[k, -1, 0]) - 100 * (12 + k)) < 0.5           # bottom row
-        assert abs(float(x[0, k, -1, 0]) * 255 - 2 * (12 + k)) < 1e-3        # VIL resized 384 -> 192
-    assert abs(float(y[0, 0, -1, 0]) * 255 - 2 * 24) < 1e-3
-
-    syn = common.SyntheticRadarDataset(events, root, input_mods=("ir069", "ir107"), t_sample=None, target_size=96, train=False)
-    assert [syn.windows[i][1] for i in range(len(syn))] == list(range(0, 49, 4))
-    x, y = syn[6]                                                     # frame 24
-    assert x.shape == (2, 96, 96) and y.shape == (1, 96, 96)
-    assert abs(float(x[1, -1, 0]) * scale + shift - 2400) < 0.5
-    assert abs(float(y[0, -1, 0]) * 255 - 48) < 1e-3
-    minmax = common.SEVIRMultimodal(events, root, mods=("vil", "ir107"), t_in=2, t_out=1, target_size=96,
-                                    train=False, ir_norm="minmax")
-    assert float(minmax[0][0][1].min()) == 0.0 and float(minmax[0][0][1].max()) == pytest.approx(1.0)
-
-
-def test_lightning_rasterisation_is_causal():
-    t0 = -120 * 60                                 # time of frame 0; frame k is at t0 + 300 k seconds
-    flashes = np.array([
-        # t (s),          lat, lon,  x,    y
-        [t0 - 600, 0, 0, 3.5, 2.2],          # before frame 0: frame 0
-        [t0, 0, 0, 3.9, 2.0],                # exactly at frame 0's time: frame 0
-        [t0 + 1, 0, 0, 3.9, 2.0],            # one second later: frame 1, not 0
-        [t0 + 300, 0, 0, 0.0, 47.99],        # exactly at frame 1's time: frame 1, bottom-left corner
-        [0, 0, 0, 10.0, 10.0],               # at time_utc (frame 24)
-        [1, 0, 0, 11.0, 10.0],               # one second after time_utc: frame 25
-        [7200, 0, 0, 47.5, 0.0],             # +120 min: the last frame, top-right corner
-        [7201, 0, 0, 47.5, 0.0],             # after the last frame: in no frame
-        [0, 0, 0, 48.0, 5.0],                # off the grid (x = 48)
-        [0, 0, 0, -0.5, 5.0],                # off the grid (x < 0)
-    ], dtype=np.float32)
-    grid = common.lightning_to_grid(flashes)
-    assert grid.shape == (49, 48, 48) and grid.sum() == 7
-    assert grid[0, 2, 3] == 2 and grid[1, 2, 3] == 1 and grid[1, 47, 0] == 1 and grid[48, 0, 47] == 1
-    assert grid[24, 10, 10] == 1 and grid[24, 10, 11] == 0 and grid[25, 10, 11] == 1
-    assert common.lightning_to_grid(np.zeros((0, 5))).sum() == 0
+    monkeypatch.chdir(tmp_path)
+    made = []
+    real = common.make_sample_sevir
+    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or real(root, n_events=3))
+    cfg = train_synthetic.Config()
+    for _ in range(2):
+        catalog, root, kind = common.resolve_data(cfg)
+    assert made == [common.SAMPLE_ROOT] and kind == "sample" and catalog.exists()
+    (tmp_path / common.SAMPLE_ROOT / common.SAMPLE_MARKER).write_text("a sample of another version\n")
+    with pytest.raises(common.UserError, match="made by an older version of the scripts: delete the folder"):
+        common.resolve_data(cfg)
+    assert "GENERATED sample data, not real weather" in capsys.readouterr().out
+    cfg.CATALOG_PATH = "elsewhere/CATALOG.csv"                     # a path the user named: no sample
+    with pytest.raises(common.UserError, match="catalog not found: elsewhere/CATALOG.csv"):
+        common.resolve_data(cfg)
+    cfg.CATALOG_PATH, cfg.SEVIR_ROOT = str(catalog), "no/such/folder"
+    with pytest.raises(common.UserError, match="SEVIR root folder not found: no/such/folder"):
+        common.resolve_data(cfg)
 
 
 # --------------------------------------------------------------------------------------
-# Sample data
+# 8. Run files: the report, checkpoints, one run per folder, resume
 # --------------------------------------------------------------------------------------
-
-def test_sample_has_sevir_layout_and_is_reproducible(tmp_path, sample):
-    catalog, root = sample
-    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
-    assert list(df.columns) == common.CATALOG_COLUMNS
-    assert set(df["img_type"]) == {"vil", "ir069", "ir107", "lght"}
-    with h5py.File(Path(root) / df[df.img_type == "vil"].iloc[0]["file_name"]) as f:
-        assert f["vil"].dtype == np.uint8 and f["vil"].shape[1:] == (384, 384, 49)
-        assert f["id"][0].decode() == df[df.img_type == "vil"].iloc[0]["id"]
-    with h5py.File(Path(root) / df[df.img_type == "ir107"].iloc[0]["file_name"]) as f:
-        assert f["ir107"].dtype == np.int16 and f["ir107"].shape[1:] == (192, 192, 49)
-    lght = df[df.img_type == "lght"].iloc[0]
-    with h5py.File(Path(root) / lght["file_name"]) as f:
-        assert f[lght["id"]].shape[1] == 5
-    times = pd.to_datetime(df["time_utc"])
-    assert (times <= "2019-01-01").any() and times.between("2019-01-01 00:00:01", "2019-06-01").any()
-    assert (times > "2019-06-01").any()
-
-    a, b = tmp_path / "a", tmp_path / "b"
-    common.make_sample_sevir(a, n_events=3, seed=3)
-    common.make_sample_sevir(b, n_events=3, seed=3)
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) >= 7                                           # catalog, marker, 3 image files, lght
-    assert all((a / p).read_bytes() == (b / p).read_bytes() for p in files)
-
-
-# --------------------------------------------------------------------------------------
-# Metrics and reference forecasts
-# --------------------------------------------------------------------------------------
-
-def test_skill_score_against_hand_counts():
-    # codes: truth and forecast on 4 pixels; threshold 74: truth >= 74 at px 0, 1; forecast at px 0, 2
-    truth = torch.tensor([100.0, 80.0, 10.0, 0.0]).view(1, 1, 2, 2) / 255
-    pred = torch.tensor([200.0, 20.0, 74.0, 0.0]).view(1, 1, 2, 2) / 255
-    s = common.SkillScore(thresholds=(16, 74, 133), pools=())
-    s.update(pred, truth)
-    m = s.compute()
-    # t=74: H=1 (px0), M=1 (px1), F=1 (px2)
-    assert m["csi_74"] == pytest.approx(1 / 3) and m["pod_74"] == pytest.approx(0.5)
-    assert m["sucr_74"] == pytest.approx(0.5) and m["bias_74"] == pytest.approx(1.0)
-    # t=16: truth px0, px1; forecast px0, px1? no: 20 >= 16 yes -> px0, px1, px2 -> H=2, M=0, F=1
-    assert m["csi_16"] == pytest.approx(2 / 3) and m["bias_16"] == pytest.approx(1.5)
-    # t=133: truth none; forecast px0 -> H=0, M=0, F=1: CSI 0, POD 0/0 undefined
-    assert m["csi_133"] == 0 and np.isnan(m["pod_133"]) and m["sucr_133"] == 0
-    assert m["csi_m"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
-    err = (pred - truth).flatten()
-    assert m["mse"] == pytest.approx(float((err ** 2).mean())) and m["mae"] == pytest.approx(float(err.abs().mean()))
-
-
-def test_skill_score_perfect_never_reached_and_leads():
-    truth = torch.zeros(2, 1, 3, 16, 16)
-    truth[:, :, :, 4:8, 4:8] = 150 / 255                           # reaches 16, 74, 133, never 160+
-    s = common.SkillScore()
-    s.update(truth.clone(), truth)
-    m = s.compute()
-    assert m["mse"] == 0 and m["csi_16"] == 1 and m["csi_133"] == 1 and m["bias_74"] == 1
-    assert np.isnan(m["csi_160"]) and np.isnan(m["csi_219"])          # 0/0: undefined, printed n/a
-    # CSI-M as Earthformer: the undefined thresholds count as 0 in the mean over all six
-    assert m["csi_m"] == 0.5 and m["csi_pool4_m"] == 0.5 and m["csi_pool16_m"] == 0.5
-    assert m["csi_m_per_lead"] == [0.5, 0.5, 0.5]
-    alarm = truth.clone()
-    alarm[0, 0, 0, 0, 0] = 1.0                                          # one false-alarm pixel at every threshold
-    s2 = common.SkillScore()
-    s2.update(alarm, truth)
-    m2 = s2.compute()
-    assert m2["csi_219"] == 0 and m2["csi_m"] == pytest.approx(0.5, abs=0.01)    # the same six thresholds
-    assert len(m["csi_m_per_lead"]) == 3 and m["mse_per_lead"] == [0, 0, 0]
-    s.update(torch.zeros_like(truth), truth)                           # counts accumulate
-    m = s.compute()
-    assert m["csi_16"] == pytest.approx(0.5) and m["pod_16"] == pytest.approx(0.5) and m["sucr_16"] == 1
-
-
-def test_persistence_on_a_steady_field_scores_csi_1():
-    field = torch.rand(1, 1, 1, 32, 32)
-    x, y = field.expand(2, 1, 12, 32, 32), field.expand(2, 1, 3, 32, 32)
-    s = common.SkillScore()
-    s.update(common.Persistence(0, t_out=3)(x), y)
-    m = s.compute()
-    assert m["mse"] == 0 and all(m[f"csi_{t}"] == 1 for t in common.SEVIR_THRESHOLDS if (field * 255 >= t).any())
-
-
-def moving_blob(t_in, t_out, step=(1, 2), size=48, channels=1, vil_channel=0):
-    """x (1, channels, t_in, S, S), y (1, 1, t_out, S, S): a Gaussian blob moving `step` = (dx, dy) pixels
-    a frame, VIL at vil_channel."""
-    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
-    def frame(k):
-        cx, cy = 12 + step[0] * k, 14 + step[1] * k
-        return 0.9 * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 3.0 ** 2))
-    frames = torch.stack([frame(k) for k in range(t_in + t_out)])
-    x = torch.zeros(1, channels, t_in, size, size)
-    x[0, vil_channel] = frames[:t_in]
-    return x, frames[None, None, t_in:]
-
-
-def centre(field):
-    """(x, y) centre of mass of a (H, W) field."""
-    yy, xx = torch.meshgrid(torch.arange(field.shape[0]).float(), torch.arange(field.shape[1]).float(), indexing="ij")
-    return float((field * xx).sum() / field.sum()), float((field * yy).sum() / field.sum())
-
-
-@pytest.mark.skipif(common.pysteps_methods() is None, reason="needs pysteps and opencv-python-headless")
-def test_optical_flow_moves_a_shifted_blob_to_where_it_goes():
-    x, y = moving_blob(t_in=6, t_out=4, channels=2, vil_channel=1)
-    flow = common.OpticalFlow(common.pysteps_methods(), vil_channel=1, t_out=4)
-    pred = flow(x)
-    assert pred.shape == y.shape and pred.dtype == x.dtype and torch.isfinite(pred).all()
-    for k in range(4):                                               # +k+1 frames: (1, 2) pixels a frame
-        px, py = centre(pred[0, 0, k])
-        tx, ty = centre(y[0, 0, k])
-        assert abs(px - tx) < 0.5 and abs(py - ty) < 0.5, (k, px, py, tx, ty)
-    persistence = common.Persistence(1, t_out=4)(x)
-    assert (pred - y).abs().mean() < 0.3 * (persistence - y).abs().mean()
-    # what comes in from outside the grid is no rain, not NaN
-    edge, _ = moving_blob(t_in=3, t_out=1, step=(-6, 0), size=32)
-    assert torch.isfinite(common.OpticalFlow(common.pysteps_methods(), t_out=8)(edge)).all()
-
-
-def test_optical_flow_is_skipped_with_one_line_when_pysteps_is_missing(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "pysteps", None)               # import pysteps -> ImportError
-    assert common.pysteps_methods() is None
-    refs = common.nowcast_references(vil_channel=0, t_out=2)
-    assert [r.name for r in refs] == ["persistence", "shift"]
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and "pip install pysteps opencv-python-headless" in out
-
-
-def test_shift_reference_finds_the_one_motion_vector():
-    x, y = moving_blob(t_in=12, t_out=3, step=(1, -1), size=64)
-    x[..., 40:, :] = 0                                                 # keep the blob away from the edges
-    pred = common.ShiftExtrapolation(0, t_out=3)(x)
-    for k in range(3):
-        px, py = centre(pred[0, 0, k])
-        tx, ty = centre(y[0, 0, k])
-        assert abs(px - tx) < 0.3 and abs(py - ty) < 0.3
-
-
-def test_flip_rotate_turns_inputs_and_targets_alike():
-    x = torch.arange(2 * 3 * 4 * 8 * 8, dtype=torch.float32).reshape(2, 3, 4, 8, 8)
-    y = x[:, :1, -2:].clone()
-    views = set()
-    torch.manual_seed(0)
-    for _ in range(64):
-        tx, ty = common.flip_rotate(x, y)
-        assert torch.equal(tx[:, :1, -2:], ty)                       # the same transform for both
-        assert torch.equal(tx.flatten(-2).sort(-1).values, x.flatten(-2).sort(-1).values)   # pixels moved, not changed
-        views.add(tuple(tx[0, 0, 0].flatten()[:3].tolist()))
-    assert len(views) == 8                                            # all 8 turns and flips of the square
-
-
-def test_warp_moves_a_frame_by_its_displacement():
-    frame = torch.zeros(1, 16, 16)
-    frame[0, 5, 4] = 1.0
-    d = torch.zeros(1, 2, 2, 16, 16)
-    d[:, 0, 0], d[:, 1, 0], d[:, 1, 1] = 3.0, -2.0, 1.0               # (dx, dy) = (3, 0) and (-2, 1)
-    out = common.warp(frame, d)
-    assert out[0, 0, 5, 7] == pytest.approx(1.0) and out[0, 1, 6, 2] == pytest.approx(1.0)
-    assert out.sum() == pytest.approx(2.0)
-    d[:, 0, 0] = 20.0                                                 # moved off the grid: no rain left
-    assert common.warp(frame, d)[0, 0].sum() == 0
-
-
-def test_evolution_net_starts_as_the_shift_and_learns_growth_and_motion():
-    torch.manual_seed(0)
-    x, y = moving_blob(t_in=4, t_out=2, step=(1, 0), size=32, channels=2, vil_channel=1)
-    y = y * torch.tensor([1.3, 1.6]).view(1, 1, 2, 1, 1)              # the cell grows as it moves
-    y[..., 20:, 20:] = y[..., :12, :12].flip(-1)                      # and a second one moves the other way
-    model = common.EvolutionNet(in_channels=2, t_in=4, t_out=2, base=4, vil_channel=1)
-    assert torch.allclose(model(x), common.ShiftExtrapolation(1, t_out=2)(x))   # untrained: the shift reference
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(60):
-        loss = F.mse_loss(model(x), y)
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.3 * first
-
 
 def test_the_table_prints_small_scores_with_three_significant_digits(capsys):
     scores = {"mse": 3.54e-5, "mae": 0.00154, "csi_m": 0.638, "csi_pool4_m": 0.801, "csi_pool16_m": 0.873,
@@ -848,181 +1300,6 @@ def test_the_table_prints_small_scores_with_three_significant_digits(capsys):
     assert "MSE 0.000298 / 0.000434 / 0.0001" in out                  # the validation line too
     assert "4 km pixels: pool4 = 16 km tiles, pool16 = 64 km" in out
     assert "POD and bias when the truth never did" in out and "sucr when the forecast never did" in out
-
-
-def test_figure_rows_come_from_different_events():
-    class Held:                                  # 3 events x 4 windows; event 0 is the rainiest in every window
-        windows = [(e, s) for e in range(3) for s in range(4)]
-
-        def __len__(self):
-            return len(self.windows)
-
-        def __getitem__(self, i):
-            e, s = self.windows[i]
-            return torch.zeros(1), torch.full((1,), 10.0 * (e == 0) + s)
-    picked = common._samples(Held(), 3)
-    assert [Held.windows[i][0] for i in picked] == [0, 1, 2]               # one storm per row
-    assert len(common._samples(Held(), 5)) == 5                          # more rows than events: the next rainiest
-
-
-def test_ir_lookup_learns_a_monotone_relation():
-    shift, scale = common.SEVIR_ZSCORE["ir107"]
-    temps = torch.linspace(-7000, 2000, 64)                            # deg C x 100
-    x = ((temps - shift) / scale).view(1, 1, 8, 8).repeat(4, 2, 1, 1)
-    y = ((2000 - temps) / 9000).clamp(0, 1).view(1, 1, 8, 8).repeat(4, 1, 1, 1)   # colder, more VIL
-    lookup = common.IRLookup(channel=1).fit([(x, y)])
-    pred = lookup(x)
-    assert pred.shape == y.shape and (pred - y).abs().max() < 0.03
-
-
-def test_a_sine_wave_puts_its_power_at_its_wavelength():
-    n, waves = 64, 8                                                    # 8 cycles across the grid: 8 pixels each
-    x = torch.arange(n, dtype=torch.float64)
-    for field in (torch.sin(2 * np.pi * waves * x / n)[None, :].expand(n, n),            # waves along x
-                  torch.sin(2 * np.pi * waves * x / n)[:, None].expand(n, n)):           # and along y
-        spectrum = common.radial_power_spectrum(torch.fft.fft2(field).abs() ** 2 / field.numel())
-        assert spectrum.shape == (n // 2,)
-        assert int(spectrum.argmax()) + 1 == waves and spectrum[waves - 1] > 1e6 * spectrum[waves + 1]
-    assert common.radial_power_spectrum(torch.zeros(n, n)).abs().max() == 0
-    # through the loader: wavelengths in km, blur removes power at small scales only
-    y = (0.5 + 0.5 * torch.sin(2 * np.pi * 16 * x / n))[None, None, None, :].expand(4, 1, n, n).float()
-    blurred = lambda t: F.avg_pool2d(t, 5, 1, 2, count_include_pad=False)
-    loader = torch.utils.data.DataLoader(list(zip(y, y)), batch_size=2, collate_fn=common.collate_skipping)
-    spectra = common.power_spectra({"model": lambda t: t, "blurred": blurred}, loader, torch.device("cpu"),
-                                   pixel_km=3.0)
-    assert spectra["wavelength_km"][0] == n * 3.0 and spectra["wavelength_km"][15] == 12.0       # 16 cycles: 12 km
-    assert np.allclose(spectra["model"], spectra["truth"])
-    peak = int(np.argmax(spectra["truth"]))
-    assert peak == 15 and spectra["blurred"][peak] < 0.5 * spectra["truth"][peak]
-
-
-# --------------------------------------------------------------------------------------
-# The scripts end to end, through their command line
-# --------------------------------------------------------------------------------------
-
-REFERENCE = {"train_baseline.py": "persistence", "train_multimodal.py": "persistence",
-             "train_synthetic.py": "ir_lookup", "train_advanced.py": "ir_lookup"}
-
-
-def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path, sample, monkeypatch):
-    import train_advanced
-    out = tmp_path / "adv"
-    calls = []
-    real_fit, real_bn = common.fit, common.recompute_batchnorm
-    monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append(k.get("advanced")) or real_fit(*a, **k))
-    monkeypatch.setattr(common, "recompute_batchnorm", lambda *a: calls.append(a[-1]) or real_bn(*a))
-    halved = []                                         # the grid each training batch had before and after
-    real_half = common.half_resolution
-    monkeypatch.setattr(common, "half_resolution", lambda x, y: halved.append(x.shape[-1]) or real_half(x, y))
-    train_advanced.main(TINY[:-4] + ["--target_size=128", "--epochs=2", "--vgg_weights=none", "--max_train=1",
-                                     "--max_val=1", "--batch_size=7", "--loss=mse", "--perceptual_pool=2",
-                                     "--half_res_epochs=1"] + data_args(sample) + [f"--out_dir={out}"])
-    assert calls == [True, 2, 2]                        # 07A's recipe; BatchNorm re-estimated each epoch
-    assert halved == [128] * 7                          # epoch 1's 7 batches (49 frames) halved, epoch 2's not
-    history = pd.read_csv(out / "history.csv")
-    assert {"train_mse", "train_perceptual", "val_mse", "val_perceptual", "val_loss"} <= set(history.columns)
-    assert np.allclose(history["val_loss"], history["val_mse"] + 0.1 * history["val_perceptual"], rtol=1e-5)
-    best = torch.load(out / "best.pt", weights_only=True)
-    assert best["epoch"] == history.loc[history["val_mse"].idxmin(), "epoch"]
-
-
-def test_batchnorm_statistics_are_re_estimated_from_training_batches():
-    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
-    x = torch.randn(12, 1, 4, 4) * 3 + 5
-    loader = torch.utils.data.DataLoader(list(zip(x, x)), batch_size=4, collate_fn=common.collate_skipping)
-    net[1].running_mean.fill_(100.0)                                   # stale, as after fast-moving weights
-    common.recompute_batchnorm(net, loader, torch.device("cpu"), n_batches=2)
-    with torch.no_grad():
-        first = net[0](x[:8])                                          # the two batches it may use
-        var = torch.stack([first[:4].var((0, 2, 3)), first[4:].var((0, 2, 3))]).mean(0)
-    assert torch.allclose(net[1].running_mean, first.mean((0, 2, 3)), atol=1e-4)
-    assert torch.allclose(net[1].running_var, var, rtol=1e-4) and net[1].momentum == 0.1
-
-
-@pytest.mark.parametrize("script, extra", [
-    ("train_baseline.py", ["--t_in=4", "--t_out=2"]),
-    ("train_multimodal.py", ["--t_in=3", "--modalities=vil,ir107,lght"]),
-    ("train_synthetic.py", ["--input_mods=ir069,ir107,lght"]),
-    ("train_advanced.py", ["--target_size=64", "--half_res_epochs=0", "--max_train=1", "--batch_size=7"]),
-])
-def test_script_end_to_end(tmp_path, sample, script, extra, monkeypatch):
-    def offline(*args, **kwargs):                                      # never download weights in a test
-        raise OSError("offline")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    out = tmp_path / "out"                                           # the script and common.py, nothing else
-    r = run_alone(script, *TINY, *extra, *data_args(sample), f"--out_dir={out}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("config.json", "history.csv", "last.pt", "best.pt", "metrics.json", "predictions.png",
-                 "loss.png", "skill.png"):
-        assert (out / name).stat().st_size > 0, name
-    ckpt = torch.load(out / "best.pt", weights_only=True)
-    assert set(ckpt) >= {"model", "config", "epoch", "best_val", "metrics", "script"} and ckpt["epoch"] == 1
-    assert "optimizer" not in ckpt and "optimizer" in torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["script"] == script[:-3]
-    metrics = json.loads((out / "metrics.json").read_text())
-    ref = REFERENCE[script]
-    keys = {"mse", "mae", "csi_m", "csi_pool4_m", "csi_pool16_m"} | {
-        f"{s}_{t}" for s in ("csi", "pod", "sucr", "bias") for t in common.SEVIR_THRESHOLDS}
-    assert keys <= set(metrics["model"]) and keys <= set(metrics[ref])
-    assert metrics["data"] == "sample" and metrics["n_samples"] > 0 and metrics["split"] == "test"
-    size = 64 if script == "train_advanced.py" else 32
-    assert metrics["pixel_km"] == 384 / size and f"{384 // size} km pixels: pool4 = {4 * 384 // size} km" in r.stdout
-    assert "model" in r.stdout and ref in r.stdout                   # the table printed at the end
-    if script == "train_advanced.py":                                # said, recorded, and the term left out
-        assert metrics["perceptual_backbone"] == "off" and "weights unavailable" in r.stdout
-        assert "train_perceptual" not in pd.read_csv(out / "history.csv").columns
-    if ref == "ir_lookup":                                           # synthetic radar: how sharp is it?
-        spectrum = metrics["spectrum"]
-        assert (out / "spectrum.png").stat().st_size > 0 and set(spectrum) == {"wavelength_km", "truth", "model", ref}
-        assert spectrum["wavelength_km"][0] == 384.0 and len(spectrum["model"]) == size // 2
-    else:
-        assert "spectrum" not in metrics and not (out / "spectrum.png").exists()
-    if "--t_out=2" in extra:
-        assert (out / "forecast.gif").stat().st_size > 0 and len(metrics["model"]["csi_m_per_lead"]) == 2
-
-
-def test_best_model_is_chosen_on_validation_and_scored_on_test(tmp_path, sample):
-    import train_synthetic
-    out = tmp_path / "run"
-    train_synthetic.main(TINY[:-3] + ["--epochs=3", "--batch_size=4", "--max_train=1", "--loss=mse"]
-                         + data_args(sample) + [f"--out_dir={out}"])
-    cfg = common.parse_config(train_synthetic.Config, data_args(sample))
-    data = train_synthetic.build_data(cfg)
-    metrics = json.loads((out / "metrics.json").read_text())
-    best = torch.load(out / "best.pt", weights_only=True)
-    assert metrics["split"] == "test" and metrics["checkpoint"] == "best.pt" and metrics["epoch"] == best["epoch"]
-    assert metrics["n_events"] == len(data.test_events) and metrics["n_samples"] == len(data.test)
-    assert pd.Timestamp(metrics["period"][0]) > pd.Timestamp("2019-06-01")         # only events after the split
-    assert metrics["beside"]["split"] == "val" and metrics["beside"]["n_events"] == len(data.val_events)
-    history = pd.read_csv(out / "history.csv")
-    assert best["epoch"] == history.loc[history["val_loss"].idxmin(), "epoch"]       # chosen on validation
-    # the validation loss of the chosen epoch is the model's validation MSE, scored again beside the test
-    assert metrics["beside"]["model"]["mse"] == pytest.approx(history["val_loss"].min(), rel=1e-4)
-
-
-def test_scores_are_in_float32_even_where_training_uses_bf16(monkeypatch):
-    monkeypatch.setattr(common, "amp_dtype", lambda device: torch.bfloat16)      # as on a CUDA GPU
-    identity = torch.nn.Conv2d(1, 1, 1, bias=False)
-    torch.nn.init.ones_(identity.weight)
-    y = 0.5 + 0.5 * torch.rand(8, 1, 16, 16)                                      # values where bf16 steps are coarse
-    loader = torch.utils.data.DataLoader([(v, v) for v in y], batch_size=4, collate_fn=common.collate_skipping)
-    _, m = common.evaluate(identity, loader, torch.device("cpu"))
-    assert m["mse"] == 0 and m["csi_219"] == 1
-
-
-def test_downsampling_keeps_the_mean_and_a_single_bright_pixel(tmp_path):
-    rng = np.random.default_rng(0)
-    field = rng.integers(0, 200, (384, 384, 1), dtype=np.uint8).repeat(49, axis=2)
-    spike = np.zeros((384, 384, 49), np.uint8)
-    spike[201, 202] = 254                                           # one bright pixel between the 4 x 4 blocks' centres
-    catalog = vil_catalog(tmp_path, [{"id": "S1"}, {"id": "S2", "file_index": "1"}],
-                          lambda i: field if i == 0 else spike)
-    events = common.load_catalog(catalog, tmp_path, mods=("vil",))
-    ds = common.SEVIRVIL(events, tmp_path, t_in=1, t_out=1, target_size=96, train=False)
-    noisy, bright = ds[0][0], ds[len(ds) // 2][0]                        # (1, 1, 96, 96)
-    assert float(noisy.mean()) * 255 == pytest.approx(float(field.mean()), rel=0.01)
-    assert float(bright.sum()) * 255 * 16 == pytest.approx(254, rel=0.01)            # its mass is kept
-    assert float(bright.max()) > 0
 
 
 def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sample, monkeypatch):
@@ -1079,292 +1356,6 @@ def test_checkpoint_with_code_is_refused(tmp_path):
         common.load_checkpoint(path)
     r = run_script("visualize.py", str(path), cwd=tmp_path)
     assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_models_shapes_and_parameter_counts():
-    assert common.NowcastNet(6, t_out=3, base=4)(torch.rand(2, 1, 6, 16, 16)).shape == (2, 1, 3, 16, 16)
-    assert common.MultimodalNowcastNet(3, 6, t_out=1, base=4)(torch.rand(1, 3, 6, 16, 16)).shape == (1, 1, 1, 16, 16)
-    assert common.SyntheticRadarUNet(2, 1, base=4)(torch.rand(1, 2, 32, 32)).shape == (1, 1, 32, 32)
-    assert common.AdvancedUNet(3, 1, base=4)(torch.rand(1, 3, 64, 64)).shape == (1, 1, 64, 64)
-    assert common.count_parameters(common.SyntheticRadarUNet(2, 1, 32)) == pytest.approx(7.77e6, rel=0.01)
-    assert common.count_parameters(common.AdvancedUNet(2, 1, 32)) == pytest.approx(94.0e6, rel=0.01)
-    def residual_blocks(net):
-        return sum(isinstance(m, common.ResidualBlock) for m in net.modules())
-    assert residual_blocks(common.AdvancedUNet(2, 1, 4)) == 5 + 3                            # notebook 07A
-    import train_advanced
-    cfg = common.parse_config(train_advanced.Config, ["--bottleneck_blocks=1"])
-    assert residual_blocks(train_advanced.build_model(cfg)) == 5 + 1
-    assert common.count_parameters(common.NowcastNet(12, 1, 32)) == pytest.approx(555e3, rel=0.01)
-
-
-def test_advanced_unet_output_is_clipped_with_the_gradient_passed_through():
-    """Values in [0, 1] with exact zeros (no sigmoid haze); a pixel clipped at 0 whose truth is rain still
-    gets a gradient (a plain clamp would give none), and one whose truth is 0 gets none."""
-    torch.manual_seed(0)
-    net = common.AdvancedUNet(2, 1, base=4)
-    with torch.no_grad():
-        net.out.bias.fill_(-0.5)                         # most pixels below 0 before the clip
-    out = net(torch.rand(2, 2, 64, 64))
-    assert out.min() == 0 and out.max() <= 1 and (out == 0).float().mean() > 0.5
-    with torch.no_grad():
-        net.out.weight.zero_()                           # now every pixel is clipped at 0
-    x = torch.rand(1, 2, 64, 64)
-    for truth, pushed_up in ((0.5, True), (0.0, False)):
-        net.zero_grad()
-        pred = net(x)
-        common.LOSSES["mae"](pred, torch.full_like(pred, truth)).backward()
-        assert pred.abs().sum() == 0
-        assert (net.out.bias.grad.item() < 0) == pushed_up and (net.out.bias.grad.item() == 0) != pushed_up
-
-
-def test_the_notebooks_calls_build_the_same_networks_and_figures(tmp_path, sample, monkeypatch, capsys,
-                                                                  drawn_figures):
-    """Each class and figure function called exactly as notebooks 05, 06, 07 and 07A call them."""
-    model = common.NowcastNet(12, 1)                                   # NowcastNet(Config.T_IN, Config.T_OUT)
-    assert model(torch.rand(2, 1, 12, 16, 16)).shape == (2, 1, 1, 16, 16)
-    notebook = {f"{name}.{p}": torch.randn(shape if p == "weight" else shape[:1])   # notebook 05's layers
-                for name, shape in (("enc1", (32, 1, 3, 3, 3)), ("enc2", (64, 32, 3, 3, 3)), ("enc3", (128, 64, 3, 3, 3)),
-                                    ("dec1", (64, 128, 3, 3, 3)), ("dec2", (32, 64, 3, 3, 3)), ("out", (1, 32, 1, 1, 1)))
-                for p in ("weight", "bias")}
-    model.load_state_dict(notebook)                                    # strict: the same names and shapes
-    assert common.count_parameters(model) == pytest.approx(555e3, rel=0.01)           # base 32
-    mm = common.MultimodalNowcastNet(3, 12, 1)                         # in_channels=3, t_in=12, t_out=1
-    assert mm(torch.rand(2, 3, 12, 16, 16)).shape == (2, 1, 1, 16, 16) and mm.enc1.in_channels == 3
-    assert mm.enc1.out_channels == 32                                  # base stays 32
-    assert common.MultimodalNowcastNet(in_channels=1, t_in=12, t_out=3, base=8)(
-        torch.rand(1, 1, 12, 8, 8)).shape == (1, 1, 3, 8, 8)
-    unet = common.SyntheticRadarUNet(in_channels=2, out_channels=1, base=32)
-    assert unet(torch.rand(2, 2, 32, 32)).shape == (2, 1, 32, 32)
-    deep = common.AdvancedUNet(in_channels=2, out_channels=1)
-    assert deep(torch.rand(2, 2, 64, 64)).shape == (2, 1, 64, 64)
-
-    def offline(*args, **kwargs):                                      # never download weights in a test
-        raise OSError("offline")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    vgg = common.VGGPerceptualLoss()
-    assert vgg.backbone == "untrained" and "VGG16 ImageNet weights unavailable" in capsys.readouterr().out
-    assert vgg(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)).ndim == 0
-
-    monkeypatch.chdir(tmp_path)
-    events = common.load_catalog(sample[0], sample[1])
-    val_dataset = common.SEVIRVIL(events, sample[1], t_in=12, t_out=1, target_size=16, train=False)
-    common.visualize_predictions(model, val_dataset, torch.device("cpu"), num_samples=3)
-    assert (tmp_path / "predictions.png").stat().st_size > 0
-    (tmp_path / "predictions.png").unlink()
-
-    class config:                                                      # notebook 06's Config
-        MODALITIES = ("vil", "ir069", "ir107")
-    val_mm = common.SEVIRMultimodal(events, sample[1], mods=config.MODALITIES, t_in=12, t_out=1, target_size=16,
-                                    train=False)
-    common.visualize_multimodal(mm, val_mm, torch.device("cpu"), config, num_samples=2)
-    assert (tmp_path / "predictions.png").stat().st_size > 0
-
-
-def test_vgg_perceptual_loss_without_weights():
-    loss = common.VGGPerceptualLoss(weights="none")
-    assert loss.backbone == "untrained" and len(loss.slices) == 4
-    assert sum(p.numel() for p in loss.parameters()) == 7_635_264          # VGG16 conv1_1 .. conv4_3
-    a = torch.rand(1, 1, 32, 32, requires_grad=True)
-    value = loss(a, torch.rand(1, 1, 32, 32))
-    value.backward()
-    assert value.item() > 0 and a.grad is not None and loss(a, a).item() == 0
-
-
-def test_vgg_perceptual_loss_uses_imagenet_weights_from_the_hub_cache(tmp_path, monkeypatch, capsys):
-    from torchvision.models import VGG16_Weights
-    assert common.VGG16_URL == VGG16_Weights.IMAGENET1K_V1.url
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))                     # nothing here: untrained, said once
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    assert common.VGGPerceptualLoss().backbone == "untrained" and "weights unavailable" in capsys.readouterr().out
-    layers = [m for block in common.VGGPerceptualLoss(weights="none").slices for m in block]
-    state = {f"features.{i}.{k}": torch.randn_like(v) for i, m in enumerate(layers)   # torchvision's names
-             for k, v in m.state_dict().items()}
-    state["classifier.0.weight"] = torch.zeros(2, 2)                    # the rest of VGG16 is not loaded
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True, exist_ok=True)             # the failed download made it
-    torch.save(state, cache / Path(common.VGG16_URL).name)
-    loss = common.VGGPerceptualLoss()
-    assert loss.backbone == "imagenet" and torch.equal(loss.slices[3][-2].weight, state["features.21.weight"])
-
-
-# --------------------------------------------------------------------------------------
-# Colab and Jupyter: a script pasted into a cell, %run with flags
-# --------------------------------------------------------------------------------------
-
-KERNEL_ARGV = ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f", "/root/.local/kernel-7.json",
-               "--HistoryManager.hist_file=:memory:", "--IPKernelApp.parent_handle=12", "--Session.key=b''"]
-
-
-def edit_config(text, **values):
-    """The script's text with Config values replaced, as a user edits them in a notebook cell."""
-    import re
-    for key, value in values.items():
-        text, n = re.subn(rf"^(    {key} = ).*?(\s+#)", lambda m: m.group(1) + repr(value) + m.group(2), text,
-                          count=1, flags=re.M)
-        assert n == 1, key
-    return text
-
-
-def run_in_cell(text, argv=KERNEL_ARGV):
-    """Execute text as a notebook cell does: as __main__, with no file behind it and the kernel's sys.argv."""
-    import types
-    cell = types.ModuleType("__main__")
-    saved = sys.modules["__main__"], sys.argv
-    sys.modules["__main__"], sys.argv = cell, list(argv)
-    try:
-        exec(compile(text, "<cell>", "exec"), cell.__dict__)
-    finally:
-        sys.modules["__main__"], sys.argv = saved
-    return cell.__dict__
-
-
-@pytest.mark.parametrize("script", ["train_baseline.py", "train_multimodal.py", "train_synthetic.py",
-                                    "train_advanced.py"])
-def test_a_script_pasted_into_a_cell_runs_with_its_edited_config(tmp_path, sample, script, capsys):
-    out = tmp_path / "out"
-    size = 64 if script == "train_advanced.py" else 32
-    text = edit_config((HERE / script).read_text(), CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]),
-                       OUT_DIR=str(out), TARGET_SIZE=size, BASE=4, EPOCHS=1, BATCH_SIZE=2, MAX_TRAIN=1,
-                       MAX_VAL=1, **({"VGG_WEIGHTS": "none", "PERCEPTUAL_POOL": 4, "HALF_RES_EPOCHS": 0}
-                                     if script == "train_advanced.py" else {}))
-    run_in_cell(text)
-    assert (out / "metrics.json").exists() and (out / "predictions.png").exists()
-    assert torch.load(out / "best.pt", weights_only=True)["script"] == script[:-3]
-    assert json.loads((out / "config.json").read_text())["TARGET_SIZE"] == size      # the cell's Config
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:                               # the same cell again
-        run_in_cell(text)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "already holds a run" in err and "OVERWRITE = True" in err
-
-
-def test_a_pasted_cell_resumes_shows_help_and_errors_without_a_banner(tmp_path, sample, capsys, monkeypatch):
-    out = tmp_path / "out"
-    config = dict(CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]), OUT_DIR=str(out), TARGET_SIZE=32, BASE=4,
-                  BATCH_SIZE=2, MAX_TRAIN=1, MAX_VAL=1)
-    text = (HERE / "train_synthetic.py").read_text()
-    run_in_cell(edit_config(text, EPOCHS=1, **config))
-    run_in_cell(edit_config(text, EPOCHS=2, RESUME=True, **config))
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
-    assert "resumed from" in capsys.readouterr().out
-
-    cell = run_in_cell(text.replace('if __name__ == "__main__":', "if False:"))    # define, do not run
-    with pytest.raises(SystemExit) as e:
-        common.run_with_exit_status(lambda: cell["main"](["--help"]))
-    assert e.value.code == 0 and "--input_mods" in capsys.readouterr().out
-
-    monkeypatch.setattr(common, "in_ipython", lambda: True)                # inside Jupyter: no SystemExit
-    run_in_cell(edit_config(text, EPOCHS=0, **config))
-    assert capsys.readouterr().err.strip() == "error: --epochs=0: must be > 0"
-
-    # visualize.py rebuilds the pasted run from the script beside it, and says what it needs without it
-    r = run_script("visualize.py", str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_alone("visualize.py", str(out), cwd=tmp_path)
-    assert r.returncode == 2 and "put train_synthetic.py beside visualize.py" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_run_style_argv_reads_the_flags(tmp_path, sample, monkeypatch):
-    import runpy
-    out = tmp_path / "out"
-    saved = sys.argv
-    sys.argv = ["train_baseline.py", *TINY, "--t_in=3", *data_args(sample), f"--out_dir={out}"]   # %run script.py ...
-    try:
-        runpy.run_path(str(HERE / "train_baseline.py"), run_name="__main__")
-    finally:
-        sys.argv = saved
-    assert json.loads((out / "config.json").read_text())["T_IN"] == 3
-    sys.argv = ["-c", "--epochs=7"]                     # python -c "exec(open('train_synthetic.py').read())" ...
-    monkeypatch.setattr(common, "started_from_file", lambda: False)    # its __main__ has no file
-    try:
-        with contextlib.redirect_stderr(io.StringIO()) as err:
-            cfg = common.parse_config(Cfg)
-    finally:
-        sys.argv = saved
-    assert cfg.EPOCHS == Cfg.EPOCHS and "command line (--epochs=7) is ignored" in err.getvalue()
-
-
-# --------------------------------------------------------------------------------------
-# Reliability: unreadable files, non-finite loss, interruption, saving
-# --------------------------------------------------------------------------------------
-
-def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(tmp_path, capsys):
-    root = tmp_path / "s"
-    catalog = common.make_sample_sevir(root, n_events=5, seed=1)
-    events = common.load_catalog(catalog, root, mods=("vil",))
-    ds = common.SEVIRVIL(events, root, t_in=2, t_out=1, target_size=16, train=True)
-    ids = ds.reader.ids
-    random_event = int(np.flatnonzero(ids == next(i for i in ids if i.startswith("R")))[0])
-    broken = Path(ds.reader.paths["vil"][ds.reader.file_idx["vil"][random_event]])
-    broken.write_bytes(b"truncated" * 10)                         # valid at indexing, bad now
-    item = int(np.flatnonzero(ds.windows[:, 0] == random_event)[0])
-    assert ds[item] is None and ds[0] is not None
-    assert "skipped event R" in capsys.readouterr().err
-
-    def loader(items):
-        return torch.utils.data.DataLoader(items, batch_size=4, collate_fn=common.collate_skipping)
-    good = (torch.zeros(1), torch.zeros(1))
-    got = list(common.batches(loader([good] * 19 + [None]), "training"))     # 5%: goes on
-    assert sum(len(x) for x, _ in got) == 19
-    with pytest.raises(common.RunError, match="3 of 20 training samples could not be read"):
-        list(common.batches(loader([None] * 3 + [good] * 17), "training"))
-
-
-class FitCfg:
-    EPOCHS, BATCH_SIZE, NUM_WORKERS, SEED, RESUME, OVERWRITE = 3, 2, 0, 0, False, False
-    script = "train_synthetic"
-
-
-def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, sample):
-    events = common.load_catalog(sample[0], sample[1])
-    train = common.SyntheticRadarDataset(events.iloc[:3], sample[1], t_sample=None, target_size=32, train=True)
-    val = common.SyntheticRadarDataset(events.iloc[3:], sample[1], t_sample=None, target_size=32, train=False)
-    cfg = FitCfg()
-    cfg.OUT_DIR = str(tmp_path)
-    model = common.SyntheticRadarUNet(2, 1, base=2)
-    train_loader = common.make_loader(train, cfg, torch.device("cpu"), shuffle=True)
-    val_loader = common.make_loader(val, cfg, torch.device("cpu"), shuffle=False)
-    calls = []
-
-    def loss_fn(pred, y):                              # finite for epoch 1, NaN from epoch 2's first batch
-        calls.append(1)
-        loss = torch.nn.functional.mse_loss(pred, y)
-        return loss * float("nan") if len(calls) > len(train_loader) + len(val_loader) else loss
-    with pytest.raises(common.RunError, match="loss is nan at epoch 2, batch 1"):
-        common.fit(model, train_loader, val_loader, loss_fn, torch.optim.Adam(model.parameters()), cfg,
-                   torch.device("cpu"))
-    for name in ("last.pt", "best.pt"):
-        ckpt = common.load_checkpoint(tmp_path / name)
-        assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
-                                          if v.is_floating_point())
-
-
-def test_the_first_half_res_epochs_train_on_frames_pooled_2x2(tmp_path, sample):
-    x = torch.arange(16.0).view(1, 1, 4, 4)
-    assert common.half_resolution(x, x + 1)[0].flatten().tolist() == [2.5, 4.5, 10.5, 12.5]      # 2 x 2 means
-    assert common.half_resolution(x, x + 1)[1].flatten().tolist() == [3.5, 5.5, 11.5, 13.5]
-
-    class Recorder(nn.Conv2d):                          # remembers the grid of every batch it sees
-        def forward(self, x):
-            self.seen.append((self.training, x.shape[-1]))
-            return super().forward(x)
-    events = common.load_catalog(sample[0], sample[1])
-    train = common.SyntheticRadarDataset(events.iloc[:1], sample[1], t_sample=None, target_size=32, train=True)
-    val = common.SyntheticRadarDataset(events.iloc[1:2], sample[1], t_sample=None, target_size=32, train=False)
-    cfg = FitCfg()
-    cfg.OUT_DIR, cfg.HALF_RES_EPOCHS, cfg.BN_BATCHES = str(tmp_path), 2, 0
-    model = Recorder(2, 1, 1)
-    model.seen = []
-    train_loader = common.make_loader(train, cfg, torch.device("cpu"), shuffle=True)
-    val_loader = common.make_loader(val, cfg, torch.device("cpu"), shuffle=False)
-
-    def loss_fn(pred, y):                                # the targets are halved too, or the loss fails
-        return {"loss": F.l1_loss(pred, y), "mse": F.mse_loss(pred, y)}
-    common.fit(model, train_loader, val_loader, loss_fn, torch.optim.Adam(model.parameters()), cfg,
-               torch.device("cpu"), advanced=True)
-    n, m = len(train_loader), len(val_loader)
-    assert model.seen == ([(True, 16)] * n + [(False, 32)] * m) * 2 + [(True, 32)] * n + [(False, 32)] * m
 
 
 def test_a_run_from_an_older_version_is_one_line_saying_to_start_again():
@@ -1468,378 +1459,6 @@ def test_unwritable_out_dir_is_found_before_any_data(tmp_path):
     r = run_script("train_baseline.py", f"--out_dir={blocker / 'run'}", "--catalog_path=/nowhere.csv",
                    cwd=tmp_path)
     assert r.returncode == 2 and "cannot write to OUT_DIR" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_workers_give_the_same_metrics(tmp_path, sample):
-    import train_baseline
-    args = TINY + ["--t_in=3", "--max_train=1", "--batch_size=4"] + data_args(sample)
-    train_baseline.main(args + [f"--out_dir={tmp_path / 'w0'}"])
-    train_baseline.main(args + [f"--out_dir={tmp_path / 'w2'}", "--num_workers=2"])
-    w0 = json.loads((tmp_path / "w0/metrics.json").read_text())
-    w2 = json.loads((tmp_path / "w2/metrics.json").read_text())
-    assert w0["model"] == w2["model"] and w0["persistence"] == w2["persistence"]
-
-
-# --------------------------------------------------------------------------------------
-# The SEVIR benchmark protocol, nowcasting models, losses
-# --------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", ["evolution", "nowcastnet", "unet", "convlstm"])
-def test_nowcasters_forecast_twelve_frames(name):
-    model = common.build_nowcaster(name, 2, 13, 12, base=4)
-    x = torch.rand(2, 2, 13, 32, 32)
-    y = model(x)
-    assert y.shape == (2, 1, 12, 32, 32)
-    y.mean().backward()                                              # trains end to end
-    assert all(p.grad is not None for p in model.parameters())
-
-
-def test_protocol_sets_the_benchmark_and_its_windows_and_split(sample):
-    import train_baseline
-    cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--model=unet"],
-                              size_multiple=common.NOWCASTER_GRID)
-    assert (cfg.T_IN, cfg.T_OUT, cfg.TARGET_SIZE) == (13, 12, 384)
-    cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--target_size=64"])
-    assert cfg.TARGET_SIZE == 64 and cfg.T_OUT == 12                 # an explicit flag wins
-    with pytest.raises(common.UserError, match="multiple of 16"):
-        common.parse_config(train_baseline.Config, ["--model=unet", "--target_size=40"],
-                            size_multiple=common.NOWCASTER_GRID)
-
-    cfg.CATALOG_PATH, cfg.SEVIR_ROOT = sample[0], str(sample[1])
-    data = common.load_events(cfg, mods=("vil",))
-    t = lambda d: d["time_utc"]
-    assert t(data.train_events).max() <= pd.Timestamp("2019-01-01") < t(data.val_events).min()
-    assert t(data.val_events).max() <= pd.Timestamp("2019-06-01") < t(data.test_events).min()
-    ds = common.SEVIRVIL(data.test_events, data.root, t_in=13, t_out=12, target_size=32, train=False)
-    assert [ds.windows[i][1] for i in range(3)] == [0, 12, 24]       # frames 0-24, 12-36, 24-48
-    assert len(ds) == 3 * len(data.test_events)
-
-
-def test_balanced_mse_weights_rise_with_intensity():
-    codes = torch.tensor([0.0, 15.9, 16.0, 73.0, 74.0, 133.0, 180.0, 181.0, 254.0])
-    assert common.bmse_weights(codes / 255).tolist() == [1, 1, 2, 2, 5, 10, 10, 30, 30]
-    y, pred = torch.tensor([0.0, 200 / 255]), torch.tensor([0.1, 200 / 255 - 0.1])
-    assert common.balanced_mse(pred, y).item() == pytest.approx((1 * 0.01 + 30 * 0.01) / 2)
-    assert common.LOSSES["mae"](pred, y).item() == pytest.approx(0.1)
-
-
-def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_path, sample):
-    out = tmp_path / "out"                  # the protocol's 13 -> 12 frames and windows, on a tiny grid
-    r = run_script("train_baseline.py", "--protocol=sevir", "--max_train=1", "--max_val=1",
-                   "--epochs=1", "--target_size=32", "--base=4", "--batch_size=3", *data_args(sample),
-                   f"--out_dir={out}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["references"] == ["persistence"] + (["optical_flow"] if common.pysteps_methods() else []) + ["shift"]
-    for name in ["model"] + metrics["references"]:
-        assert len(metrics[name]["csi_m_per_lead"]) == 12 and len(metrics[name]["mse_per_lead"]) == 12
-    assert metrics["n_samples"] == 3 and (out / "forecast.gif").stat().st_size > 0
-    r = run_script("visualize.py", str(out), "--split=val", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    val = json.loads((out / "metrics_val.json").read_text())
-    assert val["split"] == "val" and (out / "forecast_val.gif").exists() and (out / "skill_val.png").exists()
-    assert val["beside"]["model"] == metrics["model"] and val["model"] == metrics["beside"]["model"]
-    assert val["references"] == metrics["references"] and all(val["beside"][n] == metrics[n] for n in val["references"])
-
-
-# --------------------------------------------------------------------------------------
-# Scale: torchrun
-# --------------------------------------------------------------------------------------
-
-def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
-    args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=2", "--max_train=1", "--max_val=1",
-            "--t_in=5", "--t_out=1", "--model=nowcastnet", *data_args(sample)]  # no BatchNorm, 44 windows: equal sums
-    for more in (["--epochs=1"], ["--resume=true"]):                # the same history as the two processes'
-        one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", *more, cwd=tmp_path)
-        assert one.returncode == 0, one.stderr[-2000:]
-    # one torchrun: each of the two processes runs one epoch, then resumes from its last.pt for the second
-    driver = tmp_path / "driver.py"
-    two_args = args + [f"--out_dir={tmp_path / 'two'}"]
-    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport common, train_baseline\n"
-                      "common.pysteps_methods, common.FIGURE_DPI = (lambda: None), 20\n"   # optical flow: tested elsewhere
-                      "common._save_figure = lambda fig, path: common.write_atomically(path, lambda tmp: open(tmp, 'wb').close())\n"
-                      f"args = {two_args!r}\n"
-                      "common.run_with_exit_status(lambda: train_baseline.main(args + ['--epochs=1']))\n"
-                      "print('FIRST RUN ENDED', flush=True)\n"
-                      "common.run_with_exit_status(lambda: train_baseline.main(args + ['--resume=true']))\n")
-    import socket                                      # the two workers as torchrun starts them (its environment),
-    with socket.socket() as free:                      # without its agent process (a third import of torch)
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    workers = [subprocess.Popen([sys.executable, str(driver)], cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                     "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                     "MASTER_PORT": str(port)}) for rank in (0, 1)]
-    outputs = [w.communicate(timeout=300) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], [err[-3000:] for _, err in outputs]
-    two = subprocess.CompletedProcess(driver, 0, "".join(out for out, _ in outputs), "")
-    first, resumed = two.stdout.split("FIRST RUN ENDED")
-    assert "epoch 1/1" in first and "resumed from" in resumed               # interrupted, then resumed
-    a = json.loads((tmp_path / "one/metrics.json").read_text())
-    b = json.loads((tmp_path / "two/metrics.json").read_text())
-    assert a["n_samples"] == b["n_samples"]
-    for key in ("mse", "mae", "csi_16", "csi_m"):
-        assert b["model"][key] == pytest.approx(a["model"][key], rel=1e-4, abs=1e-7), key
-    scalars = lambda d: {k: float("nan") if v is None else v for k, v in d.items() if not isinstance(v, list)}
-    assert scalars(b["persistence"]) == pytest.approx(scalars(a["persistence"]), rel=1e-9, nan_ok=True)
-    assert two.stdout.count("epoch 2/2") == 1 and two.stdout.count("FIRST RUN ENDED") == 1   # only rank 0 prints
-
-
-def test_collectives_under_nccl_reach_it_on_the_gpu(monkeypatch):
-    """NCCL reduces CUDA tensors only: whatever the loop sums over processes (loss terms of an epoch, skill
-    counts, spectra) must reach all_reduce on the GPU, also when it was built on the CPU. No GPU here: a
-    CPU copy stands for the tensor moved to CUDA, and all_reduce checks that it got one."""
-    import torch.distributed as dist
-    on_gpu, reached = set(), []
-    real_to = torch.Tensor.to
-
-    def to(self, *args, **kwargs):
-        target = args[0] if args else kwargs.get("device")
-        if isinstance(target, (torch.device, str)) and torch.device(target).type == "cuda":
-            moved = self.clone()
-            on_gpu.add(id(moved))
-            return moved
-        return real_to(self, *args, **kwargs)
-    monkeypatch.setattr(torch.Tensor, "to", to)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(common, "dist_info", lambda: (0, 2))              # two processes ...
-    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")          # ... under NCCL
-    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: reached.append(id(t) in on_gpu) or t.mul_(2))
-    assert common._mean_terms({"loss": None}, [3.0], 2) == {"loss": 1.5}     # both processes: 6 over 4 samples
-    skill = common.SkillScore()
-    skill.update(torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16))
-    skill.all_reduce()
-    y = torch.rand(2, 1, 8, 8)
-    loader = torch.utils.data.DataLoader(list(zip(y, y)), batch_size=2, collate_fn=common.collate_skipping)
-    common.power_spectra({}, loader, torch.device("cpu"), pixel_km=1.0)
-    assert len(reached) > 5 and all(reached)
-
-
-# --------------------------------------------------------------------------------------
-# Scale: python common.py download, against a local HTTP server that honours Range
-# --------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def bucket_files(tmp_path_factory):
-    """The files of a 10-event bucket, generated once: CATALOG.csv and data/<type>/..."""
-    root = tmp_path_factory.mktemp("bucket")
-    common.make_sample_sevir(root / "data", n_events=10, seed=2)
-    (root / "data" / "CATALOG.csv").rename(root / "CATALOG.csv")
-    return root
-
-
-@pytest.fixture()
-def bucket(tmp_path, bucket_files):
-    """A SEVIR-like bucket (CATALOG.csv, data/<type>/...) served on 127.0.0.1, counting bytes. Its HDF5 files
-    are hard links to the session's (only read); its catalog is a copy each test may edit."""
-    import http.server
-    import shutil
-    import threading
-    root = tmp_path / "bucket"
-    shutil.copytree(bucket_files / "data", root / "data", copy_function=os.link)
-    shutil.copy(bucket_files / "CATALOG.csv", root / "CATALOG.csv")
-    state = {"served": 0, "fail_next": 0, "limit": None, "paths": [], "extra": 0}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            state["paths"].append(self.path)
-            path = root / self.path.lstrip("/")
-            if state["fail_next"] > 0:
-                state["fail_next"] -= 1
-                return self.send_error(503)
-            if not path.is_file():
-                return self.send_error(404)
-            size = path.stat().st_size
-            start, stop = 0, size
-            if "Range" in self.headers:
-                a, b = self.headers["Range"].split("=")[1].split("-")
-                start, stop = int(a), min(int(b) + 1, size)
-            if state["limit"] is not None and state["served"] + stop - start > state["limit"]:
-                return self.send_error(403)
-            with open(path, "rb") as f:
-                f.seek(start)
-                body = f.read(stop - start) + b"x" * state["extra"]          # a mirror that sends too much
-            self.send_response(206 if "Range" in self.headers else 200)
-            if "Range" in self.headers:
-                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            state["served"] += len(body)
-
-        def log_message(self, *args):
-            pass
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root, state
-    server.shutdown()
-
-
-def test_download_reads_only_the_chosen_events_and_resumes(tmp_path, bucket, capsys):
-    url, root, state = bucket
-    out = tmp_path / "subset"
-    vil_files = sum(p.stat().st_size for p in (root / "data" / "vil").rglob("*.h5"))
-    state["fail_next"] = 2                                        # transient errors: retried
-    catalog = common.download(out, types=("vil", "ir107"), max_events=2, since="2019-01-01", base_url=url,
-                              backoff=0.01)
-    catalog_bytes = (root / "CATALOG.csv").stat().st_size
-    assert state["served"] - catalog_bytes < 0.5 * vil_files     # 2 of 10 events: far less than the files
-    events = common.load_catalog(catalog, out, mods=("vil", "ir107"))
-    assert len(events) == 2 and (events["time_utc"] >= pd.Timestamp("2019-01-01")).all()
-    remote = pd.read_csv(root / "CATALOG.csv", dtype=str, keep_default_na=False)
-    for e in events.itertuples():                                  # same bytes as the source event
-        src = remote[(remote["id"] == e.id) & (remote["img_type"] == "vil")].iloc[0]
-        with h5py.File(root / "data" / src["file_name"]) as a, h5py.File(out / e.vil_file) as b:
-            assert np.array_equal(a["vil"][int(src["file_index"])], b["vil"][e.vil_index])
-            assert b["id"][e.vil_index].decode() == e.id
-    state["served"] = 0
-    common.download(out, types=("vil", "ir107"), max_events=2, since="2019-01-01", base_url=url)
-    assert state["served"] == 0                                   # finished files are not fetched again
-
-    out2 = tmp_path / "interrupted"
-    state.update(served=0, limit=int(8e6))                        # the connection is refused past 8 MB
-    with pytest.raises(common.UserError, match="HTTP 403"):
-        common.download(out2, types=("vil",), max_events=3, base_url=url, backoff=0.01)
-    assert list(out2.rglob("*.part"))
-    first = state["served"]
-    state.update(served=0, limit=None)
-    common.download(out2, types=("vil",), max_events=3, base_url=url, backoff=0.01)
-    assert state["served"] < 3 * 7_225_344 - 0.5 * first + 1e6     # went on from the events it had
-    assert not list(out2.rglob("*.part")) and len(common.load_catalog(out2 / "CATALOG.csv", out2, ("vil",))) == 3
-
-    with pytest.raises(common.UserError, match="HTTP 404"):
-        common.download(tmp_path / "x", base_url=url + "/nothing-here", backoff=0.01)
-    with pytest.raises(common.UserError, match="no network or unknown host"):
-        common.download(tmp_path / "y", base_url="http://sevir.invalid", backoff=0.01)
-
-
-def test_unsafe_file_names_are_refused_by_load_catalog_and_download(tmp_path, bucket, capsys):
-    url, root, state = bucket
-    unsafe = [str(tmp_path / "escaped.h5"), "../escaped.h5", "vil\\2019\\a.h5", "C:/sevir/a.h5", ""]
-    rows = [{"id": f"S9{i}", "file_name": name, "file_index": "0"} for i, name in enumerate(unsafe)]
-    local = tmp_path / "local"
-    local.mkdir()
-    catalog = vil_catalog(local, rows + [{"id": "S1", "file_index": "0"}])
-    events = common.load_catalog(catalog, local, mods=("vil",))
-    captured = capsys.readouterr()
-    assert events["id"].tolist() == ["S1"] and "unsafe file_name: 5" in captured.out
-    assert "unsafe file_name are refused, e.g." in captured.err and "escaped.h5" in captured.err
-
-    remote = pd.read_csv(root / "CATALOG.csv", dtype=str, keep_default_na=False)
-    vil = remote[remote["img_type"] == "vil"].iloc[0]
-    extra = pd.DataFrame([{**vil.to_dict(), "id": f"S8{i}", "time_utc": "2018-07-01 00:00:00", "file_name": name}
-                          for i, name in enumerate(unsafe)])
-    pd.concat([extra, remote]).to_csv(root / "CATALOG.csv", index=False)    # the earliest events are unsafe
-    (root / "data" / ".." / "escaped.h5").write_bytes((root / "data" / vil["file_name"]).read_bytes())
-    out = tmp_path / "subset"
-    catalog = common.download(out, types=("vil",), max_events=2, base_url=url, backoff=0.01)
-    assert not (tmp_path / "escaped.h5").exists() and not (out.parent / "escaped.h5").exists()
-    assert not any("escaped" in p or "\\" in p for p in state["paths"])      # never even asked for
-    assert "unsafe file_name" in capsys.readouterr().err
-    assert len(common.load_catalog(catalog, out, ("vil",))) == 2
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    linked = tmp_path / "linked"
-    linked.mkdir()
-    (linked / common.SUBSET_MARKER).write_text("an earlier download\n")
-    (linked / "vil").symlink_to(elsewhere)                               # a link inside --out
-    with pytest.raises(common.UserError, match="leads outside --out"):
-        common.download(linked, types=("vil",), max_events=1, base_url=url, backoff=0.01)
-    assert not any(elsewhere.rglob("*"))
-
-
-def test_a_mirror_that_sends_too_much_is_refused(bucket):
-    url, root, state = bucket
-    body, size = common.http_get(f"{url}/CATALOG.csv", 0, 100)
-    assert len(body) == 100 and size == (root / "CATALOG.csv").stat().st_size
-    with pytest.raises(common.UserError, match="more than the 1,000 asked for"):
-        common.http_get(f"{url}/CATALOG.csv", limit=1000)                 # a "catalog" above the limit
-    state["extra"] = 50
-    with pytest.raises(common.UserError, match="more than the 100 asked for"):
-        common.http_get(f"{url}/CATALOG.csv", 0, 100, backoff=0.01)
-
-
-def test_visualize_imports_only_the_training_scripts(tmp_path):
-    for name in ("os", "../evil", "test_smoke"):
-        path = tmp_path / "best.pt"
-        torch.save({"model": {}, "script": name, "config": {}, "epoch": 1, "history": []}, path)
-        r = run_script("visualize.py", str(path), cwd=tmp_path)
-        assert r.returncode == 2 and f"its script {name!r} is not one of" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_skill_score_any_leading_dims_and_pooling():
-    truth = torch.zeros(3, 2, 8, 8)
-    truth[..., 0, 0] = 1.0                                          # one intense pixel per image
-    shifted = torch.zeros_like(truth)
-    shifted[..., 1, 1] = 1.0                                        # one pixel off: a miss and a false alarm
-    s = common.SkillScore(pools=(4,))
-    s.update(shifted, truth)
-    m = s.compute()
-    assert m["csi_219"] == 0 and m["csi_pool4_m"] == 1                # pooled 4 x 4, the cells coincide
-
-
-def test_default_paths_make_the_sample_once(tmp_path, monkeypatch, capsys):
-    import train_synthetic
-    monkeypatch.chdir(tmp_path)
-    made = []
-    real = common.make_sample_sevir
-    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or real(root, n_events=3))
-    cfg = train_synthetic.Config()
-    for _ in range(2):
-        catalog, root, kind = common.resolve_data(cfg)
-    assert made == [common.SAMPLE_ROOT] and kind == "sample" and catalog.exists()
-    (tmp_path / common.SAMPLE_ROOT / common.SAMPLE_MARKER).write_text("a sample of another version\n")
-    with pytest.raises(common.UserError, match="made by an older version of the scripts: delete the folder"):
-        common.resolve_data(cfg)
-    assert "GENERATED sample data, not real weather" in capsys.readouterr().out
-    cfg.CATALOG_PATH = "elsewhere/CATALOG.csv"                     # a path the user named: no sample
-    with pytest.raises(common.UserError, match="catalog not found: elsewhere/CATALOG.csv"):
-        common.resolve_data(cfg)
-    cfg.CATALOG_PATH, cfg.SEVIR_ROOT = str(catalog), "no/such/folder"
-    with pytest.raises(common.UserError, match="SEVIR root folder not found: no/such/folder"):
-        common.resolve_data(cfg)
-
-
-# --------------------------------------------------------------------------------------
-# Careless and hostile inputs: one line, exit status 2, nothing written, nothing lost
-# --------------------------------------------------------------------------------------
-
-def one_line_error(fn, capsys):
-    """Run fn as a script's command line runs it; return (exit status, stderr) and check it is one line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        common.run_with_exit_status(fn)
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    return e.value.code, err
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--seed=-1"], "--seed=-1: must be >= 0"),
-    (["--base=0"], "--base=0: must be >= 1"),
-    (["--base=-1"], "--base=-1: must be >= 1"),
-    (["--lr=nan"], "--lr=nan: must be > 0"),
-    (["--lr=-1e-3"], "must be > 0"),
-    (["--max_val=-2"], "--max_val=-2: must be >= 0"),
-    (["--split_dates=2019-06-01T00:00+02:00,2019-07-01"], "--split_dates"),
-    (["--split_dates=2019-06-01"], "two dates in time order"),
-    (["--input_mods=lght"], "needs ir069 or ir107"),
-    (["--input_mods=vil,ir107"], "vil is the target"),
-    (["--out_dir="], "--out_dir='': must name a folder"),
-    (["--catalog_path="], "--catalog_path is empty"),
-    (["--target_size=40"], "multiple of 16"),
-    (["--target_size=1048576"], "must be <= 1536"),
-    (["--base=2147483647"], "must be <= 1024"),
-    (["--device=tpu"], "one of auto, cpu, cuda"),
-])
-def test_bad_values_are_one_line_and_write_nothing(tmp_path, sample, capsys, args, words):
-    import train_synthetic
-    out = tmp_path / "run"
-    code, err = one_line_error(lambda: train_synthetic.main(data_args(sample) + [f"--out_dir={out}"] + args), capsys)
-    assert code == 2 and err.startswith("error: ") and words in err
-    assert not out.exists()
 
 
 def test_an_earlier_run_is_never_replaced_silently_and_checks_come_first(tmp_path, sample, capsys):
@@ -1991,11 +1610,251 @@ def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
     assert code == 2 and "does not fit AdvancedUNet" in err
 
 
-def test_ir069_alone_gets_an_honestly_named_reference(tmp_path, sample):
+def test_visualize_imports_only_the_training_scripts(tmp_path):
+    for name in ("os", "../evil", "test_smoke"):
+        path = tmp_path / "best.pt"
+        torch.save({"model": {}, "script": name, "config": {}, "epoch": 1, "history": []}, path)
+        r = run_script("visualize.py", str(path), cwd=tmp_path)
+        assert r.returncode == 2 and f"its script {name!r} is not one of" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------
+# 9. Configuration, devices, torchrun
+# --------------------------------------------------------------------------------------
+
+def test_overrides_are_typed_and_case_insensitive():
+    cfg = common.parse_config(Cfg, ["--EPOCHS=5", "--lr=1", "--resume=TRUE", "--modalities=vil,ir107"])
+    assert (cfg.EPOCHS, cfg.LR, cfg.RESUME, cfg.MODALITIES) == (5, 1.0, True, ("vil", "ir107"))
+    assert isinstance(cfg.LR, float)
+    assert Cfg.EPOCHS == 3                               # the class keeps its defaults
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--epochs=2.5"], "--epochs=2.5: expected int"),
+    (["--resume=maybe"], "expected true or false"),
+    (["--nope=1"], "unknown key --nope"),
+    (["epochs=1"], "expected --key=value"),
+    (["--epochs=0"], "--epochs=0: must be > 0"),
+    (["--batch_size=-1"], "must be > 0"),
+    (["--t_in=40", "--t_out=10"], "T_IN + T_OUT must be <= 49"),
+    (["--modalities=vil,radar"], "--modalities=('vil', 'radar')"),
+    (["--modalities=ir069"], "must include vil"),
+])
+def test_bad_overrides_are_one_line_errors(args, words):
+    with pytest.raises(common.UserError, match=None) as e:
+        common.parse_config(Cfg, args)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seed=-1"], "--seed=-1: must be >= 0"),
+    (["--base=0"], "--base=0: must be >= 1"),
+    (["--base=-1"], "--base=-1: must be >= 1"),
+    (["--lr=nan"], "--lr=nan: must be > 0"),
+    (["--lr=-1e-3"], "must be > 0"),
+    (["--max_val=-2"], "--max_val=-2: must be >= 0"),
+    (["--split_dates=2019-06-01T00:00+02:00,2019-07-01"], "--split_dates"),
+    (["--split_dates=2019-06-01"], "two dates in time order"),
+    (["--input_mods=lght"], "needs ir069 or ir107"),
+    (["--input_mods=vil,ir107"], "vil is the target"),
+    (["--out_dir="], "--out_dir='': must name a folder"),
+    (["--catalog_path="], "--catalog_path is empty"),
+    (["--target_size=40"], "multiple of 16"),
+    (["--target_size=1048576"], "must be <= 1536"),
+    (["--base=2147483647"], "must be <= 1024"),
+    (["--device=tpu"], "one of auto, cpu, cuda"),
+])
+def test_bad_values_are_one_line_and_write_nothing(tmp_path, sample, capsys, args, words):
     import train_synthetic
-    train_synthetic.main(TINY + ["--input_mods=ir069"] + data_args(sample) + [f"--out_dir={tmp_path}"])
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["reference"] == "ir069_lookup" and "ir069_lookup" in metrics and "ir_lookup" not in metrics
+    out = tmp_path / "run"
+    code, err = one_line_error(lambda: train_synthetic.main(data_args(sample) + [f"--out_dir={out}"] + args), capsys)
+    assert code == 2 and err.startswith("error: ") and words in err
+    assert not out.exists()
+
+
+def test_a_tilde_in_a_path_means_home_for_every_path(tmp_path, monkeypatch, capsys):
+    import train_synthetic
+    import visualize
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = common.parse_config(train_synthetic.Config, ["--out_dir=~/runs/a", "--catalog_path=~/c.csv",
+                                                       "--sevir_root=~/sevir"])
+    assert (cfg.OUT_DIR, cfg.CATALOG_PATH, cfg.SEVIR_ROOT) == (
+        f"{tmp_path}/runs/a", f"{tmp_path}/c.csv", f"{tmp_path}/sevir")
+    assert common.check_out_dir(cfg) == tmp_path / "runs/a"             # checked where it will be written
+    code, err = one_line_error(lambda: visualize.main(["~/nowhere"]), capsys)
+    assert code == 2 and str(tmp_path / "nowhere") in err
+    code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", "~/c.csv", "--root", "~/r",
+                                                    "--out", "~/p", "--size", "32"]), capsys)
+    assert code == 2 and str(tmp_path / "c.csv") in err
+    long = "x" * 256                                                    # a name no file system takes
+    with pytest.raises(common.UserError, match="--out_dir=.*longer than 255 bytes"):
+        common.parse_config(train_synthetic.Config, [f"--out_dir={tmp_path / long / 'run'}"])
+    with pytest.raises(common.UserError, match="--catalog_path=.*longer than 255"):
+        common.parse_config(train_synthetic.Config, [f"--catalog_path={long}.csv"])
+    for fn in (lambda: visualize.main([str(tmp_path / long)]), lambda: common._cli(["sample", "--out", long])):
+        code, err = one_line_error(fn, capsys)
+        assert code == 2 and "longer than 255 bytes" in err
+
+
+def test_target_size_must_halve():
+    with pytest.raises(common.UserError, match="pooled CSI takes 16 x 16"):     # checked before any training
+        common.parse_config(Cfg, ["--target_size=12"])
+    with pytest.raises(common.UserError, match="multiple of 32"):
+        common.parse_config(Cfg, ["--target_size=48"], size_multiple=32)
+    with pytest.raises(common.UserError, match="at least 64"):
+        common.parse_config(Cfg, ["--target_size=32"], size_multiple=32)
+    assert common.parse_config(Cfg, ["--target_size=64"], size_multiple=32).TARGET_SIZE == 64
+
+
+def test_half_res_epochs_need_a_grid_that_halves_once_more(tmp_path):
+    r = run_script("train_advanced.py", "--target_size=96", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "--target_size=96: must be a multiple of 64 and at least 128 with --half_res_epochs > 0" in r.stderr
+    r = run_script("train_advanced.py", "--half_res_epochs=-1", cwd=tmp_path)
+    assert r.returncode == 2 and "--half_res_epochs=-1: must be >= 0" in r.stderr
+
+
+def test_help_and_cli_error_exit_status(tmp_path):
+    r = run_script("train_synthetic.py", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--input_mods" in r.stdout and "satellite inputs" in r.stdout
+    r = run_script("train_advanced.py", "--help", cwd=tmp_path)                  # a comment continued below it
+    assert "if unavailable the perceptual term is left out), or none: use untrained VGG16" in r.stdout
+    r = run_script("train_synthetic.py", "--epochz=3", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown key --epochz" in r.stderr
+    r = run_script("train_synthetic.py", "--catalog_path=/nowhere/CATALOG.csv", cwd=tmp_path)
+    assert r.returncode == 2 and "catalog not found: /nowhere/CATALOG.csv" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_protocol_sets_the_benchmark_and_its_windows_and_split(sample):
+    import train_baseline
+    cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--model=unet"],
+                              size_multiple=common.NOWCASTER_GRID)
+    assert (cfg.T_IN, cfg.T_OUT, cfg.TARGET_SIZE) == (13, 12, 384)
+    cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--target_size=64"])
+    assert cfg.TARGET_SIZE == 64 and cfg.T_OUT == 12                 # an explicit flag wins
+    with pytest.raises(common.UserError, match="multiple of 16"):
+        common.parse_config(train_baseline.Config, ["--model=unet", "--target_size=40"],
+                            size_multiple=common.NOWCASTER_GRID)
+
+    cfg.CATALOG_PATH, cfg.SEVIR_ROOT = sample[0], str(sample[1])
+    data = common.load_events(cfg, mods=("vil",))
+    t = lambda d: d["time_utc"]
+    assert t(data.train_events).max() <= pd.Timestamp("2019-01-01") < t(data.val_events).min()
+    assert t(data.val_events).max() <= pd.Timestamp("2019-06-01") < t(data.test_events).min()
+    ds = common.SEVIRVIL(data.test_events, data.root, t_in=13, t_out=12, target_size=32, train=False)
+    assert [ds.windows[i][1] for i in range(3)] == [0, 12, 24]       # frames 0-24, 12-36, 24-48
+    assert len(ds) == 3 * len(data.test_events)
+
+
+def test_torchrun_batches_are_checked_first_and_rank_1_defers_to_rank_0(tmp_path, monkeypatch):
+    import train_baseline
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(common.UserError, match="--batch_size=3: the global batch must divide by the 2 processes"):
+        common.parse_config(train_baseline.Config, ["--batch_size=3"])
+    monkeypatch.delenv("WORLD_SIZE")
+    cfg = common.parse_config(train_baseline.Config, [f"--out_dir={tmp_path}"])
+    monkeypatch.setattr(common, "is_main", lambda: False)
+    assert "rank 0 saves the run" in str(common.EpochSaver(cfg).interrupted())
+
+
+def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
+    args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=2", "--max_train=1", "--max_val=1",
+            "--t_in=5", "--t_out=1", "--model=nowcastnet", *data_args(sample)]  # no BatchNorm, 44 windows: equal sums
+    for more in (["--epochs=1"], ["--resume=true"]):                # the same history as the two processes'
+        one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", *more, cwd=tmp_path)
+        assert one.returncode == 0, one.stderr[-2000:]
+    # one torchrun: each of the two processes runs one epoch, then resumes from its last.pt for the second
+    driver = tmp_path / "driver.py"
+    two_args = args + [f"--out_dir={tmp_path / 'two'}"]
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport common, train_baseline\n"
+                      "common.pysteps_methods, common.FIGURE_DPI = (lambda: None), 20\n"   # optical flow: tested elsewhere
+                      "common._save_figure = lambda fig, path: common.write_atomically(path, lambda tmp: open(tmp, 'wb').close())\n"
+                      f"args = {two_args!r}\n"
+                      "common.run_with_exit_status(lambda: train_baseline.main(args + ['--epochs=1']))\n"
+                      "print('FIRST RUN ENDED', flush=True)\n"
+                      "common.run_with_exit_status(lambda: train_baseline.main(args + ['--resume=true']))\n")
+    import socket                                      # the two workers as torchrun starts them (its environment),
+    with socket.socket() as free:                      # without its agent process (a third import of torch)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    workers = [subprocess.Popen([sys.executable, str(driver)], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                     "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                     "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-3000:] for _, err in outputs]
+    two = subprocess.CompletedProcess(driver, 0, "".join(out for out, _ in outputs), "")
+    first, resumed = two.stdout.split("FIRST RUN ENDED")
+    assert "epoch 1/1" in first and "resumed from" in resumed               # interrupted, then resumed
+    a = json.loads((tmp_path / "one/metrics.json").read_text())
+    b = json.loads((tmp_path / "two/metrics.json").read_text())
+    assert a["n_samples"] == b["n_samples"]
+    for key in ("mse", "mae", "csi_16", "csi_m"):
+        assert b["model"][key] == pytest.approx(a["model"][key], rel=1e-4, abs=1e-7), key
+    scalars = lambda d: {k: float("nan") if v is None else v for k, v in d.items() if not isinstance(v, list)}
+    assert scalars(b["persistence"]) == pytest.approx(scalars(a["persistence"]), rel=1e-9, nan_ok=True)
+    assert two.stdout.count("epoch 2/2") == 1 and two.stdout.count("FIRST RUN ENDED") == 1   # only rank 0 prints
+
+
+def test_collectives_under_nccl_reach_it_on_the_gpu(monkeypatch):
+    """NCCL reduces CUDA tensors only: whatever the loop sums over processes (loss terms of an epoch, skill
+    counts, spectra) must reach all_reduce on the GPU, also when it was built on the CPU. No GPU here: a
+    CPU copy stands for the tensor moved to CUDA, and all_reduce checks that it got one."""
+    import torch.distributed as dist
+    on_gpu, reached = set(), []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        target = args[0] if args else kwargs.get("device")
+        if isinstance(target, (torch.device, str)) and torch.device(target).type == "cuda":
+            moved = self.clone()
+            on_gpu.add(id(moved))
+            return moved
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(common, "dist_info", lambda: (0, 2))              # two processes ...
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")          # ... under NCCL
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: reached.append(id(t) in on_gpu) or t.mul_(2))
+    assert common._mean_terms({"loss": None}, [3.0], 2) == {"loss": 1.5}     # both processes: 6 over 4 samples
+    skill = common.SkillScore()
+    skill.update(torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16))
+    skill.all_reduce()
+    y = torch.rand(2, 1, 8, 8)
+    loader = torch.utils.data.DataLoader(list(zip(y, y)), batch_size=2, collate_fn=common.collate_skipping)
+    common.power_spectra({}, loader, torch.device("cpu"), pixel_km=1.0)
+    assert len(reached) > 5 and all(reached)
+
+
+# --------------------------------------------------------------------------------------
+# 10. The generated sample
+# --------------------------------------------------------------------------------------
+
+def test_sample_has_sevir_layout_and_is_reproducible(tmp_path, sample):
+    catalog, root = sample
+    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
+    assert list(df.columns) == common.CATALOG_COLUMNS
+    assert set(df["img_type"]) == {"vil", "ir069", "ir107", "lght"}
+    with h5py.File(Path(root) / df[df.img_type == "vil"].iloc[0]["file_name"]) as f:
+        assert f["vil"].dtype == np.uint8 and f["vil"].shape[1:] == (384, 384, 49)
+        assert f["id"][0].decode() == df[df.img_type == "vil"].iloc[0]["id"]
+    with h5py.File(Path(root) / df[df.img_type == "ir107"].iloc[0]["file_name"]) as f:
+        assert f["ir107"].dtype == np.int16 and f["ir107"].shape[1:] == (192, 192, 49)
+    lght = df[df.img_type == "lght"].iloc[0]
+    with h5py.File(Path(root) / lght["file_name"]) as f:
+        assert f[lght["id"]].shape[1] == 5
+    times = pd.to_datetime(df["time_utc"])
+    assert (times <= "2019-01-01").any() and times.between("2019-01-01 00:00:01", "2019-06-01").any()
+    assert (times > "2019-06-01").any()
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common.make_sample_sevir(a, n_events=3, seed=3)
+    common.make_sample_sevir(b, n_events=3, seed=3)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) >= 7                                           # catalog, marker, 3 image files, lght
+    assert all((a / p).read_bytes() == (b / p).read_bytes() for p in files)
 
 
 def test_sample_never_replaces_real_data(tmp_path, capsys):
@@ -2010,6 +1869,95 @@ def test_sample_never_replaces_real_data(tmp_path, capsys):
         code, err = one_line_error(lambda: common._cli(["sample", *args]), capsys)
         assert code == 2 and words in err
     assert (real / "CATALOG.csv").read_text() == "someone's real catalog" and not (tmp_path / "s").exists()
+
+
+# --------------------------------------------------------------------------------------
+# 11. download and prepare (download against a local HTTP server that honours Range)
+# --------------------------------------------------------------------------------------
+
+def test_download_reads_only_the_chosen_events_and_resumes(tmp_path, bucket, capsys):
+    url, root, state = bucket
+    out = tmp_path / "subset"
+    vil_files = sum(p.stat().st_size for p in (root / "data" / "vil").rglob("*.h5"))
+    state["fail_next"] = 2                                        # transient errors: retried
+    catalog = common.download(out, types=("vil", "ir107"), max_events=2, since="2019-01-01", base_url=url,
+                              backoff=0.01)
+    catalog_bytes = (root / "CATALOG.csv").stat().st_size
+    assert state["served"] - catalog_bytes < 0.5 * vil_files     # 2 of 10 events: far less than the files
+    events = common.load_catalog(catalog, out, mods=("vil", "ir107"))
+    assert len(events) == 2 and (events["time_utc"] >= pd.Timestamp("2019-01-01")).all()
+    remote = pd.read_csv(root / "CATALOG.csv", dtype=str, keep_default_na=False)
+    for e in events.itertuples():                                  # same bytes as the source event
+        src = remote[(remote["id"] == e.id) & (remote["img_type"] == "vil")].iloc[0]
+        with h5py.File(root / "data" / src["file_name"]) as a, h5py.File(out / e.vil_file) as b:
+            assert np.array_equal(a["vil"][int(src["file_index"])], b["vil"][e.vil_index])
+            assert b["id"][e.vil_index].decode() == e.id
+    state["served"] = 0
+    common.download(out, types=("vil", "ir107"), max_events=2, since="2019-01-01", base_url=url)
+    assert state["served"] == 0                                   # finished files are not fetched again
+
+    out2 = tmp_path / "interrupted"
+    state.update(served=0, limit=int(8e6))                        # the connection is refused past 8 MB
+    with pytest.raises(common.UserError, match="HTTP 403"):
+        common.download(out2, types=("vil",), max_events=3, base_url=url, backoff=0.01)
+    assert list(out2.rglob("*.part"))
+    first = state["served"]
+    state.update(served=0, limit=None)
+    common.download(out2, types=("vil",), max_events=3, base_url=url, backoff=0.01)
+    assert state["served"] < 3 * 7_225_344 - 0.5 * first + 1e6     # went on from the events it had
+    assert not list(out2.rglob("*.part")) and len(common.load_catalog(out2 / "CATALOG.csv", out2, ("vil",))) == 3
+
+    with pytest.raises(common.UserError, match="HTTP 404"):
+        common.download(tmp_path / "x", base_url=url + "/nothing-here", backoff=0.01)
+    with pytest.raises(common.UserError, match="no network or unknown host"):
+        common.download(tmp_path / "y", base_url="http://sevir.invalid", backoff=0.01)
+
+
+def test_unsafe_file_names_are_refused_by_load_catalog_and_download(tmp_path, bucket, capsys):
+    url, root, state = bucket
+    unsafe = [str(tmp_path / "escaped.h5"), "../escaped.h5", "vil\\2019\\a.h5", "C:/sevir/a.h5", ""]
+    rows = [{"id": f"S9{i}", "file_name": name, "file_index": "0"} for i, name in enumerate(unsafe)]
+    local = tmp_path / "local"
+    local.mkdir()
+    catalog = vil_catalog(local, rows + [{"id": "S1", "file_index": "0"}])
+    events = common.load_catalog(catalog, local, mods=("vil",))
+    captured = capsys.readouterr()
+    assert events["id"].tolist() == ["S1"] and "unsafe file_name: 5" in captured.out
+    assert "unsafe file_name are refused, e.g." in captured.err and "escaped.h5" in captured.err
+
+    remote = pd.read_csv(root / "CATALOG.csv", dtype=str, keep_default_na=False)
+    vil = remote[remote["img_type"] == "vil"].iloc[0]
+    extra = pd.DataFrame([{**vil.to_dict(), "id": f"S8{i}", "time_utc": "2018-07-01 00:00:00", "file_name": name}
+                          for i, name in enumerate(unsafe)])
+    pd.concat([extra, remote]).to_csv(root / "CATALOG.csv", index=False)    # the earliest events are unsafe
+    (root / "data" / ".." / "escaped.h5").write_bytes((root / "data" / vil["file_name"]).read_bytes())
+    out = tmp_path / "subset"
+    catalog = common.download(out, types=("vil",), max_events=2, base_url=url, backoff=0.01)
+    assert not (tmp_path / "escaped.h5").exists() and not (out.parent / "escaped.h5").exists()
+    assert not any("escaped" in p or "\\" in p for p in state["paths"])      # never even asked for
+    assert "unsafe file_name" in capsys.readouterr().err
+    assert len(common.load_catalog(catalog, out, ("vil",))) == 2
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / common.SUBSET_MARKER).write_text("an earlier download\n")
+    (linked / "vil").symlink_to(elsewhere)                               # a link inside --out
+    with pytest.raises(common.UserError, match="leads outside --out"):
+        common.download(linked, types=("vil",), max_events=1, base_url=url, backoff=0.01)
+    assert not any(elsewhere.rglob("*"))
+
+
+def test_a_mirror_that_sends_too_much_is_refused(bucket):
+    url, root, state = bucket
+    body, size = common.http_get(f"{url}/CATALOG.csv", 0, 100)
+    assert len(body) == 100 and size == (root / "CATALOG.csv").stat().st_size
+    with pytest.raises(common.UserError, match="more than the 1,000 asked for"):
+        common.http_get(f"{url}/CATALOG.csv", limit=1000)                 # a "catalog" above the limit
+    state["extra"] = 50
+    with pytest.raises(common.UserError, match="more than the 100 asked for"):
+        common.http_get(f"{url}/CATALOG.csv", 0, 100, backoff=0.01)
 
 
 def test_download_checks_everything_before_the_network_and_never_replaces_real_data(tmp_path, bucket, capsys,
@@ -2039,91 +1987,6 @@ def test_download_checks_everything_before_the_network_and_never_replaces_real_d
     common._cli(["download", "--out", str(tmp_path / "big"), "--base-url", url, "--types", "vil", "--max-events", "1",
                  "--yes"])
     assert len(common.load_catalog(tmp_path / "big" / "CATALOG.csv", tmp_path / "big", ("vil",))) == 1
-
-
-def test_lightning_lists_and_images_of_the_wrong_shape_are_dropped(tmp_path, capsys):
-    catalog = common.make_sample_sevir(tmp_path, n_events=3, seed=5)
-    df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
-    lght, vil = df[df.img_type == "lght"].iloc[0], df[df.img_type == "vil"].iloc[1]
-    with h5py.File(tmp_path / lght["file_name"], "a") as f:
-        del f[lght["id"]]
-        f[lght["id"]] = np.zeros((3, 4), np.float32)                     # (n, 4): not a flash list
-    with h5py.File(tmp_path / vil["file_name"], "a") as f:
-        del f["vil"]
-        f["vil"] = np.zeros((f["id"].shape[0], 384, 384), np.uint8)       # 3-D: no time axis
-    events = common.load_catalog(catalog, tmp_path, mods=("vil", "lght"))
-    out = capsys.readouterr().out
-    assert "bad lightning data: 1" in out and "bad shape or dtype" in out
-    assert lght["id"] not in set(events["id"]) and vil["id"] not in set(events["id"])
-
-
-def test_odd_structure_missing_filters_and_data_never_written_are_dropped(tmp_path, capsys, monkeypatch):
-    good = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False).iloc[0]
-    files = {"PLAIN": 1, "ID_GROUP": 1, "VIL_GROUP": 1, "UNWRITTEN": 1, "HALF": 2, "GZIP": 1, "SHUFFLE": 1, "NO_ID": 1}
-    rows, k = [], 0
-    for name, n in files.items():
-        for i in range(n):
-            rows.append({**good.to_dict(), "id": f"S{k}", "file_name": f"vil/{name}.h5", "file_index": str(i),
-                         "size_x": "16", "size_y": "16"})
-            k += 1
-    frames = np.full((16, 16, 49), 7, np.uint8)
-    (tmp_path / "vil").mkdir()
-    k = 0
-    for name, n in files.items():
-        with h5py.File(tmp_path / f"vil/{name}.h5", "w") as f:
-            ids = np.array([f"S{k + i}".encode() for i in range(n)])
-            if name != "NO_ID":
-                f.create_group("id") if name == "ID_GROUP" else f.create_dataset("id", data=ids)
-            if name == "VIL_GROUP":
-                f.create_group("vil")
-            else:
-                kw = {"HALF": dict(chunks=(1, 16, 16, 1)), "GZIP": dict(compression="gzip"),
-                      "SHUFFLE": dict(shuffle=True)}.get(name, {})
-                d = f.create_dataset("vil", (n, 16, 16, 49), dtype=np.uint8, **kw)
-                if name == "HALF":
-                    d[0], d[1, :, :, :10] = frames, frames[:, :, :10]   # the second event cut off mid-write
-                elif name != "UNWRITTEN":
-                    d[...] = frames
-        k += n
-    (tmp_path / "CATALOG.csv").write_text(pd.DataFrame(rows).to_csv(index=False))
-    real_avail = h5py.h5z.filter_avail
-    monkeypatch.setattr(h5py.h5z, "filter_avail", lambda code: code != h5py.h5z.FILTER_DEFLATE and real_avail(code))
-    events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",))
-    out, err = capsys.readouterr()
-    assert sorted(events["id"]) == ["S0", "S4", "S7", "S8"]      # PLAIN, HALF's first, SHUFFLE (available), NO_ID
-    for words in ("not a dataset: 2", "never written: 2", "missing HDF5 filter: 1"):
-        assert words in out, out
-    assert "id is a group, not a dataset" in err and "filter 1 (deflate)" in err and "never written" in err
-    ds = common.SEVIRVIL(events, tmp_path, t_in=2, t_out=1, target_size=16, train=False)
-    assert all(float(ds[i][0].max()) == pytest.approx(7 / 255) for i in range(len(ds)))     # none read as zeros
-
-    with h5py.File(tmp_path / "lght.h5", "w") as f:                    # lightning: a group, text, never written
-        f.create_group("L1")
-        f["L2"] = np.array([["a"] * 5], dtype="S1")
-        f.create_dataset("L3", (4, 5), dtype=np.float32)
-        f["L4"] = np.zeros((2, 5), np.float32)
-    lght = [{**good.to_dict(), "id": f"L{i}", "img_type": "lght", "file_name": "lght.h5", "file_index": "0"}
-            for i in range(1, 5)]
-    (tmp_path / "LGHT.csv").write_text(pd.DataFrame(lght).to_csv(index=False))
-    events = common.load_catalog(tmp_path / "LGHT.csv", tmp_path, mods=("lght",))
-    out = capsys.readouterr().out
-    assert events["id"].tolist() == ["L4"] and "not a dataset: 1" in out and "bad lightning data: 1" in out \
-        and "never written: 1" in out
-
-    no_id = pd.DataFrame(rows).iloc[8:9].assign(order=[0])             # a file without `id`: the catalog's ids
-    common._write_copy(tmp_path / "copy", no_id, lambda n: h5py.File(tmp_path / n, "r"), 8, "t")
-    with h5py.File(tmp_path / "copy/vil/NO_ID.h5") as f:
-        assert f["id"][()].tolist() == [b"S8"] and f["vil"].shape == (1, 8, 8, 49)
-    rows_ = pd.DataFrame(rows).iloc[4:6].assign(order=[0, 1])          # the copying tools refuse unwritten events
-    with pytest.raises(common.RunError, match=r"HALF.h5\[1\]: never written"):
-        common._write_copy(tmp_path / "copy", rows_, lambda n: h5py.File(tmp_path / n, "r"), 16, "t")
-
-
-# --------------------------------------------------------------------------------------
-# Prepared copies: python common.py prepare, download --size
-# --------------------------------------------------------------------------------------
-
-ALL_MODS = ("vil", "ir069", "ir107", "lght")
 
 
 def test_a_prepared_copy_gives_the_same_items_and_reads_only_its_frames(tmp_path, sample, capsys):
@@ -2219,6 +2082,22 @@ def test_prepare_resumes_and_refuses_bad_arguments(tmp_path, sample, monkeypatch
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before       # the copy untouched
 
 
+def test_download_with_size_writes_the_prepared_form(tmp_path, bucket):
+    url, root, state = bucket
+    got = common.download(tmp_path / "dl", types=("vil", "ir107"), max_events=2, base_url=url, size=32, backoff=0.01)
+    made = common.prepare(root / "CATALOG.csv", root / "data", tmp_path / "prep", 32, types=("vil", "ir107"),
+                          max_events=2)
+    a, b = pd.read_csv(got, dtype=str), pd.read_csv(made, dtype=str)
+    assert a.drop(columns=[]).equals(b)
+    assert common.is_generated(tmp_path / "dl") and common.is_generated(tmp_path / "prep")   # still the sample
+    (root / "data" / common.SAMPLE_MARKER).unlink()                     # a bucket of real SEVIR has no such mark
+    common.download(tmp_path / "real", types=("vil",), max_events=1, base_url=url, size=32, backoff=0.01)
+    assert not common.is_generated(tmp_path / "real")
+    for p in (tmp_path / "prep").rglob("*.h5"):
+        with h5py.File(p) as f, h5py.File(tmp_path / "dl" / p.relative_to(tmp_path / "prep")) as g:
+            assert all(np.array_equal(f[n][()], g[n][()]) for n in f) and set(f) == set(g)
+
+
 def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monkeypatch, capsys):
     def stop_at(n_calls, fn):                                          # fn, stopped as Ctrl-C or SIGTERM stop it
         calls = []
@@ -2300,28 +2179,155 @@ def test_a_tool_holds_its_folder_and_a_small_copy_is_named(tmp_path, sample, cap
     assert set(pd.read_csv(again)["size_x"].dropna().astype(int)) <= {8, 48}
 
 
-def test_torchrun_batches_are_checked_first_and_rank_1_defers_to_rank_0(tmp_path, monkeypatch):
-    import train_baseline
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(common.UserError, match="--batch_size=3: the global batch must divide by the 2 processes"):
-        common.parse_config(train_baseline.Config, ["--batch_size=3"])
-    monkeypatch.delenv("WORLD_SIZE")
-    cfg = common.parse_config(train_baseline.Config, [f"--out_dir={tmp_path}"])
-    monkeypatch.setattr(common, "is_main", lambda: False)
-    assert "rank 0 saves the run" in str(common.EpochSaver(cfg).interrupted())
+# --------------------------------------------------------------------------------------
+# The scripts end to end: the command line, a cell in Colab or Jupyter, %run
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script, extra", [
+    ("train_baseline.py", ["--t_in=4", "--t_out=2"]),
+    ("train_multimodal.py", ["--t_in=3", "--modalities=vil,ir107,lght"]),
+    ("train_synthetic.py", ["--input_mods=ir069,ir107,lght"]),
+    ("train_advanced.py", ["--target_size=64", "--half_res_epochs=0", "--max_train=1", "--batch_size=7"]),
+])
+def test_script_end_to_end(tmp_path, sample, script, extra, monkeypatch):
+    def offline(*args, **kwargs):                                      # never download weights in a test
+        raise OSError("offline")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    out = tmp_path / "out"                                           # the script and common.py, nothing else
+    r = run_alone(script, *TINY, *extra, *data_args(sample), f"--out_dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("config.json", "history.csv", "last.pt", "best.pt", "metrics.json", "predictions.png",
+                 "loss.png", "skill.png"):
+        assert (out / name).stat().st_size > 0, name
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert set(ckpt) >= {"model", "config", "epoch", "best_val", "metrics", "script"} and ckpt["epoch"] == 1
+    assert "optimizer" not in ckpt and "optimizer" in torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["script"] == script[:-3]
+    metrics = json.loads((out / "metrics.json").read_text())
+    ref = REFERENCE[script]
+    keys = {"mse", "mae", "csi_m", "csi_pool4_m", "csi_pool16_m"} | {
+        f"{s}_{t}" for s in ("csi", "pod", "sucr", "bias") for t in common.SEVIR_THRESHOLDS}
+    assert keys <= set(metrics["model"]) and keys <= set(metrics[ref])
+    assert metrics["data"] == "sample" and metrics["n_samples"] > 0 and metrics["split"] == "test"
+    size = 64 if script == "train_advanced.py" else 32
+    assert metrics["pixel_km"] == 384 / size and f"{384 // size} km pixels: pool4 = {4 * 384 // size} km" in r.stdout
+    assert "model" in r.stdout and ref in r.stdout                   # the table printed at the end
+    if script == "train_advanced.py":                                # said, recorded, and the term left out
+        assert metrics["perceptual_backbone"] == "off" and "weights unavailable" in r.stdout
+        assert "train_perceptual" not in pd.read_csv(out / "history.csv").columns
+    if ref == "ir_lookup":                                           # synthetic radar: how sharp is it?
+        spectrum = metrics["spectrum"]
+        assert (out / "spectrum.png").stat().st_size > 0 and set(spectrum) == {"wavelength_km", "truth", "model", ref}
+        assert spectrum["wavelength_km"][0] == 384.0 and len(spectrum["model"]) == size // 2
+    else:
+        assert "spectrum" not in metrics and not (out / "spectrum.png").exists()
+    if "--t_out=2" in extra:
+        assert (out / "forecast.gif").stat().st_size > 0 and len(metrics["model"]["csi_m_per_lead"]) == 2
 
 
-def test_download_with_size_writes_the_prepared_form(tmp_path, bucket):
-    url, root, state = bucket
-    got = common.download(tmp_path / "dl", types=("vil", "ir107"), max_events=2, base_url=url, size=32, backoff=0.01)
-    made = common.prepare(root / "CATALOG.csv", root / "data", tmp_path / "prep", 32, types=("vil", "ir107"),
-                          max_events=2)
-    a, b = pd.read_csv(got, dtype=str), pd.read_csv(made, dtype=str)
-    assert a.drop(columns=[]).equals(b)
-    assert common.is_generated(tmp_path / "dl") and common.is_generated(tmp_path / "prep")   # still the sample
-    (root / "data" / common.SAMPLE_MARKER).unlink()                     # a bucket of real SEVIR has no such mark
-    common.download(tmp_path / "real", types=("vil",), max_events=1, base_url=url, size=32, backoff=0.01)
-    assert not common.is_generated(tmp_path / "real")
-    for p in (tmp_path / "prep").rglob("*.h5"):
-        with h5py.File(p) as f, h5py.File(tmp_path / "dl" / p.relative_to(tmp_path / "prep")) as g:
-            assert all(np.array_equal(f[n][()], g[n][()]) for n in f) and set(f) == set(g)
+def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path, sample, monkeypatch):
+    import train_advanced
+    out = tmp_path / "adv"
+    calls = []
+    real_fit, real_bn = common.fit, common.recompute_batchnorm
+    monkeypatch.setattr(common, "fit", lambda *a, **k: calls.append(k.get("advanced")) or real_fit(*a, **k))
+    monkeypatch.setattr(common, "recompute_batchnorm", lambda *a: calls.append(a[-1]) or real_bn(*a))
+    halved = []                                         # the grid each training batch had before and after
+    real_half = common.half_resolution
+    monkeypatch.setattr(common, "half_resolution", lambda x, y: halved.append(x.shape[-1]) or real_half(x, y))
+    train_advanced.main(TINY[:-4] + ["--target_size=128", "--epochs=2", "--vgg_weights=none", "--max_train=1",
+                                     "--max_val=1", "--batch_size=7", "--loss=mse", "--perceptual_pool=2",
+                                     "--half_res_epochs=1"] + data_args(sample) + [f"--out_dir={out}"])
+    assert calls == [True, 2, 2]                        # 07A's recipe; BatchNorm re-estimated each epoch
+    assert halved == [128] * 7                          # epoch 1's 7 batches (49 frames) halved, epoch 2's not
+    history = pd.read_csv(out / "history.csv")
+    assert {"train_mse", "train_perceptual", "val_mse", "val_perceptual", "val_loss"} <= set(history.columns)
+    assert np.allclose(history["val_loss"], history["val_mse"] + 0.1 * history["val_perceptual"], rtol=1e-5)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == history.loc[history["val_mse"].idxmin(), "epoch"]
+
+
+def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_path, sample):
+    out = tmp_path / "out"                  # the protocol's 13 -> 12 frames and windows, on a tiny grid
+    r = run_script("train_baseline.py", "--protocol=sevir", "--max_train=1", "--max_val=1",
+                   "--epochs=1", "--target_size=32", "--base=4", "--batch_size=3", *data_args(sample),
+                   f"--out_dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["references"] == ["persistence"] + (["optical_flow"] if common.pysteps_methods() else []) + ["shift"]
+    for name in ["model"] + metrics["references"]:
+        assert len(metrics[name]["csi_m_per_lead"]) == 12 and len(metrics[name]["mse_per_lead"]) == 12
+    assert metrics["n_samples"] == 3 and (out / "forecast.gif").stat().st_size > 0
+    r = run_script("visualize.py", str(out), "--split=val", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    val = json.loads((out / "metrics_val.json").read_text())
+    assert val["split"] == "val" and (out / "forecast_val.gif").exists() and (out / "skill_val.png").exists()
+    assert val["beside"]["model"] == metrics["model"] and val["model"] == metrics["beside"]["model"]
+    assert val["references"] == metrics["references"] and all(val["beside"][n] == metrics[n] for n in val["references"])
+
+
+@pytest.mark.parametrize("script", ["train_baseline.py", "train_multimodal.py", "train_synthetic.py",
+                                    "train_advanced.py"])
+def test_a_script_pasted_into_a_cell_runs_with_its_edited_config(tmp_path, sample, script, capsys):
+    out = tmp_path / "out"
+    size = 64 if script == "train_advanced.py" else 32
+    text = edit_config((HERE / script).read_text(), CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]),
+                       OUT_DIR=str(out), TARGET_SIZE=size, BASE=4, EPOCHS=1, BATCH_SIZE=2, MAX_TRAIN=1,
+                       MAX_VAL=1, **({"VGG_WEIGHTS": "none", "PERCEPTUAL_POOL": 4, "HALF_RES_EPOCHS": 0}
+                                     if script == "train_advanced.py" else {}))
+    run_in_cell(text)
+    assert (out / "metrics.json").exists() and (out / "predictions.png").exists()
+    assert torch.load(out / "best.pt", weights_only=True)["script"] == script[:-3]
+    assert json.loads((out / "config.json").read_text())["TARGET_SIZE"] == size      # the cell's Config
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                               # the same cell again
+        run_in_cell(text)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "already holds a run" in err and "OVERWRITE = True" in err
+
+
+def test_a_pasted_cell_resumes_shows_help_and_errors_without_a_banner(tmp_path, sample, capsys, monkeypatch):
+    out = tmp_path / "out"
+    config = dict(CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]), OUT_DIR=str(out), TARGET_SIZE=32, BASE=4,
+                  BATCH_SIZE=2, MAX_TRAIN=1, MAX_VAL=1)
+    text = (HERE / "train_synthetic.py").read_text()
+    run_in_cell(edit_config(text, EPOCHS=1, **config))
+    run_in_cell(edit_config(text, EPOCHS=2, RESUME=True, **config))
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    assert "resumed from" in capsys.readouterr().out
+
+    cell = run_in_cell(text.replace('if __name__ == "__main__":', "if False:"))    # define, do not run
+    with pytest.raises(SystemExit) as e:
+        common.run_with_exit_status(lambda: cell["main"](["--help"]))
+    assert e.value.code == 0 and "--input_mods" in capsys.readouterr().out
+
+    monkeypatch.setattr(common, "in_ipython", lambda: True)                # inside Jupyter: no SystemExit
+    run_in_cell(edit_config(text, EPOCHS=0, **config))
+    assert capsys.readouterr().err.strip() == "error: --epochs=0: must be > 0"
+
+    # visualize.py rebuilds the pasted run from the script beside it, and says what it needs without it
+    r = run_script("visualize.py", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_alone("visualize.py", str(out), cwd=tmp_path)
+    assert r.returncode == 2 and "put train_synthetic.py beside visualize.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_style_argv_reads_the_flags(tmp_path, sample, monkeypatch):
+    import runpy
+    out = tmp_path / "out"
+    saved = sys.argv
+    sys.argv = ["train_baseline.py", *TINY, "--t_in=3", *data_args(sample), f"--out_dir={out}"]   # %run script.py ...
+    try:
+        runpy.run_path(str(HERE / "train_baseline.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+    assert json.loads((out / "config.json").read_text())["T_IN"] == 3
+    sys.argv = ["-c", "--epochs=7"]                     # python -c "exec(open('train_synthetic.py').read())" ...
+    monkeypatch.setattr(common, "started_from_file", lambda: False)    # its __main__ has no file
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            cfg = common.parse_config(Cfg)
+    finally:
+        sys.argv = saved
+    assert cfg.EPOCHS == Cfg.EPOCHS and "command line (--epochs=7) is ignored" in err.getvalue()
