@@ -728,23 +728,20 @@ def evaluate(forecast, loader, device, loss_fn=None):
 
 def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler=None, augment=None, extra=None,
         advanced=False):
-    """Train for cfg.EPOCHS epochs with validation, history.csv, last.pt / best.pt and resume.
+    """Train for cfg.EPOCHS epochs, validating after each; history.csv, last.pt and best.pt after each epoch.
 
     loss_fn(pred, y) returns the loss, or a dict of terms with the loss under "loss" (each term is logged).
     The validation loss picks best.pt and steps a ReduceLROnPlateau scheduler; any other scheduler steps once
     per training batch; `augment(x, y)` transforms each training batch. advanced=True is train_advanced.py's
     recipe: notebook 07A's choice of best.pt on the validation "mse" term, the first cfg.HALF_RES_EPOCHS on
     half_resolution batches, and BatchNorm statistics re-estimated on cfg.BN_BATCHES training batches before
-    each validation (recompute_batchnorm). last.pt (model, optimizer, scheduler, random state) is written at
-    most every CHECKPOINT_EVERY_S seconds, after the last epoch and on Ctrl-C or SIGTERM, always as of a
-    finished epoch, so a resumed run continues exactly; best.pt holds the weights without the optimizer.
-    `extra` (a small dict) goes into every checkpoint. Returns the history: one dict per epoch.
+    each validation. With cfg.RESUME the run continues from last.pt exactly where it stopped. `extra` (a small
+    dict) goes into every checkpoint. Returns the history: one dict per epoch.
     """
-    select = "mse" if advanced else "loss"
+    select = "mse" if advanced else "loss"                         # the validation term that picks best.pt
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     start, best_val, history = start_or_resume(model, optimizer, scheduler, cfg)
-    saver = EpochSaver(cfg)
     try:
         for epoch in range(start, cfg.EPOCHS + 1):
             t0, lr = time.time(), optimizer.param_groups[0]["lr"]          # the rate this epoch starts at
@@ -761,14 +758,11 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
             history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
                             **{f"val_{k}": v for k, v in val.items()},
                             "lr": lr, "seconds": round(time.time() - t0, 2)})
-            saver.epoch_done(model, optimizer, scheduler, epoch, best_val, metrics, history, extra, improved)
+            save_epoch(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra, improved)
             print(f"epoch {epoch}/{cfg.EPOCHS}  train {_terms_text(train)}  val {_terms_text(val)}  "
                   f"CSI-M {metrics['csi_m']:.3f}  {history[-1]['seconds']:.0f}s" + ("  * best" if improved else ""))
-    except BaseException as e:                           # Ctrl-C, SIGTERM (see run_with_exit_status), a stop or a bug
-        saver.keep_last_epoch()
-        if not isinstance(e, KeyboardInterrupt):
-            raise
-        raise saver.interrupted() from None
+    except KeyboardInterrupt:                       # Ctrl-C, SIGTERM (run_with_exit_status): last.pt is the last epoch
+        raise stopped(cfg) from None
     barrier()                                      # the others read best.pt next: wait for rank 0's writes
     return history
 
@@ -2041,7 +2035,6 @@ RUN_OUTPUTS = ("config.json", "metrics_*.json", "predictions*.png", "skill*.png"
                "forecast*.gif")
 # Config keys that may change when a run is resumed; every other key must match the checkpoint.
 RESUMABLE_KEYS = {"EPOCHS", "RESUME", "OVERWRITE", "NUM_WORKERS", "DEVICE", "OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}
-CHECKPOINT_EVERY_S = 60           # last.pt at most this often (and after the last epoch, and on Ctrl-C)
 
 
 def check_out_dir(cfg):
@@ -2144,39 +2137,27 @@ def start_or_resume(model, optimizer, scheduler, cfg):
     return start, best_val, ckpt["history"]
 
 
-class EpochSaver:
-    """The run's files after each epoch (rank 0 writes): history.csv, best.pt when the epoch improved, and
-    last.pt at most every CHECKPOINT_EVERY_S seconds and after the last epoch. Between writes it keeps the
-    last finished epoch in memory, so a stop can still save it (keep_last_epoch)."""
+def save_epoch(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra, improved):
+    """The run's files after each epoch (rank 0 writes): history.csv, last.pt (everything to resume) and, when
+    the epoch improved, best.pt (the same without the training state)."""
+    if not is_main():
+        return
+    out = Path(cfg.OUT_DIR)
+    write_csv(out / "history.csv", history)
+    ckpt = _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra)
+    save_checkpoint(ckpt, out / "last.pt")
+    if improved:
+        save_checkpoint({k: v for k, v in ckpt.items() if k not in TRAINING_STATE}, out / "best.pt")
 
-    def __init__(self, cfg):
-        self.cfg, self.out = cfg, Path(cfg.OUT_DIR)
-        self.snapshot, self.saved_at = None, time.monotonic()
 
-    def epoch_done(self, model, optimizer, scheduler, epoch, best_val, metrics, history, extra, improved):
-        if not is_main():
-            return
-        write_csv(self.out / "history.csv", history)
-        self.snapshot = _checkpoint(model, optimizer, scheduler, self.cfg, epoch, best_val, metrics, history, extra)
-        if improved:
-            save_checkpoint({k: v for k, v in self.snapshot.items() if k not in TRAINING_STATE}, self.out / "best.pt")
-        if epoch == self.cfg.EPOCHS or time.monotonic() - self.saved_at >= CHECKPOINT_EVERY_S:
-            save_checkpoint(self.snapshot, self.out / "last.pt")
-            self.snapshot, self.saved_at = None, time.monotonic()
-
-    def keep_last_epoch(self):
-        """On a stop: last.pt as of the last finished epoch, if it was not written yet."""
-        if self.snapshot is not None:
-            save_checkpoint(self.snapshot, self.out / "last.pt")
-
-    def interrupted(self):
-        """The Interrupted error to end a stopped run with: what was saved and how to resume."""
-        if not is_main():
-            return Interrupted("stopped; rank 0 saves the run and says how to resume")
-        if not (self.out / "last.pt").exists():
-            return Interrupted("before the first epoch ended: nothing was saved; run the same command again")
-        done = load_checkpoint(self.out / "last.pt")["epoch"]
-        return Interrupted(f"{self.out / 'last.pt'} holds epoch {done}. {resume_hint(self.cfg)}")
+def stopped(cfg):
+    """The Interrupted error that ends a run stopped by Ctrl-C or SIGTERM: what last.pt holds, how to resume."""
+    last = Path(cfg.OUT_DIR) / "last.pt"
+    if not is_main():
+        return Interrupted("stopped; rank 0 saves the run and says how to resume")
+    if not last.exists():
+        return Interrupted("before the first epoch ended: nothing was saved; run the same command again")
+    return Interrupted(f"{last} holds epoch {load_checkpoint(last)['epoch']}. {resume_hint(cfg)}")
 
 
 # What last.pt holds beyond best.pt: the state to continue training.
