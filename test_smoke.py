@@ -1279,6 +1279,57 @@ def test_default_paths_make_the_sample_once(tmp_path, monkeypatch, capsys):
         common.resolve_data(cfg)
 
 
+def sevir_copy(sample, catalog, files):
+    """The sample laid out as a user keeps SEVIR: its catalog at `catalog`, its type folders in `files` (hard
+    links: nothing is copied), with no mark of a generated sample."""
+    Path(catalog).parent.mkdir(parents=True, exist_ok=True)
+    Path(catalog).write_text(Path(sample[0]).read_text())
+    for f in Path(sample[1]).rglob("*.h5"):
+        link = Path(files) / f.relative_to(sample[1])
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, link)
+
+
+@pytest.mark.parametrize("catalog, files, flags", [
+    ("data/sevir/CATALOG.csv", "data/sevir", []),                       # these scripts' default place
+    ("data/SEVIR_CATALOG.csv", "data/sevir", []),                       # the notebooks'
+    ("data/sevir/CATALOG.csv", "data/sevir/data", []),                  # the bucket (aws s3 sync) into data/sevir
+    ("sevir/CATALOG.csv", "sevir/data", []),                            # ... into sevir
+    ("datasets/sevir/CATALOG.csv", "datasets/sevir/data", []),          # Earthformer's
+    ("b/CATALOG.csv", "b/data", ["--catalog_path=b/CATALOG.csv", "--sevir_root=b"]),   # the bucket's top named
+    ("b/CATALOG.csv", "b/data", ["--catalog_path=b/CATALOG.csv"]),      # only the catalog
+    ("b/CATALOG.csv", "b/data", ["--sevir_root=b"]),                    # only the root: the bucket's top
+    ("b/CATALOG.csv", "b/data", ["--sevir_root=b/data"]),               # only the root: the type folders' parent
+    ("nb/SEVIR_CATALOG.csv", "data/sevir", ["--catalog_path=nb/SEVIR_CATALOG.csv"]),
+])
+def test_sevir_is_found_in_each_layout_its_users_keep(tmp_path, sample, monkeypatch, capsys, catalog, files, flags):
+    import train_baseline
+    monkeypatch.chdir(tmp_path)
+    sevir_copy(sample, catalog, files)
+    found = common.resolve_data(common.parse_config(train_baseline.Config, flags))
+    assert found == (Path(catalog), Path(files), "sevir")
+    assert f"SEVIR: {catalog}, files under {files}" in capsys.readouterr().out      # the line names both
+    assert len(common.load_catalog(found[0], found[1], mods=("vil",))) == 5
+    assert not (tmp_path / common.SAMPLE_ROOT).exists()
+
+
+def test_a_root_that_misses_the_files_names_one_and_the_flag_that_finds_them(tmp_path, sample, capsys):
+    sevir_copy(sample, tmp_path / "b/CATALOG.csv", tmp_path / "b/data")
+    for wrong, right in ((tmp_path / "b/data/vil", tmp_path / "b/data"), (tmp_path / "b/data/vil/2018", None)):
+        with pytest.raises(common.UserError, match="no usable events") as e:
+            common.load_catalog(tmp_path / "b/CATALOG.csv", wrong, mods=("vil",))
+        assert f"{wrong}/vil/" in str(e.value) and "is missing" in str(e.value)
+        assert (f"--sevir_root={right}" in str(e.value)) == (right is not None), str(e.value)
+    copy = common.prepare(tmp_path / "b/CATALOG.csv", tmp_path / "b", tmp_path / "copy", 16, types=("vil",))
+    assert len(common.load_catalog(copy, tmp_path / "copy", mods=("vil",))) == 5        # prepare takes the top too
+    (tmp_path / "nowhere").mkdir()                                      # a catalog whose files exist nowhere
+    (tmp_path / "nowhere/CATALOG.csv").write_text(Path(sample[0]).read_text())
+    cfg = SimpleNamespace(CATALOG_PATH=str(tmp_path / "nowhere/CATALOG.csv"), SEVIR_ROOT=common.DEFAULT_ROOT)
+    catalog, root, kind = common.resolve_data(cfg)
+    with pytest.raises(common.UserError, match="dropped missing file: 5 .*nowhere/vil/.* is missing\\)$"):
+        common.load_catalog(catalog, root, mods=("vil",))
+
+
 # --------------------------------------------------------------------------------------
 # 8. Run files: the report, checkpoints, one run per folder, resume
 # --------------------------------------------------------------------------------------

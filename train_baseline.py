@@ -15,8 +15,8 @@ from common import SEVIRVIL
 
 
 class Config:
-    CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; at the default, a generated sample is used if absent
-    SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/ (and the other types)
+    CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; default: the usual places (README), else a sample
+    SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ... or the bucket's top (holding data/)
     OUT_DIR = "outputs/train_baseline"       # checkpoints, history, metrics and figures
     MODEL = "evolution"                      # evolution (last frame moved, grown), nowcastnet (notebook 05), unet, convlstm
     LOSS = "bmse_bmae"                       # bmse_bmae (balanced MSE + MAE, Shi et al. 2017), mse (notebooks), mae, bmse

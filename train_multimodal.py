@@ -15,8 +15,8 @@ from common import SEVIRMultimodal
 
 
 class Config:
-    CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; at the default, a generated sample is used if absent
-    SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ir107/, lght/
+    CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; default: the usual places (README), else a sample
+    SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ... or the bucket's top (holding data/)
     OUT_DIR = "outputs/train_multimodal"     # checkpoints, history, metrics and figures
     MODALITIES = ("vil", "ir069", "ir107")   # input channels, in order; vil is required (it is the target); lght too
     MODEL = "evolution"                      # evolution (last frame moved, grown), nowcastnet (notebook 06), unet, convlstm

@@ -11,8 +11,8 @@ from common import SyntheticRadarDataset, SyntheticRadarUNet
 
 
 class Config:
-    CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; at the default, a generated sample is used if absent
-    SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ir107/, lght/
+    CATALOG_PATH = common.DEFAULT_CATALOG    # SEVIR CATALOG.csv; default: the usual places (README), else a sample
+    SEVIR_ROOT = common.DEFAULT_ROOT         # folder holding vil/, ir069/, ... or the bucket's top (holding data/)
     OUT_DIR = "outputs/train_synthetic"      # checkpoints, history, metrics and figures
     INPUT_MODS = ("ir069", "ir107")          # satellite inputs; add lght for lightning (as the SEVIR paper)
     TARGET_SIZE = 128                        # common grid in pixels (VIL is 384, IR 192); a multiple of 16
