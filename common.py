@@ -324,62 +324,41 @@ class UNetBlock(nn.Module):
         return self.conv(x)
 
 
-class UNet(nn.Module):
-    """U-Net: `levels` encoder stages that halve the grid, a bottleneck, decoders with skips, a 1x1 output.
-
-    Widths base, 2 base, ... 2^levels base. With residual=True each encoder stage adds a
-    ResidualBlock and the bottleneck adds `bottleneck_blocks` more (notebook 07A).
-    x: (B, in_channels, H, W) -> (B, out_channels, H, W); H, W divisible by 2^levels. The last 1x1
-    convolution's output goes out as `output` says: "sigmoid" (the notebooks'), "clip" (clipped to [0, 1],
-    the gradient passed through unchanged: a pixel clipped at 0 whose truth rains still learns, and clear sky
-    can be exactly 0, where a sigmoid's vanishing slope leaves a haze an absolute loss lowers only slowly),
-    or "linear" (as it is).
-    """
-
-    def __init__(self, in_channels, out_channels, base, levels, residual=False, bottleneck_blocks=0,
-                 output="sigmoid"):
-        super().__init__()
-        if output not in ("sigmoid", "clip", "linear"):
-            raise ValueError(f"output={output!r}: sigmoid, clip or linear")
-        self.output = output
-        widths = [base * 2 ** i for i in range(levels + 1)]
-        ins = [in_channels] + widths[:levels - 1]
-        self.encoders = nn.ModuleList(
-            nn.Sequential(UNetBlock(i, w), ResidualBlock(w)) if residual else UNetBlock(i, w)
-            for i, w in zip(ins, widths[:levels]))
-        self.pool = nn.MaxPool2d(2)
-        self.bottleneck = nn.Sequential(UNetBlock(widths[-2], widths[-1]),
-                                        *[ResidualBlock(widths[-1]) for _ in range(bottleneck_blocks)])
-        self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
-                                 for i in reversed(range(levels)))
-        self.decoders = nn.ModuleList(UNetBlock(2 * widths[i], widths[i]) for i in reversed(range(levels)))
-        self.out = nn.Conv2d(base, out_channels, 1)
-        # Most of the sky has no rain: start at no rain, the sigmoid near VIL 0.02 (code ~5) rather than 0.5, so
-        # training does not spend its first epochs learning that (only the initial value changes).
-        nn.init.constant_(self.out.bias, -4.0 if output == "sigmoid" else 0.0)
-
-    def forward(self, x):
-        skips = []
-        for enc in self.encoders:
-            x = enc(x)
-            skips.append(x)                     # (B, w_i, H / 2^i, W / 2^i)
-            x = self.pool(x)
-        x = self.bottleneck(x)                  # (B, w_L, H / 2^L, W / 2^L)
-        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
-            x = dec(torch.cat([up(x), skip], dim=1))
-        x = self.out(x)
-        if self.output == "sigmoid":
-            return torch.sigmoid(x)
-        if self.output == "clip":
-            return x + (x.clamp(0, 1) - x).detach()        # values clipped, gradient as if not (straight-through)
-        return x
-
-
-class SyntheticRadarUNet(UNet):
-    """Notebook 07's U-Net: 4 levels (192 -> 96 -> 48 -> 24 -> 12), about 7.8 M parameters at base=32."""
+class SyntheticRadarUNet(nn.Module):
+    """U-Net for synthetic radar (notebook 07). x: (B, C, H, W) -> (B, out_channels, H, W) in [0, 1]; H, W
+    divisible by 16. About 7.8 M parameters at base=32."""
 
     def __init__(self, in_channels=2, out_channels=1, base=32):
-        super().__init__(in_channels, out_channels, base, levels=4)
+        super().__init__()
+        self.enc1 = UNetBlock(in_channels, base)       # 192x192
+        self.enc2 = UNetBlock(base, base * 2)          # 96x96
+        self.enc3 = UNetBlock(base * 2, base * 4)      # 48x48
+        self.enc4 = UNetBlock(base * 4, base * 8)      # 24x24
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = UNetBlock(base * 8, base * 16)   # 12x12
+        self.up1 = nn.ConvTranspose2d(base * 16, base * 8, 2, stride=2)
+        self.dec1 = UNetBlock(base * 16, base * 8)     # concat with enc4
+        self.up2 = nn.ConvTranspose2d(base * 8, base * 4, 2, stride=2)
+        self.dec2 = UNetBlock(base * 8, base * 4)      # concat with enc3
+        self.up3 = nn.ConvTranspose2d(base * 4, base * 2, 2, stride=2)
+        self.dec3 = UNetBlock(base * 4, base * 2)      # concat with enc2
+        self.up4 = nn.ConvTranspose2d(base * 2, base, 2, stride=2)
+        self.dec4 = UNetBlock(base * 2, base)          # concat with enc1
+        self.out = nn.Conv2d(base, out_channels, 1)
+        self.sigmoid = nn.Sigmoid()
+        nn.init.constant_(self.out.bias, -4.0)         # start at no rain, VIL 0.02, not 0.5: most of the sky is clear
+
+    def forward(self, x):
+        e1 = self.enc1(x)                              # (B, base, H, W)
+        e2 = self.enc2(self.pool(e1))
+        e3 = self.enc3(self.pool(e2))
+        e4 = self.enc4(self.pool(e3))                  # (B, 8 base, H / 8, W / 8)
+        b = self.bottleneck(self.pool(e4))             # (B, 16 base, H / 16, W / 16)
+        d1 = self.dec1(torch.cat([self.up1(b), e4], dim=1))
+        d2 = self.dec2(torch.cat([self.up2(d1), e3], dim=1))
+        d3 = self.dec3(torch.cat([self.up3(d2), e2], dim=1))
+        d4 = self.dec4(torch.cat([self.up4(d3), e1], dim=1))
+        return self.sigmoid(self.out(d4))              # (B, out_channels, H, W)
 
 
 class ResidualBlock(nn.Module):
@@ -393,21 +372,90 @@ class ResidualBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
 
     def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + x)
+        residual = x
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + residual)
 
 
-class AdvancedUNet(UNet):
-    """Notebook 07A's deep residual U-Net: 5 levels, `bottleneck_blocks` extra residual blocks in the bottleneck
-    (the notebook's 3 by default).
+class AdvancedUNet(nn.Module):
+    """Deep residual U-Net (notebook 07A): 5 levels, a residual block on each, `bottleneck_blocks` more in the
+    bottleneck (the notebook's 3). x: (B, C, H, W) -> (B, out_channels, H, W) in [0, 1]; H, W divisible by 32.
+    About 94 M parameters at base=32 (the notebook said 2.2 M).
 
-    About 94 M parameters at base=32 (the notebook said 2.2 M; it is 94 M). Its output is clipped to
-    [0, 1], not a sigmoid as in the notebook (UNet's output="clip"; README).
+    Its output is the last convolution clipped to [0, 1], not the notebook's sigmoid, the gradient passed through
+    the clip (straight-through): a pixel clipped at 0 whose truth rains still learns, and clear sky can be exactly
+    0, where a sigmoid's vanishing slope leaves a haze that an absolute loss lowers only slowly (README).
     """
 
     def __init__(self, in_channels=2, out_channels=1, base=32, bottleneck_blocks=3):
-        super().__init__(in_channels, out_channels, base, levels=5, residual=True,
-                         bottleneck_blocks=bottleneck_blocks, output="clip")
+        super().__init__()
+        self.enc1 = nn.Sequential(UNetBlock(in_channels, base), ResidualBlock(base))
+        self.enc2 = nn.Sequential(UNetBlock(base, base * 2), ResidualBlock(base * 2))
+        self.enc3 = nn.Sequential(UNetBlock(base * 2, base * 4), ResidualBlock(base * 4))
+        self.enc4 = nn.Sequential(UNetBlock(base * 4, base * 8), ResidualBlock(base * 8))
+        self.enc5 = nn.Sequential(UNetBlock(base * 8, base * 16), ResidualBlock(base * 16))
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = nn.Sequential(UNetBlock(base * 16, base * 32),
+                                        *[ResidualBlock(base * 32) for _ in range(bottleneck_blocks)])
+        self.up1 = nn.ConvTranspose2d(base * 32, base * 16, 2, stride=2)
+        self.dec1 = UNetBlock(base * 32, base * 16)
+        self.up2 = nn.ConvTranspose2d(base * 16, base * 8, 2, stride=2)
+        self.dec2 = UNetBlock(base * 16, base * 8)
+        self.up3 = nn.ConvTranspose2d(base * 8, base * 4, 2, stride=2)
+        self.dec3 = UNetBlock(base * 8, base * 4)
+        self.up4 = nn.ConvTranspose2d(base * 4, base * 2, 2, stride=2)
+        self.dec4 = UNetBlock(base * 4, base * 2)
+        self.up5 = nn.ConvTranspose2d(base * 2, base, 2, stride=2)
+        self.dec5 = UNetBlock(base * 2, base)
+        self.out = nn.Conv2d(base, out_channels, 1)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        e1 = self.enc1(x)                              # (B, base, H, W)
+        e2 = self.enc2(self.pool(e1))
+        e3 = self.enc3(self.pool(e2))
+        e4 = self.enc4(self.pool(e3))
+        e5 = self.enc5(self.pool(e4))                  # (B, 16 base, H / 16, W / 16)
+        b = self.bottleneck(self.pool(e5))             # (B, 32 base, H / 32, W / 32)
+        d1 = self.dec1(torch.cat([self.up1(b), e5], dim=1))
+        d2 = self.dec2(torch.cat([self.up2(d1), e4], dim=1))
+        d3 = self.dec3(torch.cat([self.up3(d2), e3], dim=1))
+        d4 = self.dec4(torch.cat([self.up4(d3), e2], dim=1))
+        d5 = self.dec5(torch.cat([self.up5(d4), e1], dim=1))
+        out = self.out(d5)
+        return out + (out.clamp(0, 1) - out).detach()  # clipped to [0, 1], the gradient as if not (straight-through)
+
+
+# Additions: the nowcasters beyond the notebooks (the nowcasting scripts' --model), reusing the networks above.
+
+class UNet(nn.Module):
+    """A plain U-Net of `levels` stages of UNetBlock (notebook 07's block), widths base, 2 base, ...; a linear 1x1
+    output. x: (B, in_channels, H, W) -> (B, out_channels, H, W); H, W divisible by 2^levels. EvolutionNet's."""
+
+    def __init__(self, in_channels, out_channels, base, levels):
+        super().__init__()
+        widths = [base * 2 ** i for i in range(levels + 1)]
+        ins = [in_channels] + widths[:levels - 1]
+        self.encoders = nn.ModuleList(UNetBlock(i, w) for i, w in zip(ins, widths[:levels]))
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = nn.Sequential(UNetBlock(widths[-2], widths[-1]))
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                 for i in reversed(range(levels)))
+        self.decoders = nn.ModuleList(UNetBlock(2 * widths[i], widths[i]) for i in reversed(range(levels)))
+        self.out = nn.Conv2d(base, out_channels, 1)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        skips = []
+        for enc in self.encoders:
+            x = enc(x)
+            skips.append(x)                     # (B, w_i, H / 2^i, W / 2^i)
+            x = self.pool(x)
+        x = self.bottleneck(x)                  # (B, w_L, H / 2^L, W / 2^L)
+        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.out(x)
 
 
 class NowcastUNet(nn.Module):
@@ -418,7 +466,7 @@ class NowcastUNet(nn.Module):
 
     def __init__(self, in_channels=1, t_in=13, t_out=12, base=32):
         super().__init__()
-        self.unet = UNet(in_channels * t_in, t_out, base, levels=4)
+        self.unet = SyntheticRadarUNet(in_channels * t_in, t_out, base)      # notebook 07's U-Net, frames as channels
 
     def forward(self, x):
         b, c, t, h, w = x.shape
@@ -426,9 +474,9 @@ class NowcastUNet(nn.Module):
 
 
 class EvolutionNet(nn.Module):
-    """Motion and growth applied to the last frame (an addition; an idea of the evolution network of Zhang et
-    al., Nature 2023, which is not the notebooks' NowcastNet above, a plain Conv3D). The storm's steering motion is measured in the input (steering_motion: the shift that best
-    maps the first VIL frame onto the last) and every input frame is moved along it to the last frame's time;
+    """Motion and growth applied to the last frame (an idea of the evolution network of Zhang et al., Nature
+    2023; not the notebooks' NowcastNet above, a plain Conv3D). The storm's steering motion is measured in the
+    input (steering_motion: the shift that best maps the first VIL frame onto the last) and every input frame is moved along it to the last frame's time;
     a U-Net over these aligned frames, stacked as channels, predicts for each lead k a local correction to the
     velocity and an intensity change s_k (growth and decay). The forecast is the last VIL frame moved k steps
     along the velocity (bilinear backward warp, differentiable; what comes in from outside the grid is no
@@ -442,7 +490,7 @@ class EvolutionNet(nn.Module):
     def __init__(self, in_channels=1, t_in=12, t_out=1, base=16, levels=3, vil_channel=0):
         super().__init__()
         self.t_out, self.vil_channel = t_out, vil_channel
-        self.unet = UNet(in_channels * t_in, 3 * t_out, base, levels, output="linear")
+        self.unet = UNet(in_channels * t_in, 3 * t_out, base, levels)
         nn.init.zeros_(self.unet.out.weight)
         nn.init.zeros_(self.unet.out.bias)
 

@@ -571,6 +571,10 @@ def test_the_notebooks_calls_build_the_same_networks_and_figures(tmp_path, sampl
     assert unet(torch.rand(2, 2, 32, 32)).shape == (2, 1, 32, 32)
     deep = common.AdvancedUNet(in_channels=2, out_channels=1)
     assert deep(torch.rand(2, 2, 64, 64)).shape == (2, 1, 64, 64)
+    for net, levels in ((unet, 4), (deep, 5)):                         # the notebooks' layer names: their weights load
+        names = {k.split(".")[0] for k in net.state_dict()}
+        assert names == {"bottleneck", "out", *(f"{n}{i}" for n in ("enc", "up", "dec") for i in range(1, levels + 1))}
+    assert {k for k in deep.state_dict() if k.startswith("bottleneck.3.")} and "enc5.1.conv2.weight" in deep.state_dict()
 
     def offline(*args, **kwargs):                                      # never download weights in a test
         raise OSError("offline")
