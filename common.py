@@ -2212,6 +2212,12 @@ def start_or_resume(model, optimizer, scheduler, cfg):
     ckpt = check_run_checkpoint(load_checkpoint(out / "last.pt"), out / "last.pt",
                                 needs=("model", "optimizer", "config", "epoch", "best_val", "history", "rng"))
     check_same_config(ckpt["config"], config_dict(cfg), out / "last.pt")
+    then, now = ckpt.get("events") or {}, getattr(cfg, "events", None) or {}
+    differ = [split for split in now if then.get(split) != now[split]]
+    if differ:
+        raise UserError(f"cannot resume {out / 'last.pt'}: it trained on other data (its {', '.join(differ)} "
+                        f"events are not those of {cfg.CATALOG_PATH} now); give the data it trained on, or start "
+                        f"again with --overwrite=true")
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler"):
@@ -2336,11 +2342,18 @@ def write_csv(path, rows):
     write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
 
 
-def _tmp_name(path):
-    """A temporary name beside `path`, private to this process (two writers never share one), that keeps
-    its suffix (writers that choose the format by it still work): .metrics.1234.tmp.json."""
+def _new_tmp_file(path):
+    """A new, empty temporary file beside `path`, created here (O_EXCL: never an existing file, and never through a
+    link someone left there) under a random name that keeps the suffix (writers that choose the format by it
+    still work): .metrics.3f9a1c2e.tmp.json."""
     path = Path(path)
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    while True:
+        tmp = path.with_name(f".{path.stem}.{os.urandom(4).hex()}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def write_atomically(path, write):
@@ -2348,14 +2361,16 @@ def write_atomically(path, write):
     a crash mid-write leaves the previous file (or none), never a partial one. A write that fails (a full
     disk, a read-only folder) is one RunError line naming the file. The one way files are written here."""
     path = Path(path)
-    tmp = _tmp_name(path)
+    tmp = None
     try:
+        tmp = _new_tmp_file(path)
         write(tmp)
         with open(tmp, "r+b") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         torch_failed = isinstance(e, RuntimeError) and "write" in str(e).lower()     # torch.save on a full disk
         if isinstance(e, OSError) or torch_failed:
             kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"

@@ -1494,6 +1494,31 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
         assert (run / ".lock").read_text() == str(os.getpid())
 
 
+def test_temporary_files_never_go_through_a_link_left_in_the_folder(tmp_path, monkeypatch):
+    outside = tmp_path / "outside.json"
+    outside.write_text("theirs")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".metrics.00000000.tmp.json").symlink_to(outside)          # at the name the first draw gives
+    draws = iter([b"\0" * 4, b"\1" * 4])
+    monkeypatch.setattr(os, "urandom", lambda n: next(draws))
+    common.write_json(run / "metrics.json", {"mse": 1.0})
+    assert outside.read_text() == "theirs" and json.loads((run / "metrics.json").read_text()) == {"mse": 1.0}
+    assert sorted(p.name for p in run.iterdir()) == [".metrics.00000000.tmp.json", "metrics.json"]
+
+
+def test_resume_on_other_data_is_refused(tmp_path, sample):
+    import train_synthetic
+    other = common.make_sample_sevir(tmp_path / "other", n_events=5, seed=1)
+    args = TINY + [f"--out_dir={tmp_path / 'run'}"]
+    train_synthetic.main(args + data_args(sample))
+    with pytest.raises(common.UserError, match="it trained on other data .its train, val, test events"):
+        train_synthetic.main(args + [f"--catalog_path={other}", f"--sevir_root={tmp_path / 'other'}", "--epochs=2",
+                                     "--resume=true"])
+    train_synthetic.main(args + data_args(sample) + ["--epochs=2", "--resume=true"])       # its own data: resumes
+    assert common.load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 2
+
+
 def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
     path = tmp_path / "last.pt"
     writer = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); import common\n"
