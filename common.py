@@ -1529,7 +1529,7 @@ class SEVIRReader:
         if mod == "lght":
             return resize_frames(torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop]), size)
         i = self.index[mod][e]
-        ds = self._open(path, mod, i)
+        ds = self._open(path, mod, i, self.ids[e])
         if ds.chunks is not None:       # frame by frame, each one chunk read contiguous (a strided read is 6x slower)
             frames = torch.from_numpy(np.stack([ds[i, :, :, t] for t in range(start, stop)])).float()
         elif size not in (None, ds.shape[1]) and self._all_fit(size):
@@ -1551,21 +1551,25 @@ class SEVIRReader:
                 f.close()
             self._forget(self._pid)
 
-    def _open(self, path, name, index=None):
+    def _open(self, path, name, index=None, event_id=None):
         """h5py dataset `name` of the file at `path`, opened once per process. A file cut short since (its
-        size below the end of its data), or one that no longer holds event `index`, is an OSError."""
+        size below the end of its data), or one that no longer holds event `event_id` at `index` (replaced by
+        another file since the catalog check), is an OSError."""
         if self._pid != os.getpid():              # forked into a worker: never share HDF5 handles
             self._forget(os.getpid())
         if (path, name) not in self._datasets:
             if path not in self._files:
                 self._files[path] = h5py.File(path, "r")
-            ds = self._files[path][name]
-            self._datasets[(path, name)] = ds, data_end(ds), ds.shape[0]
-        ds, end, n_events = self._datasets[(path, name)]
+            f = self._files[path]
+            ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["id"][()]] if "id" in f else None
+            self._datasets[(path, name)] = f[name], data_end(f[name]), f[name].shape[0], ids
+        ds, end, n_events, ids = self._datasets[(path, name)]
         if end and os.path.getsize(path) < end:
             raise OSError(f"{path} is truncated: {os.path.getsize(path):,} bytes, its data ends at {end:,}")
         if index is not None and index >= n_events:        # the file was replaced by a shorter one since
             raise OSError(f"{path} now holds {n_events} events, not event {index}")
+        if ids is not None and event_id is not None and ids[index] != event_id:
+            raise OSError(f"{path} now holds event {ids[index]} at {index}, not {event_id} (replaced since?)")
         return ds
 
     def _all_fit(self, size):
@@ -1578,8 +1582,14 @@ class SEVIRReader:
     @staticmethod
     def _frames(ds, i, start, stop):
         """Frames start..stop-1 of event i of a dataset in SEVIR's layout (N, H, W, T), as float32 (T, H, W):
-        the bytes are reordered first (4x cheaper than reordering the floats)."""
-        return torch.from_numpy(np.ascontiguousarray(ds[i][:, :, start:stop].transpose(2, 0, 1))).float()
+        the bytes are reordered first (4x cheaper than reordering the floats). An event that holds nothing but
+        the fill value was never written (a writer stopped after HDF5 had allocated the whole dataset): an
+        OSError, not zeros read as weather. It is tested here, on the bytes read anyway, because testing every
+        event when the catalog is checked would read all of SEVIR."""
+        event = ds[i]
+        if not np.any(event != ds.fillvalue):
+            raise OSError(f"{ds.file.filename}: event {i} was never written (only the fill value)")
+        return torch.from_numpy(np.ascontiguousarray(event[:, :, start:stop].transpose(2, 0, 1))).float()
 
 
 def load_events(cfg, mods):

@@ -510,7 +510,7 @@ def test_a_file_truncated_during_a_run_is_skipped_not_read_as_zeros(tmp_path, ca
     with open(tmp_path / VIL_FILE, "r+b") as f:                       # cut while the dataset has it open
         f.truncate(os.path.getsize(tmp_path / VIL_FILE) - 7_000_000)
     assert ds[len(ds) - 1] is None and "truncated" in capsys.readouterr().err
-    write_vil_file(tmp_path / VIL_FILE, 1, ids=["S0"])                 # replaced by a file of fewer events
+    write_vil_file(tmp_path / VIL_FILE, 1, lambda i: np.full((384, 384, 49), 100, np.uint8), ids=["S0"])   # fewer events
     assert ds[len(ds) - 1] is None and "now holds 1 events, not event 1" in capsys.readouterr().err
     assert ds[0] is not None
 
@@ -535,6 +535,36 @@ def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(tmp_path, c
     assert sum(len(x) for x, _ in got) == 19
     with pytest.raises(common.RunError, match="3 of 20 training samples could not be read"):
         list(common.batches(loader([None] * 3 + [good] * 17), "training"))
+
+
+def test_a_file_swapped_for_one_of_other_events_is_skipped_not_read(tmp_path, capsys):
+    import shutil
+    root = tmp_path / "s"
+    catalog = common.make_sample_sevir(root, n_events=3, seed=1)
+    ds = common.SEVIRVIL(common.load_catalog(catalog, root, mods=("vil",)), root, t_in=2, t_out=1, target_size=16)
+    assert ds[0] is not None
+    path = Path(ds.reader.paths["vil"][ds.reader.file_idx["vil"][0]])
+    shutil.copy(path, tmp_path / "swap.h5")
+    with h5py.File(tmp_path / "swap.h5", "r+") as f:                    # the same shape, other events' ids
+        f["id"][...] = np.array([f"X{i}" for i in range(len(f["id"]))], dtype=f["id"].dtype)
+    os.replace(tmp_path / "swap.h5", path)
+    ds.reader._forget(pid=None)                                          # as a new DataLoader worker opens it
+    assert ds[0] is None
+    err = capsys.readouterr().err
+    assert f"skipped event {ds.reader.ids[0]}" in err and f"not {ds.reader.ids[0]} (replaced since?)" in err
+
+
+def test_an_event_allocated_but_never_written_is_skipped_not_read_as_zeros(tmp_path, capsys):
+    path = tmp_path / VIL_FILE
+    path.parent.mkdir(parents=True)
+    with h5py.File(path, "w") as f:                                    # a writer that stopped after event 0
+        f["id"] = np.array([b"S0", b"S1"])
+        f.create_dataset("vil", (2, 384, 384, 49), dtype=np.uint8)[0] = 7
+    events = pd.DataFrame({"id": ["S0", "S1"], "vil_file": [VIL_FILE] * 2, "vil_index": [0, 1]})
+    ds = common.SEVIRVIL(events, tmp_path, t_in=2, t_out=1, target_size=16, train=False)
+    x, _ = ds[0]
+    assert torch.allclose(x, torch.full_like(x, 7 / 255)) and ds[len(ds) - 1] is None
+    assert "skipped event S1" in capsys.readouterr().err
 
 
 def test_workers_give_the_same_metrics(tmp_path, sample):
