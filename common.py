@@ -1087,7 +1087,7 @@ class ShiftExtrapolation:
         return warp(x[:, self.vil_channel, -1], d).unsqueeze(1)
 
 
-PYSTEPS_MISSING = ("note: the optical-flow reference is skipped: pysteps is not installed "
+PYSTEPS_MISSING = ("note: the optical-flow reference is skipped: pysteps or OpenCV is not installed "
                    "(pip install pysteps opencv-python-headless)")
 
 
@@ -1099,6 +1099,10 @@ def pysteps_methods():
             from pysteps import extrapolation, motion
             motion.get_method("LK")(np.zeros((2, 8, 8)))       # fails here if OpenCV is missing
     except ImportError:
+        return None
+    except Exception as e:                                    # OpenCV missing: pysteps raises its own kind
+        if type(e).__name__ != "MissingOptionalDependency":
+            raise
         return None
     return motion.get_method("LK"), extrapolation.get_method("semilagrangian")
 
@@ -2381,8 +2385,7 @@ def write_atomically(path, write):
     except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        torch_failed = isinstance(e, RuntimeError) and "write" in str(e).lower()     # torch.save on a full disk
-        if isinstance(e, OSError) or torch_failed:
+        if isinstance(e, OSError):
             kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
             raise RunError(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
                            f"{kept}") from None
@@ -2391,7 +2394,12 @@ def write_atomically(path, write):
 
 def save_checkpoint(obj, path):
     """torch.save, atomically (write_atomically): an interruption leaves the previous file intact."""
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp):
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:                 # what torch.save raises on a full disk: "unexpected pos ..."
+            raise OSError(f"torch.save failed: {str(e).splitlines()[0]}") from None
+    write_atomically(path, save)
 
 
 def load_checkpoint(path):

@@ -974,6 +974,16 @@ def test_optical_flow_is_skipped_with_one_line_when_pysteps_is_missing(monkeypat
     assert [r.name for r in refs] == ["persistence", "shift"]
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "pip install pysteps opencv-python-headless" in out
+    monkeypatch.undo()
+    import pysteps.exceptions
+    import pysteps.motion
+
+    def no_opencv(name):                                          # pysteps there, OpenCV not: what LK raises then
+        def lk(frames):
+            raise pysteps.exceptions.MissingOptionalDependency("opencv package is required for the LK method")
+        return lk
+    monkeypatch.setattr(pysteps.motion, "get_method", no_opencv)
+    assert common.pysteps_methods() is None
 
 
 def test_ir_lookup_learns_a_monotone_relation():
@@ -1487,14 +1497,6 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]          # no partial or temporary file
     monkeypatch.undo()
 
-    def torch_full(obj, f):                                            # what torch.save raises on a full disk
-        raise RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
-    monkeypatch.setattr(torch, "save", torch_full)
-    with pytest.raises(common.RunError, match="could not write .*best.pt .*PytorchStreamWriter.*nothing was written"):
-        common.save_checkpoint({}, tmp_path / "best.pt")
-    monkeypatch.undo()
-
     run = tmp_path / "run"                                             # the lock: a full disk, a folder in its place
     run.mkdir()
     monkeypatch.setattr(os, "write", lambda fd, data: full(fd))
@@ -1547,6 +1549,21 @@ def test_resume_on_other_data_is_refused(tmp_path, sample):
                                      "--resume=true"])
     train_synthetic.main(args + data_args(sample) + ["--epochs=2", "--resume=true"])       # its own data: resumes
     assert common.load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 2
+
+
+def test_torch_save_on_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    tiny = tmp_path / "tiny"                                           # a real 64 kB filesystem
+    tiny.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tiny)], capture_output=True).returncode:
+        pytest.skip("needs a small filesystem: mount -t tmpfs (as root)")
+    try:
+        common.save_checkpoint({"model": {"w": torch.zeros(10)}}, tiny / "last.pt")
+        with pytest.raises(common.RunError, match="could not write .*last.pt .torch.save failed.*previous last.pt is kept"):
+            common.save_checkpoint({"model": {"w": torch.zeros(100_000)}}, tiny / "last.pt")
+        assert torch.equal(common.load_checkpoint(tiny / "last.pt")["model"]["w"], torch.zeros(10))
+        assert [p.name for p in tiny.iterdir()] == ["last.pt"]
+    finally:
+        subprocess.run(["umount", str(tiny)], capture_output=True)
 
 
 def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
