@@ -811,6 +811,11 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
                   f"CSI-M {metrics['csi_m']:.3f}  {history[-1]['seconds']:.0f}s" + ("  * best" if improved else ""))
     except KeyboardInterrupt:                       # Ctrl-C, SIGTERM (run_with_exit_status): last.pt is the last epoch
         raise stopped(cfg) from None
+    except RuntimeError as e:                       # a DataLoader worker killed, most often by the out-of-memory killer
+        if "DataLoader worker" not in str(e):
+            raise
+        raise RunError(f"{str(e).splitlines()[0]} (out of memory? try fewer --num_workers or a smaller --batch_size); "
+                       f"{stopped(cfg)}") from None
     barrier()                                      # the others read best.pt next: wait for rank 0's writes
     return history
 

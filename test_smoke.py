@@ -824,6 +824,22 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, sample):
                                           if v.is_floating_point())
 
 
+def test_a_dataloader_worker_killed_is_one_line_that_says_what_was_saved(tmp_path):
+    class Killer(torch.utils.data.Dataset):                           # as the out-of-memory killer would
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            os.kill(os.getpid(), signal.SIGKILL)
+    cfg = FitCfg()
+    cfg.OUT_DIR, cfg.NUM_WORKERS = str(tmp_path), 1
+    loader = common.make_loader(Killer(), cfg, torch.device("cpu"), shuffle=True)
+    model = nn.Conv2d(1, 1, 1)
+    with pytest.raises(common.RunError, match="DataLoader worker .*out of memory.*nothing was saved") as e:
+        common.fit(model, loader, loader, F.mse_loss, torch.optim.Adam(model.parameters()), cfg, torch.device("cpu"))
+    assert "\n" not in str(e.value)
+
+
 def test_best_model_is_chosen_on_validation_and_scored_on_test(tmp_path, sample):
     import train_synthetic
     out = tmp_path / "run"
