@@ -1750,7 +1750,7 @@ def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_mis
     if df.empty:
         raise UserError(f"no usable events in {catalog_path} under {root}: dropped {reasons}"
                         + (f" ({missing})" if "missing file" in dropped else ""))
-    df["grid"] = [int(n) if str(n).isdigit() else NATIVE_SIZE.get(m, 0) for n, m in zip(df["size_x"], df["img_type"])]
+    df["grid"] = [whole_number(n) or NATIVE_SIZE.get(m, 0) for n, m in zip(df["size_x"], df["img_type"])]
     wide = df.pivot(index="id", columns="img_type", values=["file_name", "file_index", "grid"])
     events = pd.DataFrame({"id": wide.index})
     first = df.drop_duplicates("id").set_index("id")
@@ -1775,12 +1775,17 @@ def read_catalog(catalog):
     if df.empty:
         raise UserError(f"catalog {catalog} has no rows")
     df["img_type"] = df["img_type"].str.strip().str.lower()
-    index = df["file_index"].str.strip()
-    df["file_index"] = np.where(index.str.fullmatch(r"\d+"), index, "-1").astype(np.int64)   # "3.7" is no index
+    df["file_index"] = [whole_number(i, none=-1) for i in df["file_index"]]          # "3.7" is no index
     df["pct_missing"] = pd.to_numeric(df["pct_missing"], errors="coerce").fillna(1.0)
     df["size_x"] = df["size_x"] if "size_x" in df else ""
     df["time_utc"] = pd.to_datetime(df["time_utc"], format="%Y-%m-%d %H:%M:%S", errors="coerce")   # SEVIR's form
     return df
+
+
+def whole_number(text, none=None):
+    """A catalog's number of digits 0-9 as an int (up to 9 of them), else `none`: "3.7", "²", 20 digits are none."""
+    text = str(text).strip()
+    return int(text) if re.fullmatch(r"[0-9]{1,9}", text) else none
 
 
 def raw_catalog(path, columns=None):
@@ -1974,7 +1979,7 @@ def _row_problem(f, row, ids, cache):
             return "bad lightning data", f"{name} is {ds.shape}, not (n, 5)"
         return None if ds.written.all() else ("never written", f"{name} was never written")
     want = np.dtype(EVENT_DTYPE[row.img_type])
-    size = int(row.size_x) if str(row.size_x).isdigit() else NATIVE_SIZE[row.img_type]
+    size = whole_number(row.size_x) or NATIVE_SIZE[row.img_type]
     if ds.shape[1:] != (size, size, N_FRAMES) or ds.dtype != want:
         return "bad shape or dtype", f"{name} is {ds.dtype} {ds.shape}, expected {want} (N, {size}, {size}, 49)"
     if not 0 <= row.file_index < ds.shape[0]:
@@ -2658,7 +2663,7 @@ def check_config(cfg, size_multiple=1):
         need(cfg.PROTOCOL in ("none", "sevir"), "PROTOCOL", "none or sevir")
     for key in ("EPOCHS", "BATCH_SIZE"):
         if hasattr(cfg, key):
-            need(getattr(cfg, key) > 0, key, "must be > 0")
+            need(0 < getattr(cfg, key) < 2 ** 31, key, "must be > 0 and below 2^31")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)                   # set by torchrun
     if hasattr(cfg, "BATCH_SIZE"):
         need(cfg.BATCH_SIZE % world == 0, "BATCH_SIZE", f"the global batch must divide by the {world} processes")
@@ -3146,7 +3151,7 @@ def _write_copy(out, rows, open_source, size, desc):
     rows["file_index"] = np.where(rows["img_type"] == "lght", "0", rows.groupby("file_name").cumcount().astype(str))
     if size:                                                        # the catalog describes the new grid
         images = rows["img_type"] != "lght"
-        grid = [str(min(size, int(n) if str(n).isdigit() else NATIVE_SIZE[m]))
+        grid = [str(min(size, whole_number(n) or NATIVE_SIZE[m]))
                 for n, m in zip(rows.loc[images, "size_x"], rows.loc[images, "img_type"])]
         rows.loc[images, "size_x"], rows.loc[images, "size_y"] = grid, grid
     catalog = out / "CATALOG.csv"

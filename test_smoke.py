@@ -1102,6 +1102,17 @@ def test_a_catalog_must_be_sevirs_csv_and_its_times_sevirs_form(tmp_path, capsys
     assert events["id"].tolist() == ["S821019"] and "dropped bad time_utc: 1" in capsys.readouterr().out
 
 
+def test_numbers_no_sevir_catalog_holds_are_dropped_not_a_traceback(tmp_path, capsys):
+    table = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
+    write_vil_file(tmp_path / VIL_FILE, 3, ids=["S834603", "S1", "S821019"])
+    table.loc[0, "file_index"] = "12345678901234567890"                 # 20 digits
+    table.loc[1, "size_x"] = "\u00b2"                                   # a superscript two: a digit, not a number
+    table.to_csv(tmp_path / "CATALOG.csv", index=False)
+    events = common.load_catalog(tmp_path / "CATALOG.csv", tmp_path, mods=("vil",), max_pct_missing=1)
+    assert events["id"].tolist() == ["S821019"] and events["vil_grid"].tolist() == [384]
+    assert "bad file_index: 1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("content, words", [
     (None, "catalog not found"),
     ("", "not SEVIR's comma-separated CSV catalog"),
@@ -1706,6 +1717,11 @@ def test_visualize_mistakes_and_other_checkpoints(tmp_path, sample, capsys):
                         (["--split=train"], "--split='train': one of test, val"), ([], "usage:")):
         code, err = one_line_error(lambda: visualize.main(([str(out)] if args else []) + args), capsys)
         assert code == 2 and words in err
+    history = (out / "history.csv").read_text()
+    (out / "history.csv").write_text(history.replace(",", ";"))           # re-saved by a spreadsheet
+    r = run_script("visualize.py", str(out), "--split=val", cwd=tmp_path)
+    assert r.returncode == 0 and "not the run's history as it wrote it" in r.stderr
+    (out / "history.csv").write_text(history)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     code, err = one_line_error(lambda: visualize.main([str(tmp_path / "notes.txt")]), capsys)
     assert code == 2 and "is not a checkpoint" in err and "more than tensors" not in err
@@ -1805,6 +1821,7 @@ def test_bad_overrides_are_one_line_errors(args, words):
     (["--target_size=40"], "multiple of 16"),
     (["--target_size=1048576"], "must be <= 1536"),
     (["--base=2147483647"], "must be <= 1024"),
+    (["--batch_size=99999999999999999999"], "must be > 0 and below 2^31"),
     (["--device=tpu"], "one of auto, cpu, cuda"),
 ])
 def test_bad_values_are_one_line_and_write_nothing(tmp_path, sample, capsys, args, words):

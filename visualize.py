@@ -78,10 +78,19 @@ def main(argv=None):
     print(f"{name}: epoch {ckpt['epoch']} of {ckpt_path}, {opts.SPLIT} events")
     history = ckpt["history"]                      # up to the checkpoint's epoch; the run's own curve is longer
     run_history = ckpt_path.parent / "history.csv"
-    if run_history.is_file():
+    if run_history.is_file():                      # the whole run's curve, if the file is still the run's own
         import pandas as pd
-        rows = pd.read_csv(run_history).to_dict("records")
-        history = rows if len(rows) >= len(history) else history
+        columns = ("epoch", "train_loss", "val_loss")
+        try:
+            table = pd.read_csv(run_history)
+            rows = table.to_dict("records") if all(pd.api.types.is_numeric_dtype(table.get(c, "")) for c in columns) else []
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
+            rows = []
+        if rows and len(rows) >= len(history):
+            history = rows
+        else:
+            print(f"warning: {run_history} is not the run's history as it wrote it: the curve is the checkpoint's",
+                  file=sys.stderr)
     with common.locked(ckpt_path.parent):          # not while a run writes there
         common.test_and_report(model, script.build_reference(cfg, data), data, cfg, device, history=history,
                       extra=ckpt.get("extra"), num_samples=opts.NUM_SAMPLES, split=opts.SPLIT, cmap=opts.CMAP,
