@@ -2663,7 +2663,8 @@ def check_config(cfg, size_multiple=1):
         need(cfg.PROTOCOL in ("none", "sevir"), "PROTOCOL", "none or sevir")
     for key in ("EPOCHS", "BATCH_SIZE"):
         if hasattr(cfg, key):
-            need(0 < getattr(cfg, key) < 2 ** 31, key, "must be > 0 and below 2^31")
+            need(getattr(cfg, key) > 0, key, "must be > 0")
+            need(getattr(cfg, key) < 2 ** 31, key, "must be below 2^31")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)                   # set by torchrun
     if hasattr(cfg, "BATCH_SIZE"):
         need(cfg.BATCH_SIZE % world == 0, "BATCH_SIZE", f"the global batch must divide by the {world} processes")
