@@ -2105,9 +2105,18 @@ def test_and_report(model, references, data, cfg, device, history=(), extra=None
         if getattr(cfg, "T_OUT", 1) > 1:
             forecast_gif(model, shown, device, out / f"forecast{tag}.gif", cmap=cmap)
             written.append(f"forecast{tag}.gif")
+        note_written(out, written)
         print(f"outputs in {out}: {', '.join(written)}")
     barrier()                                      # leave together: gloo aborts if a peer hangs up mid-run
     return metrics
+
+
+def note_written(out, names):
+    """Add file names to OUT_DIR's RUN_MARKER (where it has one): what --overwrite=true deletes with the run."""
+    marker = Path(out) / RUN_MARKER
+    if marker.is_file():
+        listed = list(dict.fromkeys(marker.read_text().splitlines() + list(names)))
+        write_atomically(marker, lambda tmp: Path(tmp).write_text("\n".join(listed) + "\n"))
 
 
 def print_table(metrics):
@@ -2142,9 +2151,7 @@ def print_table(metrics):
 
 # A run's files in OUT_DIR: any of them means the folder already holds a run.
 RUN_FILES = ("last.pt", "best.pt", "metrics.json", "history.csv")
-# What else a run (and visualize.py, with tags such as _val or _last) writes there: replaced with the run.
-RUN_OUTPUTS = ("config.json", "metrics_*.json", "predictions*.png", "skill*.png", "loss*.png", "spectrum*.png",
-               "forecast*.gif")
+RUN_MARKER = ".stormfusion_run"   # marks OUT_DIR as a run's folder and lists what else the run and visualize.py wrote
 # Config keys that may change when a run is resumed; every other key must match the checkpoint.
 RESUMABLE_KEYS = {"EPOCHS", "RESUME", "OVERWRITE", "NUM_WORKERS", "DEVICE", "OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}
 
@@ -2158,15 +2165,30 @@ def check_out_dir(cfg):
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to OUT_DIR {out}: {existing} is not a writable folder")
-    held = [f for f in RUN_FILES if (out / f).exists()]
     if cfg.RESUME and not (out / "last.pt").exists():
-        raise UserError(f"--resume=true but there is no checkpoint {out / 'last.pt'}")
-    if held and not cfg.RESUME and not cfg.OVERWRITE:
-        how = ("--resume=true continues it, --overwrite=true replaces it, --out_dir=... starts elsewhere"
-               if started_from_file() else               # a notebook cell: the Config is edited in the cell
-               "RESUME = True in the Config continues it, OVERWRITE = True replaces it, another OUT_DIR starts elsewhere")
-        raise UserError(f"{out} already holds a run ({', '.join(held)}): {how}")
+        raise UserError(f"--resume=true but there is no checkpoint {out / 'last.pt'}"
+                        + (": it holds no finished epoch; --overwrite=true starts it again" if out.is_dir() else ""))
+    check_run_folder(out, cfg)
     return out
+
+
+def check_run_folder(out, cfg):
+    """A run writes in OUT_DIR only when the folder is new or empty, is a run's (RUN_MARKER), or OVERWRITE says
+    so; a run there is continued only with RESUME and replaced only with OVERWRITE. Checked before any data is
+    read, and again under the lock (another run may have written there in between)."""
+    if cfg.RESUME or cfg.OVERWRITE or not out.is_dir():
+        return
+    how = ("--resume=true continues it, --overwrite=true replaces it, --out_dir=... starts elsewhere"
+           if started_from_file() else                   # a notebook cell: the Config is edited in the cell
+           "RESUME = True in the Config continues it, OVERWRITE = True replaces it, another OUT_DIR starts elsewhere")
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if held:
+        raise UserError(f"{out} already holds a run ({', '.join(held)}): {how}")
+    others = sorted(p.name for p in out.iterdir() if p.name not in (".lock", RUN_MARKER))
+    if others and not (out / RUN_MARKER).exists():
+        raise UserError(f"{out} holds files that are not a run's ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}): choose a new or empty folder, or --overwrite=true "
+                        f"to write the run there (only its own files are replaced)")
 
 
 @contextlib.contextmanager
@@ -2227,10 +2249,13 @@ def start_or_resume(model, optimizer, scheduler, cfg):
     config.json is written and whose earlier run files (--overwrite=true) are removed."""
     out = Path(cfg.OUT_DIR)
     if not cfg.RESUME:
-        if is_main():                                # --overwrite=true: the whole earlier run goes
-            for pattern in (*RUN_FILES, *RUN_OUTPUTS):
-                for path in out.glob(pattern):
-                    path.unlink()
+        if is_main():
+            check_run_folder(out, cfg)               # again, under the lock: nothing written there meanwhile
+            marker = out / RUN_MARKER                # --overwrite=true: the files the earlier run wrote go, no others
+            for name in {*RUN_FILES, *(marker.read_text().splitlines() if marker.is_file() else [])}:
+                if name and Path(name).name == name and not name.startswith("."):
+                    (out / name).unlink(missing_ok=True)
+            write_atomically(marker, lambda tmp: Path(tmp).write_text("config.json\n"))
             write_json(out / "config.json", config_dict(cfg))
         return 1, float("inf"), []
     ckpt = check_run_checkpoint(load_checkpoint(out / "last.pt"), out / "last.pt",

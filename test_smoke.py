@@ -1469,6 +1469,7 @@ def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sa
     assert all((tmp_path / "straight" / n).exists() for n in figures)
     assert run_script("visualize.py", str(tmp_path / "straight/last.pt"), cwd=tmp_path).returncode == 0
     assert drawn == [(2, "loss.png"), (2, "loss_last.png")]
+    assert "loss_last.png" in (tmp_path / "straight" / common.RUN_MARKER).read_text().split()   # --overwrite's list
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
@@ -1631,9 +1632,39 @@ def test_an_earlier_run_is_never_replaced_silently_and_checks_come_first(tmp_pat
     earlier = ["metrics_val.json", "skill_last_val.png", "predictions_last.png", "loss_last.png", "spectrum_val.png"]
     for name in earlier + ["notes.txt"]:                                  # visualize.py's tagged files, and mine
         (out / name).write_text("the earlier run's")
+    (out / common.RUN_MARKER).write_text("\n".join(["config.json", *earlier]) + "\n")   # as they were written
     train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={out}", "--overwrite=true"])
     assert not [name for name in earlier if (out / name).exists()]       # the whole earlier run is replaced
     assert (out / "notes.txt").exists() and common.load_checkpoint(out / "best.pt")["epoch"] == 1
+
+
+def test_a_run_never_deletes_files_of_a_folder_that_is_not_a_runs(tmp_path, sample, capsys):
+    import train_synthetic
+    mine = tmp_path / "mine"                                          # someone's folder: no run in it
+    mine.mkdir()
+    names = ["config.json", "loss_landscape_figure1.png", "skill_vs_lead_paper.png", "metrics_paper_table.json"]
+    for name in names:
+        (mine / name).write_text("mine")
+    code, err = one_line_error(lambda: train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={mine}"]), capsys)
+    assert code == 2 and "holds files that are not a run's (config.json, loss_landscape_figure1.png" in err
+    assert all((mine / n).read_text() == "mine" for n in names)
+    train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={mine}", "--overwrite=true"])
+    assert all((mine / n).read_text() == "mine" for n in names[1:]) and (mine / "best.pt").exists()
+    train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={mine}", "--overwrite=true"])     # now a run's
+    assert all((mine / n).read_text() == "mine" for n in names[1:])  # only what a run wrote is replaced
+
+
+def test_a_run_written_while_another_loaded_its_data_is_not_replaced(tmp_path, sample):
+    import train_synthetic
+    out = tmp_path / "run"
+    cfg = common.parse_config(train_synthetic.Config, TINY + data_args(sample) + [f"--out_dir={out}"])
+    common.check_out_dir(cfg)                                          # empty: this run may start
+    train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={out}", "--seed=5"])   # another finishes first
+    model = train_synthetic.build_model(cfg)
+    loader = common.make_loader(train_synthetic.build_data(cfg).train, cfg, torch.device("cpu"), shuffle=True)
+    with pytest.raises(common.UserError, match="already holds a run"):
+        common.fit(model, loader, loader, F.l1_loss, torch.optim.Adam(model.parameters()), cfg, torch.device("cpu"))
+    assert json.loads((out / "config.json").read_text())["SEED"] == 5
 
 
 def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
