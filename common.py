@@ -31,6 +31,7 @@ import contextlib
 import csv
 import datetime as dt
 import errno
+import fcntl
 import inspect
 import io
 import json
@@ -2194,53 +2195,39 @@ def check_run_folder(out, cfg):
 @contextlib.contextmanager
 def locked(out):
     """Hold the folder `out` (a run's OUT_DIR, a tool's --out) for this process: a second run or tool there
-    stops with one line. A lock left by a process that no longer runs is taken over. (Rank 0 alone writes, so
-    only it locks.)"""
+    stops with one line. The lock is an exclusive flock on out/.lock, a file that is never deleted: taking it is
+    atomic, and the kernel drops it when its process ends, however it ends. (Rank 0 alone writes, so only it
+    locks.)"""
     if not is_main():
         yield out
         return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = out / ".lock"
-    while True:
-        if lock.is_dir() or lock.is_symlink():
-            raise UserError(f"{lock} is not this tool's lock file (a folder or a link): remove it")
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid = lock.read_bytes().decode(errors="replace").strip() if lock.exists() else ""
-            if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
-                raise UserError(f"{out} is in use by another run or tool (process {pid}, in {lock}); wait for it, "
-                                f"use another folder, or delete {lock} if that process is not one") from None
-            lock.unlink(missing_ok=True)                         # stale: its process is gone (or is us)
-            continue
-        except PermissionError:                                  # e.g. visualize.py on a read-only run folder
-            raise UserError(f"cannot write in {out} (permission denied): copy the run folder somewhere writable "
-                            f"and point at the copy") from None
-        except OSError as e:
-            raise RunError(f"could not write {lock} ({e.strerror}); nothing was written") from None
-        try:
-            os.write(fd, str(os.getpid()).encode())
-        except OSError as e:                                     # a full disk
-            lock.unlink(missing_ok=True)
-            raise RunError(f"could not write {lock} ({e.strerror}); nothing was written") from None
-        finally:
-            os.close(fd)
-        break
+    if lock.is_dir() or lock.is_symlink():
+        raise UserError(f"{lock} is not this tool's lock file (a folder or a link): remove it")
     try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except PermissionError:                                      # e.g. visualize.py on a read-only run folder
+        raise UserError(f"cannot write in {out} (permission denied): copy the run folder somewhere writable "
+                        f"and point at the copy") from None
+    except OSError as e:
+        raise RunError(f"could not write {lock} ({e.strerror}); nothing was written") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise UserError(f"{out} is in use by another run or tool (process {pid or '?'}, in {lock}); wait for it "
+                            f"or use another folder") from None
+        try:                                                     # who holds it, for the line above; a full disk
+            os.ftruncate(fd, 0)                                  # leaves it empty, the lock held all the same
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass
         yield out
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        os.close(fd)                                             # releases the lock; the file stays
 
 
 def start_or_resume(model, optimizer, scheduler, cfg):

@@ -1527,12 +1527,13 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
 
     run = tmp_path / "run"                                             # the lock: a full disk, a folder in its place
     run.mkdir()
-    monkeypatch.setattr(os, "write", lambda fd, data: full(fd))
-    with pytest.raises(common.RunError, match=r"could not write .*\.lock"):
-        with common.locked(run):
-            pass
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: full(fd))
+    with common.locked(run):                                           # no room for its pid: held all the same
+        with pytest.raises(common.UserError, match="in use by another run or tool .process \\?"):
+            with common.locked(run):
+                pass
     monkeypatch.undo()
-    assert list(run.iterdir()) == []
+    (run / ".lock").unlink()
     (run / ".lock").mkdir()
     with pytest.raises(common.UserError, match="not this tool's lock"):
         with common.locked(run):
@@ -1549,7 +1550,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
         with common.locked(run):
             pass
     monkeypatch.undo()
-    (run / ".lock").write_bytes(b"\xff\xfe not a pid")                  # not text: stale, taken over
+    (run / ".lock").write_bytes(b"\xff\xfe not a pid")                  # left by a process that ended: free
     with common.locked(run):
         assert (run / ".lock").read_text() == str(os.getpid())
 
@@ -1671,15 +1672,15 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
     import train_synthetic
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".lock").write_text(str(os.getppid()))                      # a live process holds it
     args = TINY + data_args(sample) + [f"--out_dir={out}"]
-    code, err = one_line_error(lambda: train_synthetic.main(args), capsys)
-    assert code == 2 and f"in use by another run or tool (process {os.getppid()}, in {out / '.lock'})" in err
+    with common.locked(out):                                           # another run holds it
+        code, err = one_line_error(lambda: train_synthetic.main(args), capsys)
+    assert code == 2 and f"in use by another run or tool (process {os.getpid()}, in {out / '.lock'})" in err
     assert not (out / "config.json").exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / ".lock").write_text(dead.stdout.strip())                    # its process is gone: a stale lock
+    (out / ".lock").write_text(dead.stdout.strip())                    # left by a process that is gone: free
     train_synthetic.main(args)
-    assert (out / "metrics.json").exists() and not (out / ".lock").exists()
+    assert (out / "metrics.json").exists()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
@@ -2304,7 +2305,7 @@ def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monke
         common.make_sample_sevir(tmp_path / "s", n_events=3)
     monkeypatch.undo()
     assert (tmp_path / "s" / common.SAMPLE_MARKER).exists() and not (tmp_path / "s" / "CATALOG.csv").exists()
-    assert not list((tmp_path / "s").rglob("*.tmp")) and not (tmp_path / "s" / ".lock").exists()
+    assert not list((tmp_path / "s").rglob("*.tmp"))
     stale = tmp_path / "s" / "vil" / "2018" / "SEVIR_VIL_X.h5.tmp"      # what kill -9 leaves: files and a lock
     stale.write_bytes(b"half")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -2351,11 +2352,10 @@ def test_a_tool_holds_its_folder_and_a_small_copy_is_named(tmp_path, sample, cap
     catalog, root = sample
     copy = tmp_path / "prepared"
     copy.mkdir()
-    (copy / ".lock").write_text(str(os.getppid()))                      # another prepare is writing there
-    code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", str(catalog), "--root", str(root),
-                                                    "--out", str(copy), "--size", "16"]), capsys)
+    with common.locked(copy):                                           # another prepare is writing there
+        code, err = one_line_error(lambda: common._cli(["prepare", "--catalog", str(catalog), "--root", str(root),
+                                                        "--out", str(copy), "--size", "16"]), capsys)
     assert code == 2 and "in use by another run or tool" in err and not (copy / common.PREPARED_MARKER).exists()
-    (copy / ".lock").unlink()
     small = common.prepare(catalog, root, copy, 16)
     cfg = SimpleNamespace(CATALOG_PATH=small, SEVIR_ROOT=str(copy), SPLIT_DATES=("2019-01-01", "2019-06-01"),
                           MAX_TRAIN=0, MAX_VAL=0, MAX_TEST=0, TARGET_SIZE=32)
