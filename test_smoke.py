@@ -1655,6 +1655,19 @@ def test_a_run_never_deletes_files_of_a_folder_that_is_not_a_runs(tmp_path, samp
     assert all((mine / n).read_text() == "mine" for n in names[1:])  # only what a run wrote is replaced
 
 
+def test_a_run_killed_before_its_first_epoch_starts_again_and_resume_says_how(tmp_path, sample, capsys):
+    import train_synthetic
+    out = tmp_path / "run"                                            # what kill -9 leaves before the first last.pt
+    out.mkdir()
+    (out / common.RUN_MARKER).write_text("config.json\n")
+    (out / "config.json").write_text("{}")
+    code, err = one_line_error(lambda: train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={out}",
+                                                                                        "--resume=true"]), capsys)
+    assert code == 2 and "no finished epoch; --overwrite=true starts it again" in err
+    train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={out}"])           # the same command starts it
+    assert common.load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
 def test_a_run_written_while_another_loaded_its_data_is_not_replaced(tmp_path, sample):
     import train_synthetic
     out = tmp_path / "run"
