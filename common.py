@@ -158,7 +158,8 @@ class SEVIRMultimodal(Dataset):
             raise UserError("SEVIRMultimodal needs vil among its modalities (it is the target)")
         table = event_table(df, root, mods, events)
         self.reader = SEVIRReader(table, root, mods)
-        self.mods, self.t_in, self.t_out, self.target_size, self.ir_norm = tuple(mods), t_in, t_out, target_size, ir_norm
+        self.mods, self.t_in, self.t_out = tuple(mods), t_in, t_out
+        self.target_size, self.ir_norm = target_size, ir_norm
         self.windows = windows(len(table), t_in + t_out, 1 if train else val_stride)
 
     def __len__(self):
@@ -477,7 +478,8 @@ class NowcastUNet(nn.Module):
 class EvolutionNet(nn.Module):
     """Motion and growth applied to the last frame (an idea of the evolution network of Zhang et al., Nature
     2023; not the notebooks' NowcastNet above, a plain Conv3D). The storm's steering motion is measured in the
-    input (steering_motion: the shift that best maps the first VIL frame onto the last) and every input frame is moved along it to the last frame's time;
+    input (steering_motion: the shift that best maps the first VIL frame onto the last) and every input frame
+    is moved along it to the last frame's time;
     a U-Net over these aligned frames, stacked as channels, predicts for each lead k a local correction to the
     velocity and an intensity change s_k (growth and decay). The forecast is the last VIL frame moved k steps
     along the velocity (bilinear backward warp, differentiable; what comes in from outside the grid is no
@@ -1185,8 +1187,8 @@ def fit_ir_lookup(cfg, data):
     """The synthetic-radar reference: IRLookup on IR107 (on IR069 when that is the only IR input), fitted
     on frames 0, 4, 8, ..., 48 of every training event (the held-out frames; the same each run)."""
     mods = cfg.INPUT_MODS
-    fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, t_sample=None, target_size=cfg.TARGET_SIZE,
-                                   train=False, ir_norm=cfg.IR_NORM)
+    fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, t_sample=None,
+                                   target_size=cfg.TARGET_SIZE, train=False, ir_norm=cfg.IR_NORM)
     loader = DataLoader(fit_on, batch_size=16, collate_fn=collate_skipping)
     mod = "ir107" if "ir107" in mods else "ir069"
     return IRLookup(mods.index(mod), cfg.IR_NORM, mod=mod).fit(batches(loader, "reference"))
@@ -1537,7 +1539,8 @@ class SEVIRReader:
             return self._events[(mod, e)][start:stop].clone()
         path = self.paths[mod][self.file_idx[mod][e]]
         if mod == "lght":
-            return resize_frames(torch.from_numpy(lightning_to_grid(self._open(path, self.ids[e])[()])[start:stop]), size)
+            flashes = self._open(path, self.ids[e])[()]
+            return resize_frames(torch.from_numpy(lightning_to_grid(flashes)[start:stop]), size)
         i = self.index[mod][e]
         ds = self._open(path, mod, i, self.ids[e])
         if ds.chunks is not None:       # frame by frame, each one chunk read contiguous (a strided read is 6x slower)
@@ -1686,8 +1689,8 @@ def generated_sample():
 
 def files_root(catalog, candidates):
     """The first folder of `candidates` under which any of the catalog's file_names is a file; None if none."""
-    names = [n for n in raw_catalog(catalog, columns=["file_name"])["file_name"].unique()
-             if unsafe_file_name(n) is None]
+    names = [n for n in raw_catalog(catalog, columns=["file_name"], nrows=5000)["file_name"].unique()
+             if unsafe_file_name(n) is None]                # enough to tell the root; load_catalog reads it all
     return next((c for c in candidates if c.is_dir() and any((c / n).is_file() for n in names)), None)
 
 
@@ -1705,7 +1708,8 @@ NEEDED_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "pct_
 
 
 def load_catalog(catalog_path, root, mods=("vil", "ir069", "ir107"), max_pct_missing=0.0):
-    """One row per usable event of a catalog (its path, or the DataFrame pandas read from it): `id`, `time_utc`, `event_type`, and `<mod>_file`, `<mod>_index` per modality.
+    """One row per usable event of a catalog (its path, or the DataFrame pandas read from it): `id`,
+    `time_utc`, `event_type`, and `<mod>_file`, `<mod>_index` per modality.
 
     Usable: every requested modality has exactly one catalog row (ids duplicated within a
     modality are dropped, as SEVIR's reference loaders do) with a safe file_name, a whole-number
@@ -1789,8 +1793,9 @@ def whole_number(text, none=None):
     return int(text) if re.fullmatch(r"[0-9]{1,9}", text) else none
 
 
-def raw_catalog(path, columns=None):
-    """The columns of a SEVIR CATALOG.csv file as text (those of `columns` it has, or all)."""
+def raw_catalog(path, columns=None, nrows=None):
+    """The columns of a SEVIR CATALOG.csv file as text (those of `columns` it has, or all; its first `nrows`
+    rows, or all)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"catalog not found: {path}")
@@ -1805,7 +1810,7 @@ def raw_catalog(path, columns=None):
     if b"," not in header or b"id" not in header:
         raise UserError(f"{path} is not SEVIR's comma-separated CSV catalog (its first line: {header[:60]!r})")
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False,
+        return pd.read_csv(path, dtype=str, keep_default_na=False, nrows=nrows,
                            usecols=None if columns is None else lambda c: c in columns)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path} is not a CSV catalog ({type(e).__name__}: {e})".splitlines()[0]) from None
@@ -2295,30 +2300,20 @@ TRAINING_STATE = ("optimizer", "scheduler", "rng")
 
 
 def _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra=None):
-    """The checkpoint as of now, copied to the CPU (it may be written later, after more training)."""
+    """The checkpoint as of now (written at once; load_checkpoint maps it to the CPU)."""
     weights = unwrap(model).state_dict()
     for name, p in weights.items():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise RunError(f"model weight {name} is not finite after epoch {epoch}: not saved; "
                            f"checkpoints are as they were")
-    return _cpu_copy({
+    return {
         "model": weights, "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "config": config_dict(cfg), "epoch": epoch, "best_val": best_val, "metrics": metrics,
         "history": [dict(row) for row in history], "extra": extra or {}, "script": cfg.script,
         "events": getattr(cfg, "events", None),                       # what it trained and chose on (load_events)
         "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
-
-
-def _cpu_copy(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
 
 
 def check_run_checkpoint(ckpt, path, needs=("model", "config", "epoch", "history")):

@@ -83,7 +83,8 @@ def main(argv=None):
         columns = ("epoch", "train_loss", "val_loss")
         try:
             table = pd.read_csv(run_history)
-            rows = table.to_dict("records") if all(pd.api.types.is_numeric_dtype(table.get(c, "")) for c in columns) else []
+            numeric = all(pd.api.types.is_numeric_dtype(table.get(c, "")) for c in columns)
+            rows = table.to_dict("records") if numeric else []
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
             rows = []
         if rows and len(rows) >= len(history):
