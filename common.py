@@ -778,23 +778,21 @@ def evaluate(forecast, loader, device, loss_fn=None):
 
 
 def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler=None, augment=None, extra=None,
-        advanced=False):
-    """Train for cfg.EPOCHS epochs, validating after each; history.csv, last.pt and best.pt after each epoch.
-
-    loss_fn(pred, y) returns the loss, or a dict of terms with the loss under "loss" (each term is logged).
-    The validation loss picks best.pt and steps a ReduceLROnPlateau scheduler; any other scheduler steps once
-    per training batch; `augment(x, y)` transforms each training batch. advanced=True is train_advanced.py's
-    recipe: notebook 07A's choice of best.pt on the validation "mse" term, the first cfg.HALF_RES_EPOCHS on
-    half_resolution batches, and BatchNorm statistics re-estimated on cfg.BN_BATCHES training batches before
-    each validation. With cfg.RESUME the run continues from last.pt exactly where it stopped. `extra` (a small
-    dict) goes into every checkpoint. Returns the history: one dict per epoch.
-    """
+        advanced=False, start=(1, float("inf"), [])):
+    """Train for cfg.EPOCHS epochs from `start` (start_or_resume: first epoch, best validation value, history),
+    validating after each and writing history.csv, last.pt and best.pt (save_epoch). loss_fn(pred, y) returns the
+    loss, or a dict of terms with it under "loss" (each term is logged). The validation loss picks best.pt and steps
+    a ReduceLROnPlateau scheduler; another scheduler steps once per training batch; `augment(x, y)` transforms each
+    training batch. advanced=True is train_advanced.py's recipe: best.pt on the validation "mse" term (07A), the
+    first cfg.HALF_RES_EPOCHS on half_resolution batches, BatchNorm re-estimated on cfg.BN_BATCHES training batches
+    before each validation. `extra` goes into every checkpoint. Returns the history, one dict per epoch."""
     select = "mse" if advanced else "loss"                         # the validation term that picks best.pt
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    start, best_val, history = start_or_resume(model, optimizer, scheduler, cfg)
+    first, best_val, history = start
+    saved = first - 1                                               # the epoch last.pt holds (0: none yet)
     try:
-        for epoch in range(start, cfg.EPOCHS + 1):
+        for epoch in range(first, cfg.EPOCHS + 1):
             t0, lr = time.time(), optimizer.param_groups[0]["lr"]          # the rate this epoch starts at
             transform = half_resolution if advanced and epoch <= cfg.HALF_RES_EPOCHS else augment
             train = train_epoch(model, loader_epoch(train_loader, epoch), loss_fn, optimizer, device, epoch, scaler,
@@ -810,15 +808,16 @@ def fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, schedu
                             **{f"val_{k}": v for k, v in val.items()},
                             "lr": lr, "seconds": round(time.time() - t0, 2)})
             save_epoch(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra, improved)
+            saved = epoch
             print(f"epoch {epoch}/{cfg.EPOCHS}  train {_terms_text(train)}  val {_terms_text(val)}  "
                   f"CSI-M {metrics['csi_m']:.3f}  {history[-1]['seconds']:.0f}s" + ("  * best" if improved else ""))
     except KeyboardInterrupt:                       # Ctrl-C, SIGTERM (run_with_exit_status): last.pt is the last epoch
-        raise stopped(cfg) from None
+        raise stopped(cfg, saved) from None
     except RuntimeError as e:                       # a DataLoader worker killed, most often by the out-of-memory killer
         if "DataLoader worker" not in str(e):
             raise
         raise RunError(f"{str(e).splitlines()[0]} (out of memory? try fewer --num_workers or a smaller --batch_size); "
-                       f"{stopped(cfg)}") from None
+                       f"{stopped(cfg, saved)}") from None
     barrier()                                      # the others read best.pt next: wait for rank 0's writes
     return history
 
@@ -934,60 +933,44 @@ SEVIR_THRESHOLDS = (16, 74, 133, 160, 181, 219)   # VIL codes: ~0.15, 0.78, 3.5,
 
 
 class SkillScore:
-    """CSI, POD, success ratio (SUCR) and BIAS at SEVIR's VIL thresholds, with MSE and MAE.
+    """CSI, POD, success ratio (SUCR) and frequency bias (H + F) / (H + M) at SEVIR's VIL thresholds, with MSE and MAE.
 
-    update(pred, target): tensors of equal shape (..., H, W), values in [0, 1] (VIL code / 255). A 5-D
-    (B, C, T, H, W) input also gets per-lead scores over T. Hits (pred >= t and truth >= t),
-    misses and false alarms are summed over every pixel, sample and lead time, counting
-    255 * value >= t. Counts accumulate on the tensors' device; compute() moves them to the CPU.
-    Pooled CSI (csi_pool4_m, csi_pool16_m) max-pools both fields over k x k tiles first.
-
-    A score whose denominator is 0 is undefined: NaN, printed n/a. CSI when neither forecast nor truth reached
-    the threshold; POD and BIAS when the truth never did; SUCR when the forecast never did. Pooled CSI is on
-    k x k tiles of the scored grid (pixel_km in metrics.json), not of SEVIR's 1 km grid. CSI-M (and the
-    pooled and per-lead CSI-M) follows Earthformer: the mean over all six thresholds with an undefined CSI
-    counted as 0, so it always averages the same set. BIAS is the frequency bias (H + F) / (H + M);
-    Earthformer's "bias" column is another quantity.
+    update(pred, target): tensors of equal shape (..., H, W) in [0, 1] (VIL code / 255); a 5-D (B, C, T, H, W)
+    input also gets per-lead scores over T. Threshold t counts 255 * value >= t; hits, misses and false alarms are
+    summed over every pixel, sample and lead. Pooled CSI (csi_pool4_m, csi_pool16_m) max-pools both fields over
+    k x k tiles of the scored grid first. A score whose denominator is 0 is undefined (NaN, printed n/a); CSI-M
+    is Earthformer's: the mean over all six thresholds with an undefined CSI counted as 0.
     """
 
     def __init__(self, thresholds=SEVIR_THRESHOLDS, pools=(4, 16)):
         self.thresholds, self.pools = tuple(thresholds), tuple(pools)
-        self.counts = None                # dict of tensors: name -> (n_leads,) or (n_leads, n_thresholds)
+        self.counts = None                # name -> summed tensor, (n_leads,) or (n_leads, n_thresholds)
 
-    def _contingency(self, p, y, sum_dims):
-        """(hits, misses, false alarms), each (n_leads, n_thresholds), for VIL codes p, y."""
-        h, m, f = [], [], []
-        for t in self.thresholds:
-            pe, ye = p >= t, y >= t
-            h.append((pe & ye).sum(sum_dims))
-            m.append((~pe & ye).sum(sum_dims))
-            f.append((pe & ~ye).sum(sum_dims))
-        return torch.stack(h, -1), torch.stack(m, -1), torch.stack(f, -1)
+    def _contingency(self, p, y, dims):
+        """(hits, misses, false alarms) of VIL codes p, y, each (n_leads, n_thresholds)."""
+        per_t = [((pe & ye).sum(dims), (~pe & ye).sum(dims), (pe & ~ye).sum(dims))
+                 for pe, ye in ((p >= t, y >= t) for t in self.thresholds)]
+        return [torch.stack(counts, -1) for counts in zip(*per_t)]
 
     @torch.no_grad()
     def update(self, pred, target):
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         p, y = pred.detach().float() * 255, target.detach().float() * 255
-        if p.ndim == 5:                        # (B, C, T, H, W): lead time on axis 2
-            p, y = p.transpose(1, 2), y.transpose(1, 2)            # (B, T, C, H, W)
-        else:
-            p, y = p.unsqueeze(1), y.unsqueeze(1)                  # one lead
-        sum_dims = [d for d in range(p.ndim) if d != 1]
-        err = (p - y) / 255
-        new = {"sse": (err.double() ** 2).sum(sum_dims), "sae": err.double().abs().sum(sum_dims),
-               "n": torch.tensor(p[:, 0].numel(), device=p.device, dtype=torch.float64).expand(p.shape[1]).clone()}
-        new["hits"], new["misses"], new["fas"] = self._contingency(p, y, sum_dims)
-        for k in self.pools:                   # max-pool every (H, W) image in k x k tiles, then count
-            pp = F.max_pool2d(p.reshape(-1, 1, *p.shape[-2:]), k, k)
-            yp = F.max_pool2d(y.reshape(-1, 1, *y.shape[-2:]), k, k)
-            h, m, f = self._contingency(pp, yp, [0, 1, 2, 3])
-            new[f"hits_pool{k}"], new[f"misses_pool{k}"], new[f"fas_pool{k}"] = h[None], m[None], f[None]
-        if self.counts is None:
-            self.counts = {k: v.clone() for k, v in new.items()}
-        else:
-            for k, v in new.items():
-                self.counts[k] += v
+        if p.ndim == 5:                        # (B, C, T, H, W) -> (B, T, C, H, W): lead time on axis 1
+            p, y = p.transpose(1, 2), y.transpose(1, 2)
+        else:                                  # one lead
+            p, y = p.unsqueeze(1), y.unsqueeze(1)
+        dims = [d for d in range(p.ndim) if d != 1]
+        err = ((p - y) / 255).double()
+        new = {"sse": (err ** 2).sum(dims), "sae": err.abs().sum(dims),
+               "n": torch.full((p.shape[1],), float(p[:, 0].numel()), dtype=torch.float64, device=p.device)}
+        new["hits"], new["misses"], new["fas"] = self._contingency(p, y, dims)
+        for k in self.pools:                   # every (H, W) image max-pooled in k x k tiles, then counted
+            pp, yp = (F.max_pool2d(v.reshape(-1, 1, *v.shape[-2:]), k, k) for v in (p, y))
+            for name, c in zip(("hits", "misses", "fas"), self._contingency(pp, yp, [0, 1, 2, 3])):
+                new[f"{name}_pool{k}"] = c[None]
+        self.counts = new if self.counts is None else {k: v + new[k] for k, v in self.counts.items()}
 
     def all_reduce(self):
         """Add up the counts of every process (torchrun); a no-op in one process."""
@@ -998,36 +981,73 @@ class SkillScore:
                 all_reduce_sum(v)
         return self
 
-    @staticmethod
-    def _ratio(a, b):
-        return np.where(b > 0, a / np.maximum(b, 1), np.nan)
-
-    def _csi(self, h, m, f):
-        return self._ratio(h, h + m + f)
-
     def compute(self):
         """{'mse', 'mae', 'csi_<t>', 'pod_<t>', 'sucr_<t>', 'bias_<t>', 'csi_m', 'csi_pool4_m', ...}."""
         if self.counts is None:
             raise ValueError("SkillScore.compute() before any update()")
         c = {k: v.cpu().double().numpy() for k, v in self.counts.items()}
-        h, m, f = c["hits"].sum(0), c["misses"].sum(0), c["fas"].sum(0)     # over leads
+
+        def ratio(a, b):
+            return np.where(b > 0, a / np.maximum(b, 1), np.nan)
+
+        def csi(suffix="", leads=False):
+            h, m, f = (c[name + suffix] if leads else c[name + suffix].sum(0) for name in ("hits", "misses", "fas"))
+            return ratio(h, h + m + f)
+        h, m, f = (c[name].sum(0) for name in ("hits", "misses", "fas"))       # over leads
         out = {"mse": float(c["sse"].sum() / c["n"].sum()), "mae": float(c["sae"].sum() / c["n"].sum())}
-        csi, pod, sucr, bias = self._csi(h, m, f), self._ratio(h, h + m), self._ratio(h, h + f), self._ratio(h + f, h + m)
+        scores = {"csi": ratio(h, h + m + f), "pod": ratio(h, h + m), "sucr": ratio(h, h + f), "bias": ratio(h + f, h + m)}
         for i, t in enumerate(self.thresholds):
-            out.update({f"csi_{t}": csi[i], f"pod_{t}": pod[i], f"sucr_{t}": sucr[i], f"bias_{t}": bias[i]})
-        out["csi_m"] = _csi_mean(csi)
+            out.update({f"{name}_{t}": float(v[i]) for name, v in scores.items()})
+        out["csi_m"] = _csi_mean(scores["csi"])
         for k in self.pools:
-            out[f"csi_pool{k}_m"] = _csi_mean(self._csi(c[f"hits_pool{k}"].sum(0), c[f"misses_pool{k}"].sum(0),
-                                                       c[f"fas_pool{k}"].sum(0)))
+            out[f"csi_pool{k}_m"] = _csi_mean(csi(f"_pool{k}"))
         if len(c["n"]) > 1:                    # per lead time
-            out["csi_m_per_lead"] = [_csi_mean(row) for row in self._csi(c["hits"], c["misses"], c["fas"])]
+            out["csi_m_per_lead"] = [_csi_mean(row) for row in csi(leads=True)]
             out["mse_per_lead"] = [float(v) for v in c["sse"] / c["n"]]
-        return {k: (float(v) if not isinstance(v, list) else v) for k, v in out.items()}
+        return out
 
 
 def _csi_mean(csi):
     """CSI-M as Earthformer: the mean over every threshold, an undefined (NaN) CSI counted as 0."""
     return float(np.nan_to_num(np.asarray(csi, dtype=np.float64), nan=0.0).mean())
+
+
+@torch.inference_mode()
+def event_counts(forecast, dataset, device, batch_size):
+    """A forecast's SkillScore counts on each event of a held-out dataset, in this process alone (for intervals):
+    a list with one dict of summed tensors per event (None where every item of the event was skipped)."""
+    forecast = unwrap(forecast).eval() if isinstance(forecast, nn.Module) else forecast
+    per_event = []
+    for e in np.unique(dataset.windows[:, 0]):
+        skill = SkillScore()
+        items = torch.utils.data.Subset(dataset, np.flatnonzero(dataset.windows[:, 0] == e))
+        for x, y in batches(DataLoader(items, batch_size, collate_fn=collate_skipping), "test"):
+            skill.update(forecast(to_device(x, device)).float().clamp(0, 1), to_device(y, device))
+        per_event.append(skill.counts)
+    return per_event
+
+
+def bootstrap_margins(model, reference, n_draws=2000, seed=0):
+    """The model's margin over a reference forecast on MSE, MAE and CSI-M with a 95% interval from a paired
+    bootstrap over events: {score: [margin, low, high]}, positive where the model is better. Both forecasts' counts
+    (event_counts) are summed over the same draws of events with replacement, and the scores recomputed."""
+    keep = [i for i, (m, r) in enumerate(zip(model, reference)) if m is not None and r is not None]
+    rng = np.random.default_rng(seed)
+    draws = np.vstack([np.ones(len(keep)), rng.multinomial(len(keep), np.full(len(keep), 1 / len(keep)), n_draws)])
+
+    def scores(per_event):                         # row 0: the events as they are; then one row per draw
+        total = {k: draws @ np.stack([per_event[i][k].sum(0).double().cpu().numpy().reshape(-1) for i in keep])
+                 for k in ("sse", "sae", "n", "hits", "misses", "fas")}
+        h, m, f = total["hits"], total["misses"], total["fas"]
+        csi = np.where(h + m + f > 0, h / np.maximum(h + m + f, 1), 0.0)       # undefined counts 0, as CSI-M
+        return {"mse": total["sse"][:, 0] / total["n"][:, 0], "mae": total["sae"][:, 0] / total["n"][:, 0],
+                "csi_m": csi.mean(1)}
+    ours, theirs = scores(model), scores(reference)
+    out = {}
+    for k, sign in (("mse", -1), ("mae", -1), ("csi_m", 1)):       # lower MSE and MAE, higher CSI-M is better
+        margin = sign * (ours[k] - theirs[k])
+        out[k] = [float(margin[0]), *map(float, np.percentile(margin[1:], [2.5, 97.5]))]
+    return out
 
 
 def radial_power_spectrum(power):
@@ -1095,6 +1115,7 @@ class ShiftExtrapolation:
         return warp(x[:, self.vil_channel, -1], d).unsqueeze(1)
 
 
+DIS_PRESET = 2                     # cv2.DISOPTICAL_FLOW_PRESET_MEDIUM: of 0-2 the best on validation (README)
 PYSTEPS_MISSING = ("note: the optical-flow reference is skipped: pysteps or OpenCV is not installed "
                    "(pip install pysteps opencv-python-headless)")
 
@@ -1116,13 +1137,14 @@ def pysteps_methods():
 
 
 class OpticalFlow:
-    """Reference nowcast, the SEVIR paper's optical flow with the field's library, pysteps: Lucas-Kanade
-    motion from the last `n_frames` input VIL frames, the last frame advected along it for each lead
+    """Reference nowcast, optical flow with the field's library, pysteps: Lucas-Kanade motion from the last
+    `n_frames` input VIL frames (6, at pysteps' settings: of 2, 3, 6 frames, with those settings or with their
+    pixel sizes scaled to the grid, the best on validation), the last frame advected along it for each lead
     (semi-Lagrangian); what is advected in from outside the grid is no rain. Runs on the CPU.
     x (B, C, T_in, H, W) -> (B, 1, T_out, H, W)."""
     name = "optical_flow"
 
-    def __init__(self, methods, vil_channel=0, t_out=1, n_frames=3):
+    def __init__(self, methods, vil_channel=0, t_out=1, n_frames=6):
         (self.motion, self.extrapolate), self.vil_channel, self.t_out, self.n_frames = methods, vil_channel, t_out, n_frames
 
     def __call__(self, x):
@@ -1130,68 +1152,110 @@ class OpticalFlow:
         out = np.empty((len(frames), 1, self.t_out) + frames.shape[-2:], np.float32)
         for b, f in enumerate(frames):
             with warnings.catch_warnings():          # pysteps warns on nearly empty fields; its result stands
-                warnings.simplefilter("ignore", RuntimeWarning)
+                warnings.simplefilter("ignore")
                 velocity = self.motion(f)                                           # (2, H, W) pixels per frame
                 out[b, 0] = np.nan_to_num(self.extrapolate(f[-1], velocity, self.t_out), nan=0.0)
         return torch.from_numpy(out).to(x.device)
 
 
+class DenseFlow:
+    """Reference nowcast, the SEVIR paper's own optical-flow baseline (rainymotion's Dense): OpenCV's dense DIS
+    optical flow from the last input VIL frame back to the one before it (direction "backward", on VIL codes
+    0..255), each pixel's vector held for every lead (constant-vector advection), here semi-Lagrangian,
+    out_k(p) = last(p + k f(p)), in place of rainymotion's scatter and IDW. x (B, C, T_in, H, W) -> (B, 1, T_out, H, W)."""
+    name = "dense_flow"
+
+    def __init__(self, vil_channel=0, t_out=1, preset=DIS_PRESET):
+        self.vil_channel, self.t_out, self.preset = vil_channel, t_out, preset
+
+    def __call__(self, x):
+        import cv2
+        codes = (x[:, self.vil_channel, -2:].float().clamp(0, 1) * 255).round().byte().cpu().numpy()  # (B, 2, H, W)
+        dis = cv2.DISOpticalFlow_create(self.preset)
+        back = np.stack([dis.calc(c[1], c[0], None) for c in codes])       # (B, H, W, 2): last(p) ~ before(p + f(p))
+        lead = torch.arange(1, self.t_out + 1, dtype=x.dtype, device=x.device).view(1, -1, 1, 1, 1)
+        d = -lead * torch.from_numpy(back).to(x).permute(0, 3, 1, 2)[:, None]          # (B, T_out, 2, H, W)
+        return warp(x[:, self.vil_channel, -1], d).unsqueeze(1)
+
+
 def nowcast_references(vil_channel, t_out):
-    """Persistence, pysteps' optical flow (where pysteps is installed, else one note says how) and the
-    one-vector shift."""
+    """Persistence, pysteps' optical flow and the SEVIR paper's dense DIS flow (where pysteps and OpenCV are
+    installed, else one note says how) and the one-vector shift."""
     methods = pysteps_methods()
     if methods is None:
         print(PYSTEPS_MISSING)
-    flow = [OpticalFlow(methods, vil_channel, t_out)] if methods else []
+    flow = [OpticalFlow(methods, vil_channel, t_out), DenseFlow(vil_channel, t_out)] if methods else []
     return [Persistence(vil_channel, t_out)] + flow + [ShiftExtrapolation(vil_channel, t_out)]
 
 
 class IRLookup:
-    """Reference synthetic radar: mean VIL for each IR brightness-temperature bin, fitted on training data.
+    """Reference synthetic radar: the VIL of each IR brightness-temperature bin, fitted on training frames.
 
-    Bins are 2.5 C wide from -100 C to +60 C (in the dataset's normalised units; 64 bins over [0, 1] with
-    ir_norm="minmax"); a bin never seen
-    in training predicts the overall mean. x (B, C, H, W) -> (B, 1, H, W). Named "ir_lookup" on IR107
-    (the default), "ir069_lookup" on IR069.
+    `channels` (indices into x) and `mods` (their modalities): one IR channel, or IR069 and IR107 together (a 2-D
+    table of their bin pairs). Bins are 2.5 C wide from -100 C to +60 C (in the dataset's normalised units; 64
+    bins over [0, 1] with ir_norm="minmax"). Each bin predicts the `statistic` ("mean" or "median") of the VIL
+    seen in it in training, a bin never seen the overall one. x (B, C, H, W) -> (B, 1, H, W). Named "ir_lookup"
+    on IR107, "ir069_lookup" on IR069, "ir2_lookup_mean" / "ir2_lookup_median" on both.
     """
 
-    def __init__(self, channel, ir_norm="sevir", bins=64, mod="ir107"):
-        if ir_norm == "minmax":
-            self.lo, self.hi = 0.0, 1.0
-        else:
-            shift, scale = SEVIR_ZSCORE[mod]
-            self.lo, self.hi = (-10000 - shift) / scale, (6000 - shift) / scale
-        self.channel, self.bins = channel, bins
-        self.name = "ir_lookup" if mod == "ir107" else f"{mod}_lookup"
-        self.table = torch.zeros(bins)
+    def __init__(self, channels, ir_norm="sevir", bins=64, mods=("ir107",), statistic="mean"):
+        self.channels, self.bins, self.statistic = list(channels), bins, statistic
+        self.ranges = [(0.0, 1.0) if ir_norm == "minmax" else
+                       ((-10000 - SEVIR_ZSCORE[m][0]) / SEVIR_ZSCORE[m][1], (6000 - SEVIR_ZSCORE[m][0]) / SEVIR_ZSCORE[m][1])
+                       for m in mods]
+        self.name = (f"ir2_lookup_{statistic}" if len(mods) == 2 else "ir_lookup" if mods[0] == "ir107"
+                     else f"{mods[0]}_lookup")
+        self.table = torch.zeros(bins ** len(self.channels))
 
-    def _bin(self, ir):
-        return ((ir - self.lo) / (self.hi - self.lo) * self.bins).long().clamp_(0, self.bins - 1)
+    def _bin(self, x):
+        """The table index of every pixel: (B, H, W)."""
+        index = 0
+        for c, (lo, hi) in zip(self.channels, self.ranges):
+            index = index * self.bins + ((x[:, c] - lo) / (hi - lo) * self.bins).long().clamp_(0, self.bins - 1)
+        return index
 
     def fit(self, batches):
         """Fit on an iterable of (x, y) batches."""
-        sums, counts = torch.zeros(self.bins, dtype=torch.float64), torch.zeros(self.bins, dtype=torch.float64)
+        keys, values = [], []
         for x, y in batches:
-            b = self._bin(x[:, self.channel]).flatten()
-            sums += torch.bincount(b, weights=y[:, 0].flatten().double(), minlength=self.bins)
-            counts += torch.bincount(b, minlength=self.bins).double()
-        overall = sums.sum() / counts.sum().clamp(min=1)
-        self.table = torch.where(counts > 0, sums / counts.clamp(min=1), overall).float()
+            keys.append(self._bin(x).flatten())
+            values.append(y[:, 0].flatten().double())
+        key, value = torch.cat(keys), torch.cat(values)
+        counts = torch.bincount(key, minlength=len(self.table))
+        if self.statistic == "mean":
+            table = torch.bincount(key, weights=value, minlength=len(self.table)) / counts.clamp(min=1)
+            overall = value.mean()
+        else:                                         # sorted by bin, then by value: each bin's middle value
+            order = torch.argsort(value, stable=True)
+            order = order[torch.argsort(key[order], stable=True)]
+            first = torch.cumsum(counts, 0) - counts
+            table = value[order][(first + (counts - 1).clamp(min=0) // 2).clamp(max=len(value) - 1)]
+            overall = value.median()
+        self.table = torch.where(counts > 0, table, overall).float()
         return self
 
     def __call__(self, x):
-        return self.table.to(x.device)[self._bin(x[:, self.channel:self.channel + 1])]
+        return self.table.to(x.device)[self._bin(x)][:, None]
 
 
 def fit_ir_lookup(cfg, data):
-    """The synthetic-radar reference: IRLookup on IR107 (on IR069 when that is the only IR input), fitted
-    on frames 0, 4, 8, ..., 48 of every training event (the held-out frames; the same each run)."""
+    """The synthetic-radar references, fitted on frames 0, 4, 8, ..., 48 of every training event (the held-out
+    frames; the same each run): IRLookup on IR107 (on IR069 when that is the only IR input) and, with both IR
+    channels as inputs, on the two together, its statistic (mean or median per bin) the one with the lower MAE on
+    the validation events."""
     mods = cfg.INPUT_MODS
     fit_on = SyntheticRadarDataset(data.train_events, data.root, input_mods=mods, t_sample=None,
                                    target_size=cfg.TARGET_SIZE, train=False, ir_norm=cfg.IR_NORM)
     loader = DataLoader(fit_on, batch_size=16, collate_fn=collate_skipping)
     mod = "ir107" if "ir107" in mods else "ir069"
-    return IRLookup(mods.index(mod), cfg.IR_NORM, mod=mod).fit(batches(loader, "reference"))
+    lookups = [IRLookup([mods.index(mod)], cfg.IR_NORM, mods=[mod]).fit(batches(loader, "reference"))]
+    if "ir069" in mods and "ir107" in mods:
+        pair = ("ir069", "ir107")
+        val = DataLoader(data.val, batch_size=16, collate_fn=collate_skipping)
+        both = [IRLookup([mods.index(m) for m in pair], cfg.IR_NORM, mods=pair, statistic=stat)
+                .fit(batches(loader, "reference")) for stat in ("mean", "median")]
+        lookups.append(min(both, key=lambda lookup: evaluate(lookup, val, torch.device("cpu"))[1]["mae"]))
+    return lookups
 
 
 # ======================================================================================
@@ -2095,6 +2159,9 @@ def test_and_report(model, references, data, cfg, device, history=(), extra=None
                **({"spectrum": spectra} if spectra else {}),
                **(extra or {})}
     if is_main():                                  # every process scored its share; rank 0 writes
+        counts = {f.name if f is not model else "model": event_counts(f, shown, device, cfg.BATCH_SIZE)
+                  for f in [model, *references]}
+        metrics["intervals"] = {r.name: bootstrap_margins(counts["model"], counts[r.name]) for r in references}
         write_json(out / f"metrics{tag}.json", metrics)
         print_table(metrics)
         multimodal = len(getattr(shown, "mods", ())) > 1 and not hasattr(shown, "input_mods")
@@ -2150,6 +2217,14 @@ def print_table(metrics):
         print(f"  CSI-M per lead (min), {' / '.join(names)}: " + "  ".join(
             f"+{5 * (k + 1)}: " + "/".join(fmt(metrics[n]["csi_m_per_lead"][k]) for n in names)
             for k in range(len(metrics["model"]["csi_m_per_lead"]))))
+    if "intervals" in metrics:
+        print(f"  the model's margin over the best reference of each score (positive: the model is better), with a "
+              f"95% interval from a paired bootstrap over the {metrics['n_events']} events:")
+        for score in ("mse", "mae", "csi_m"):
+            best = min(refs, key=lambda r: -metrics[r][score] if score == "csi_m" else metrics[r][score])
+            margin, low, high = metrics["intervals"][best][score]
+            verdict = "beats" if low > 0 else "loses to" if high < 0 else "level with"
+            print(f"    {score:<6} {verdict} {best}: {margin:+.3g} [{low:+.3g}, {high:+.3g}]")
     other = metrics["beside"]
     print(f"  ({other['split']}, {other['n_events']} events: MSE " + " / ".join(fmt(other[n]["mse"]) for n in names)
           + ", CSI-M " + " / ".join(fmt(other[n]["csi_m"]) for n in names) + f", {' / '.join(names)})")
@@ -2212,7 +2287,7 @@ def locked(out):
     if lock.is_dir() or lock.is_symlink():
         raise UserError(f"{lock} is not this tool's lock file (a folder or a link): remove it")
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
     except PermissionError:                                      # e.g. visualize.py on a read-only run folder
         raise UserError(f"cannot write in {out} (permission denied): copy the run folder somewhere writable "
                         f"and point at the copy") from None
@@ -2274,46 +2349,36 @@ def start_or_resume(model, optimizer, scheduler, cfg):
 
 def save_epoch(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra, improved):
     """The run's files after each epoch (rank 0 writes): history.csv, last.pt (everything to resume) and, when
-    the epoch improved, best.pt (the same without the training state)."""
+    the epoch improved, best.pt (the same without the training state: optimizer, scheduler, rng)."""
     if not is_main():
         return
-    out = Path(cfg.OUT_DIR)
-    write_csv(out / "history.csv", history)
-    ckpt = _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra)
-    save_checkpoint(ckpt, out / "last.pt")
-    if improved:
-        save_checkpoint({k: v for k, v in ckpt.items() if k not in TRAINING_STATE}, out / "best.pt")
-
-
-def stopped(cfg):
-    """The Interrupted error that ends a run stopped by Ctrl-C or SIGTERM: what last.pt holds, how to resume."""
-    last = Path(cfg.OUT_DIR) / "last.pt"
-    if not is_main():
-        return Interrupted("stopped; rank 0 saves the run and says how to resume")
-    if not last.exists():
-        return Interrupted("before the first epoch ended: nothing was saved; run the same command again")
-    return Interrupted(f"{last} holds epoch {load_checkpoint(last)['epoch']}. {resume_hint(cfg)}")
-
-
-# What last.pt holds beyond best.pt: the state to continue training.
-TRAINING_STATE = ("optimizer", "scheduler", "rng")
-
-
-def _checkpoint(model, optimizer, scheduler, cfg, epoch, best_val, metrics, history, extra=None):
-    """The checkpoint as of now (written at once; load_checkpoint maps it to the CPU)."""
     weights = unwrap(model).state_dict()
     for name, p in weights.items():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise RunError(f"model weight {name} is not finite after epoch {epoch}: not saved; "
                            f"checkpoints are as they were")
-    return {
-        "model": weights, "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "config": config_dict(cfg), "epoch": epoch, "best_val": best_val, "metrics": metrics,
-        "history": [dict(row) for row in history], "extra": extra or {}, "script": cfg.script,
-        "events": getattr(cfg, "events", None),                       # what it trained and chose on (load_events)
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    best = {"model": weights, "config": config_dict(cfg), "epoch": epoch, "best_val": best_val, "metrics": metrics,
+            "history": [dict(row) for row in history], "extra": extra or {}, "script": cfg.script,
+            "events": getattr(cfg, "events", None)}                   # what it trained and chose on (load_events)
+    training_state = {"optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                      "rng": {"torch": torch.get_rng_state(),
+                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    out = Path(cfg.OUT_DIR)
+    write_csv(out / "history.csv", history)
+    save_checkpoint({**best, **training_state}, out / "last.pt")    # written at once; loaded onto the CPU
+    if improved:
+        save_checkpoint(best, out / "best.pt")
+
+
+def stopped(cfg, saved):
+    """The Interrupted error that ends a run stopped by Ctrl-C or SIGTERM: what last.pt holds (epoch `saved`, 0 for
+    none), how to resume."""
+    if not is_main():
+        return Interrupted("stopped; rank 0 saves the run and says how to resume")
+    if not saved:
+        return Interrupted("before the first epoch ended: nothing was saved; run the same command again")
+    return Interrupted(f"{Path(cfg.OUT_DIR) / 'last.pt'} holds epoch {saved}. {resume_hint(cfg)}")
 
 
 def check_run_checkpoint(ckpt, path, needs=("model", "config", "epoch", "history")):
@@ -2373,28 +2438,18 @@ def write_csv(path, rows):
     write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
 
 
-def _new_tmp_file(path):
-    """A new, empty temporary file beside `path`, created here (O_EXCL: never an existing file, and never through a
-    link someone left there) under a random name that keeps the suffix (writers that choose the format by it
-    still work): .metrics.3f9a1c2e.tmp.json."""
-    path = Path(path)
-    while True:
-        tmp = path.with_name(f".{path.stem}.{os.urandom(4).hex()}.tmp{path.suffix}")
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644))
-            return tmp
-        except FileExistsError:
-            continue
-
-
 def write_atomically(path, write):
-    """Write a file by `write(tmp)` to a temporary path beside it, fsync, then rename: a full disk, a stop or
-    a crash mid-write leaves the previous file (or none), never a partial one. A write that fails (a full
-    disk, a read-only folder) is one RunError line naming the file. The one way files are written here."""
-    path = Path(path)
-    tmp = None
+    """Write a file by `write(tmp)` to a new temporary file beside it, fsync, then rename: a full disk, a stop or a
+    crash mid-write leaves the previous file (or none), never a partial one; a failed write is one RunError line.
+    The temporary file is created here (O_EXCL: never an existing file, nor through a link left there) under a
+    random name that keeps the suffix, which some writers choose the format by: .metrics.3f9a1c2e.tmp.json."""
+    path, tmp = Path(path), None
     try:
-        tmp = _new_tmp_file(path)
+        while tmp is None:
+            name = path.with_name(f".{path.stem}.{os.urandom(4).hex()}.tmp{path.suffix}")
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+                tmp = name
         write(tmp)
         with open(tmp, "r+b") as f:
             os.fsync(f.fileno())

@@ -65,6 +65,16 @@ DRAW = {"_save_figure": common._save_figure, "forecast_gif": common.forecast_gif
 def quick_figures(monkeypatch):
     """Figures are built but not drawn: each file holds a placeholder (drawing is half of a tiny run's time).
     The tests of the figures ask for `drawn_figures`; the scripts that run_alone runs draw theirs."""
+    figure_placeholders(monkeypatch)
+
+
+def undo(monkeypatch):
+    """monkeypatch.undo(), the figures still placeholders."""
+    monkeypatch.undo()
+    figure_placeholders(monkeypatch)
+
+
+def figure_placeholders(monkeypatch):
     monkeypatch.setattr(common, "FIGURE_DPI", 20)
 
     def placeholder(fig, path):
@@ -334,7 +344,7 @@ def bucket(tmp_path, bucket_files):
         def log_message(self, *args):
             pass
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", root, state
     server.shutdown()
 
@@ -496,7 +506,7 @@ def test_events_that_fit_in_memory_are_read_once_and_give_the_same_items(sample,
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=2))
     too_many[0]
     assert not too_many.reader._events
-    monkeypatch.undo()
+    undo(monkeypatch)
     too_many[0]
     assert list(too_many.reader._events) == [("vil", 0)]
 
@@ -926,6 +936,36 @@ def test_skill_score_any_leading_dims_and_pooling():
     assert m["csi_219"] == 0 and m["csi_pool4_m"] == 1                # pooled 4 x 4, the cells coincide
 
 
+def test_bootstrap_margins_say_beats_only_where_the_events_agree():
+    torch.manual_seed(0)
+    truth = [torch.rand(2, 1, 16, 16) for _ in range(8)]                  # 8 events whose fields differ
+
+    def counts(forecasts):
+        per_event = []
+        for f, y in zip(forecasts, truth):
+            s = common.SkillScore()
+            s.update(f.clamp(0, 1), y)
+            per_event.append(s.counts)
+        return per_event
+    near, far = [y + 0.02 for y in truth], [y + 0.2 for y in truth]
+    mixed = [n if e < 4 else f for e, (n, f) in enumerate(zip(near, far))]      # better on 4 events, worse on 4
+    flipped = [f if e < 4 else n for e, (n, f) in enumerate(zip(near, far))]
+    better = common.bootstrap_margins(counts(near), counts(far))
+    whole = {}
+    for name, forecasts in (("near", near), ("far", far)):
+        s = common.SkillScore()
+        for f, y in zip(forecasts, truth):
+            s.update(f.clamp(0, 1), y)
+        whole[name] = s.compute()
+    assert np.isclose(better["mse"][0], whole["far"]["mse"] - whole["near"]["mse"])
+    assert np.isclose(better["csi_m"][0], whole["near"]["csi_m"] - whole["far"]["csi_m"])
+    assert all(better[k][1] > 0 for k in ("mse", "mae", "csi_m"))             # better on every event: beats
+    worse = common.bootstrap_margins(counts(far), counts(near))
+    assert all(worse[k][2] < 0 for k in ("mse", "mae", "csi_m"))
+    level = common.bootstrap_margins(counts(mixed), counts(flipped))
+    assert all(level[k][1] < 0 < level[k][2] for k in ("mse", "mae"))        # the interval straddles zero
+
+
 def test_a_sine_wave_puts_its_power_at_its_wavelength():
     n, waves = 64, 8                                                    # 8 cycles across the grid: 8 pixels each
     x = torch.arange(n, dtype=torch.float64)
@@ -969,18 +1009,19 @@ def test_shift_reference_finds_the_one_motion_vector():
 @pytest.mark.skipif(common.pysteps_methods() is None, reason="needs pysteps and opencv-python-headless")
 def test_optical_flow_moves_a_shifted_blob_to_where_it_goes():
     x, y = moving_blob(t_in=6, t_out=4, channels=2, vil_channel=1)
-    flow = common.OpticalFlow(common.pysteps_methods(), vil_channel=1, t_out=4)
-    pred = flow(x)
-    assert pred.shape == y.shape and pred.dtype == x.dtype and torch.isfinite(pred).all()
-    for k in range(4):                                               # +k+1 frames: (1, 2) pixels a frame
-        px, py = centre(pred[0, 0, k])
-        tx, ty = centre(y[0, 0, k])
-        assert abs(px - tx) < 0.5 and abs(py - ty) < 0.5, (k, px, py, tx, ty)
     persistence = common.Persistence(1, t_out=4)(x)
-    assert (pred - y).abs().mean() < 0.3 * (persistence - y).abs().mean()
-    # what comes in from outside the grid is no rain, not NaN
-    edge, _ = moving_blob(t_in=3, t_out=1, step=(-6, 0), size=32)
-    assert torch.isfinite(common.OpticalFlow(common.pysteps_methods(), t_out=8)(edge)).all()
+    edge, _ = moving_blob(t_in=6, t_out=1, step=(-6, 0), size=32)
+    for flow in (common.OpticalFlow(common.pysteps_methods(), vil_channel=1, t_out=4),
+                 common.DenseFlow(vil_channel=1, t_out=4)):                # pysteps' LK, the SEVIR paper's DIS
+        pred = flow(x)
+        assert pred.shape == y.shape and pred.dtype == x.dtype and torch.isfinite(pred).all()
+        for k in range(4):                                           # +k+1 frames: (1, 2) pixels a frame
+            px, py = centre(pred[0, 0, k])
+            tx, ty = centre(y[0, 0, k])
+            assert abs(px - tx) < 0.5 and abs(py - ty) < 0.5, (flow.name, k, px, py, tx, ty)
+        assert (pred - y).abs().mean() < 0.3 * (persistence - y).abs().mean()
+        flow.vil_channel, flow.t_out = 0, 8                          # from outside the grid: no rain, not NaN
+        assert torch.isfinite(flow(edge)).all()
 
 
 def test_optical_flow_is_skipped_with_one_line_when_pysteps_is_missing(monkeypatch, capsys):
@@ -990,7 +1031,7 @@ def test_optical_flow_is_skipped_with_one_line_when_pysteps_is_missing(monkeypat
     assert [r.name for r in refs] == ["persistence", "shift"]
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "pip install pysteps opencv-python-headless" in out
-    monkeypatch.undo()
+    undo(monkeypatch)
     import pysteps.exceptions
     import pysteps.motion
 
@@ -1007,9 +1048,24 @@ def test_ir_lookup_learns_a_monotone_relation():
     temps = torch.linspace(-7000, 2000, 64)                            # deg C x 100
     x = ((temps - shift) / scale).view(1, 1, 8, 8).repeat(4, 2, 1, 1)
     y = ((2000 - temps) / 9000).clamp(0, 1).view(1, 1, 8, 8).repeat(4, 1, 1, 1)   # colder, more VIL
-    lookup = common.IRLookup(channel=1).fit([(x, y)])
+    lookup = common.IRLookup(channels=[1]).fit([(x, y)])
     pred = lookup(x)
     assert pred.shape == y.shape and (pred - y).abs().max() < 0.03
+
+
+def test_ir_lookup_on_both_channels_and_with_the_median():
+    (s69, k69), (s107, k107) = common.SEVIR_ZSCORE["ir069"], common.SEVIR_ZSCORE["ir107"]
+    t69, t107 = torch.meshgrid(torch.linspace(-7000, 0, 16), torch.linspace(-7000, 2000, 16), indexing="ij")
+    x = torch.stack([(t69 - s69) / k69, (t107 - s107) / k107])[None].repeat(5, 1, 1, 1)     # (5, 2, 16, 16)
+    y = ((t69 < -3500) & (t107 < -2000)).float().mul(0.7).add(0.1)[None, None].repeat(5, 1, 1, 1)
+    one = common.IRLookup([1], mods=["ir107"]).fit([(x, y)])                    # IR107 alone cannot tell
+    both = common.IRLookup([0, 1], mods=("ir069", "ir107")).fit([(x, y)])
+    assert (one(x) - y).abs().max() > 0.2 and torch.allclose(both(x), y) and both.name == "ir2_lookup_mean"
+    spiked = y.clone()
+    spiked[0] += 0.5                                                             # one sample in five far off
+    median = common.IRLookup([0, 1], mods=("ir069", "ir107"), statistic="median").fit([(x, spiked)])
+    mean = common.IRLookup([0, 1], mods=("ir069", "ir107")).fit([(x, spiked)])
+    assert torch.allclose(median(x), y) and torch.allclose(mean(x), y + 0.1)
 
 
 def test_ir069_alone_gets_an_honestly_named_reference(tmp_path, sample):
@@ -1437,7 +1493,7 @@ def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sa
     monkeypatch.setattr(common, "train_epoch", ctrl_c_in_epoch_2)
     with pytest.raises(common.Interrupted, match="holds epoch 1"):
         train_synthetic.main(args + ["--epochs=2", f"--out_dir={tmp_path / 'split'}"])
-    monkeypatch.undo()
+    undo(monkeypatch)
     train_synthetic.main(args + ["--epochs=2", f"--out_dir={tmp_path / 'split'}", "--resume=true"])
     straight = json.loads((tmp_path / "straight/metrics.json").read_text())
     split = json.loads((tmp_path / "split/metrics.json").read_text())
@@ -1503,7 +1559,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(common.RunError, match="No space left on device.*previous last.pt is kept"):
         common.save_checkpoint({"model": {}, "epoch": 2}, path)
-    monkeypatch.undo()
+    undo(monkeypatch)
     assert common.load_checkpoint(path) == {"model": {}, "epoch": 1} and list(tmp_path.iterdir()) == [path]
 
 
@@ -1523,7 +1579,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
             write(tmp_path / name)
     assert (tmp_path / "metrics.json").read_text() == "earlier"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]          # no partial or temporary file
-    monkeypatch.undo()
+    undo(monkeypatch)
 
     run = tmp_path / "run"                                             # the lock: a full disk, a folder in its place
     run.mkdir()
@@ -1532,7 +1588,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
         with pytest.raises(common.UserError, match="in use by another run or tool .process \\?"):
             with common.locked(run):
                 pass
-    monkeypatch.undo()
+    undo(monkeypatch)
     (run / ".lock").unlink()
     (run / ".lock").mkdir()
     with pytest.raises(common.UserError, match="not this tool's lock"):
@@ -1549,7 +1605,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
     with pytest.raises(common.UserError, match="cannot write in .*copy the run folder somewhere writable"):
         with common.locked(run):
             pass
-    monkeypatch.undo()
+    undo(monkeypatch)
     (run / ".lock").write_bytes(b"\xff\xfe not a pid")                  # left by a process that ended: free
     with common.locked(run):
         assert (run / ".lock").read_text() == str(os.getpid())
@@ -1675,9 +1731,8 @@ def test_a_run_written_while_another_loaded_its_data_is_not_replaced(tmp_path, s
     common.check_out_dir(cfg)                                          # empty: this run may start
     train_synthetic.main(TINY + data_args(sample) + [f"--out_dir={out}", "--seed=5"])   # another finishes first
     model = train_synthetic.build_model(cfg)
-    loader = common.make_loader(train_synthetic.build_data(cfg).train, cfg, torch.device("cpu"), shuffle=True)
     with pytest.raises(common.UserError, match="already holds a run"):
-        common.fit(model, loader, loader, F.l1_loss, torch.optim.Adam(model.parameters()), cfg, torch.device("cpu"))
+        common.start_or_resume(model, torch.optim.Adam(model.parameters()), None, cfg)
     assert json.loads((out / "config.json").read_text())["SEED"] == 5
 
 
@@ -1960,7 +2015,7 @@ def test_torchrun_batches_are_checked_first_and_rank_1_defers_to_rank_0(tmp_path
     monkeypatch.delenv("WORLD_SIZE")
     cfg = common.parse_config(train_baseline.Config, [f"--out_dir={tmp_path}"])
     monkeypatch.setattr(common, "is_main", lambda: False)
-    assert "rank 0 saves the run" in str(common.stopped(cfg))
+    assert "rank 0 saves the run" in str(common.stopped(cfg, 1))
 
 
 def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
@@ -2316,7 +2371,7 @@ def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monke
     monkeypatch.setattr(common, "_make_event", stop_at(2, common._make_event))
     with pytest.raises(KeyboardInterrupt):
         common.make_sample_sevir(tmp_path / "s", n_events=3)
-    monkeypatch.undo()
+    undo(monkeypatch)
     assert (tmp_path / "s" / common.SAMPLE_MARKER).exists() and not (tmp_path / "s" / "CATALOG.csv").exists()
     assert not list((tmp_path / "s").rglob("*.tmp"))
     stale = tmp_path / "s" / "vil" / "2018" / "SEVIR_VIL_X.h5.tmp"      # what kill -9 leaves: files and a lock
@@ -2342,13 +2397,13 @@ def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monke
     monkeypatch.setattr(common, "is_main", lambda: False)
     monkeypatch.setattr(common, "barrier", lambda: waited.append(1) or real_sample(common.SAMPLE_ROOT, n_events=3))
     assert common.resolve_data(cfg)[2] == "sample" and made == [common.SAMPLE_ROOT] and waited == [1]
-    monkeypatch.undo()
+    undo(monkeypatch)
 
     copy = tmp_path / "prepared"                                        # prepare: a .part broken by a crash
     monkeypatch.setattr(common, "shrink_event", stop_at(2, common.shrink_event))
     with pytest.raises(KeyboardInterrupt):
         common.prepare(sample[0], sample[1], copy, 32)
-    monkeypatch.undo()
+    undo(monkeypatch)
     part = next(copy.rglob("*.part"))
     broken = bytearray(part.read_bytes())
     broken[1024:1536] = b"\xff" * 512                                 # its metadata overwritten, its mark intact
@@ -2416,12 +2471,15 @@ def test_script_end_to_end(tmp_path, sample, script, extra, monkeypatch):
     size = 64 if script == "train_advanced.py" else 32
     assert metrics["pixel_km"] == 384 / size and f"{384 // size} km pixels: pool4 = {4 * 384 // size} km" in r.stdout
     assert "model" in r.stdout and ref in r.stdout                   # the table printed at the end
+    margin, low, high = metrics["intervals"][ref]["mse"]             # model over reference, paired bootstrap
+    assert low <= margin <= high and np.isclose(margin, metrics[ref]["mse"] - metrics["model"]["mse"], rtol=1e-6)
+    assert "95% interval from a paired bootstrap" in r.stdout
     if script == "train_advanced.py":                                # said, recorded, and the term left out
         assert metrics["perceptual_backbone"] == "off" and "weights unavailable" in r.stdout
         assert "train_perceptual" not in pd.read_csv(out / "history.csv").columns
     if ref == "ir_lookup":                                           # synthetic radar: how sharp is it?
         spectrum = metrics["spectrum"]
-        assert (out / "spectrum.png").stat().st_size > 0 and set(spectrum) == {"wavelength_km", "truth", "model", ref}
+        assert (out / "spectrum.png").stat().st_size > 0 and set(spectrum) == {"wavelength_km", "truth", "model", *metrics["references"]}
         assert spectrum["wavelength_km"][0] == 384.0 and len(spectrum["model"]) == size // 2
     else:
         assert "spectrum" not in metrics and not (out / "spectrum.png").exists()
@@ -2458,7 +2516,8 @@ def test_protocol_run_on_the_cpu_writes_per_lead_metrics_and_the_val_split(tmp_p
                    f"--out_dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["references"] == ["persistence"] + (["optical_flow"] if common.pysteps_methods() else []) + ["shift"]
+    assert metrics["references"] == ["persistence"] + (["optical_flow", "dense_flow"] if common.pysteps_methods()
+                                                       else []) + ["shift"]
     for name in ["model"] + metrics["references"]:
         assert len(metrics[name]["csi_m_per_lead"]) == 12 and len(metrics[name]["mse_per_lead"]) == 12
     assert metrics["n_samples"] == 3 and (out / "forecast.gif").stat().st_size > 0

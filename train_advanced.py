@@ -5,7 +5,8 @@
     ImageNet weights); the first 2 epochs on frames halved to 64 x 64, then whole frames; ReduceLROnPlateau and
     best.pt on the validation MSE, BatchNorm statistics re-estimated before each validation.
 
-Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
+Reference forecasts: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events, and
+`ir2_lookup_*`, the same on bins of IR069 and IR107 together (mean or median per bin, chosen on validation).
 Run `python train_advanced.py --help` for every setting; override any with --key=value.
 """
 import common
@@ -62,7 +63,7 @@ def build_model(cfg):
                         bottleneck_blocks=cfg.BOTTLENECK_BLOCKS)
 
 
-# ir_lookup: the mean VIL of each IR107 temperature bin in the training events
+# ir_lookup (IR107 bins) and ir2_lookup_mean or _median (IR069 x IR107 bins), fitted on the training events
 build_reference = common.fit_ir_lookup
 
 
@@ -102,8 +103,9 @@ def main(argv=None):
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
     extra = {"perceptual_backbone": backbone}
     with common.locked(out):                           # one run at a time writes in OUT_DIR
+        start = common.start_or_resume(model, optimizer, scheduler, cfg)   # epoch 1, or after last.pt's
         history = common.fit(model, train_loader, val_loader, loss_fn, optimizer, cfg, device, scheduler,
-                             extra=extra, advanced=True)    # best.pt on the validation MSE (07A), half-res, BN
+                             extra=extra, advanced=True, start=start)   # best.pt on val MSE (07A), half-res, BN
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
         common.test_and_report(model, build_reference(cfg, data), data, cfg, device, history, extra,
                                epoch=best["epoch"])

@@ -5,7 +5,8 @@
     over time stacked as channels, or a ConvLSTM; LOSS: balanced MSE + MAE.
 
 Reference forecasts: persistence (the last VIL frame, repeated), optical flow (pysteps' Lucas-Kanade motion and
-semi-Lagrangian extrapolation, as the SEVIR paper) and the last frame moved along one motion vector (shift).
+semi-Lagrangian extrapolation), the SEVIR paper's dense DIS flow with constant-vector advection, and the last
+frame moved along one motion vector (shift).
 --protocol=sevir sets the SEVIR benchmark: 13 -> 12 frames at 384 x 384, Earthformer's split and windows.
 Run `python train_multimodal.py --help` for every setting; override any with --key=value.
 """
@@ -62,7 +63,7 @@ def build_model(cfg):
 
 
 def build_reference(cfg, data):
-    """Persistence, pysteps' optical flow (if installed) and the one-motion-vector shift, on the VIL channel."""
+    """Persistence, pysteps' optical flow and the SEVIR paper's DIS flow (if installed), the one-vector shift, on the VIL channel."""
     return common.nowcast_references(vil_channel=cfg.MODALITIES.index("vil"), t_out=cfg.T_OUT)
 
 
@@ -82,8 +83,9 @@ def main(argv=None):
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
     scheduler = common.cosine_schedule(optimizer, cfg.EPOCHS * len(train_loader))
     with common.locked(out):                           # one run at a time writes in OUT_DIR
+        start = common.start_or_resume(model, optimizer, scheduler, cfg)   # epoch 1, or after last.pt's
         history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device,
-                             scheduler, augment=common.flip_rotate if cfg.AUGMENT else None)
+                             scheduler, augment=common.flip_rotate if cfg.AUGMENT else None, start=start)
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
         common.test_and_report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 

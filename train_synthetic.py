@@ -2,7 +2,8 @@
 
     IR069 + IR107 (+ optional lightning)  ->  VIL,   SyntheticRadarUNet (4-level U-Net), LOSS: MAE (notebook: MSE).
 
-Reference forecast: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events.
+Reference forecasts: `ir_lookup`, the mean VIL of each IR107 temperature bin in the training events, and
+`ir2_lookup_*`, the same on bins of IR069 and IR107 together (mean or median per bin, chosen on validation).
 Run `python train_synthetic.py --help` for every setting; override any with --key=value.
 """
 import common
@@ -49,7 +50,7 @@ def build_model(cfg):
     return SyntheticRadarUNet(in_channels=len(cfg.INPUT_MODS), out_channels=1, base=cfg.BASE)
 
 
-# ir_lookup: the mean VIL of each IR107 temperature bin in the training events
+# ir_lookup (IR107 bins) and ir2_lookup_mean or _median (IR069 x IR107 bins), fitted on the training events
 build_reference = common.fit_ir_lookup
 
 
@@ -68,8 +69,9 @@ def main(argv=None):
     val_loader = common.make_loader(data.val, cfg, device, shuffle=False)
     scheduler = common.cosine_schedule(optimizer, cfg.EPOCHS * len(train_loader))
     with common.locked(out):                           # one run at a time writes in OUT_DIR
+        start = common.start_or_resume(model, optimizer, scheduler, cfg)   # epoch 1, or after last.pt's
         history = common.fit(model, train_loader, val_loader, common.LOSSES[cfg.LOSS], optimizer, cfg, device,
-                             scheduler)
+                             scheduler, start=start)
         best = common.load_weights(model, out / "best.pt")      # chosen on validation, reported on test
         common.test_and_report(model, build_reference(cfg, data), data, cfg, device, history, epoch=best["epoch"])
 
