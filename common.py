@@ -477,16 +477,15 @@ class NowcastUNet(nn.Module):
 
 class EvolutionNet(nn.Module):
     """Motion and growth applied to the last frame (an idea of the evolution network of Zhang et al., Nature
-    2023; not the notebooks' NowcastNet above, a plain Conv3D). The storm's steering motion is measured in the
-    input (steering_motion: the shift that best maps the first VIL frame onto the last) and every input frame
-    is moved along it to the last frame's time;
-    a U-Net over these aligned frames, stacked as channels, predicts for each lead k a local correction to the
-    velocity and an intensity change s_k (growth and decay). The forecast is the last VIL frame moved k steps
-    along the velocity (bilinear backward warp, differentiable; what comes in from outside the grid is no
-    rain) plus s_k.
+    2023; not the notebooks' NowcastNet above, a plain Conv3D). The motion at every pixel is measured in the input
+    (dense_motion: the dense optical flow of the last two VIL frames) and every input frame is moved along it to
+    the last frame's time; a U-Net over these aligned frames, stacked as channels, predicts for each lead k a
+    correction to the velocity and an intensity change s_k (growth and decay). The forecast is the last VIL frame
+    moved k steps along the velocity (bilinear backward warp, differentiable; what comes in from outside the grid
+    is no rain) plus s_k.
 
-    The U-Net's heads start at zero, so an untrained EvolutionNet is the ShiftExtrapolation reference; training
-    learns where the motion differs from it and how cells grow and decay.
+    The U-Net's heads start at zero, so an untrained EvolutionNet is the DenseFlow reference; training learns
+    where the motion differs from it and how cells grow and decay.
     x: (B, in_channels, T_in, H, W) -> (B, 1, T_out, H, W); H, W divisible by 2^levels; VIL is channel vil_channel.
     """
 
@@ -500,13 +499,13 @@ class EvolutionNet(nn.Module):
     def forward(self, x):
         b, c, t, h, w = x.shape
         k = self.t_out
-        steering = steering_motion(x[:, self.vil_channel]).view(b, 1, 2, 1, 1)  # pixels per frame, (dx, dy)
-        # every input frame moved along the steering motion to the last frame's time: the U-Net sees the
-        # storm standing still, so growth, decay and what moves differently are what changes between frames
+        motion = dense_motion(x[:, self.vil_channel])[:, None]                 # (B, 1, 2, H, W) pixels per frame
+        # every input frame moved along the motion to the last frame's time: the U-Net sees the storms standing
+        # still, so growth, decay and what moves otherwise are what changes between frames
         ago = torch.arange(t - 1, -1, -1, device=x.device, dtype=x.dtype).repeat(c).view(1, c * t, 1, 1, 1)
-        aligned = warp(x.reshape(b, c * t, h, w), (steering * ago).expand(b, c * t, 2, h, w))
+        aligned = warp(x.reshape(b, c * t, h, w), motion * ago)
         out = self.unet(aligned)                                                # (B, 3 T_out, H, W)
-        velocity = steering + out[:, :2 * k].reshape(b, k, 2, h, w)             # (B, T_out, 2, H, W)
+        velocity = motion + out[:, :2 * k].reshape(b, k, 2, h, w)               # (B, T_out, 2, H, W)
         lead = torch.arange(1, k + 1, device=x.device, dtype=x.dtype).view(1, -1, 1, 1, 1)
         moved = warp(x[:, self.vil_channel, -1], velocity * lead)               # (B, T_out, H, W)
         return (moved + out[:, 2 * k:]).unsqueeze(1)                            # (B, 1, T_out, H, W)
@@ -531,6 +530,22 @@ def steering_motion(frames):
     dx = ix + refine(corr[rows, iy, (ix - 1) % w], corr[rows, iy, ix], corr[rows, iy, (ix + 1) % w]).clamp(-0.5, 0.5)
     dy, dx = torch.where(dy > h / 2, dy - h, dy), torch.where(dx > w / 2, dx - w, dx)            # wrap to +-H/2
     return torch.stack([dx, dy], 1).to(frames.dtype) / max(frames.shape[1] - 1, 1)
+
+
+@torch.no_grad()
+def dense_motion(frames, preset=2):
+    """Motion at every pixel, (B, 2, H, W) pixels per frame (dx, dy), from VIL frames (B, T, H, W) in [0, 1]: OpenCV's
+    dense DIS optical flow (preset 2, MEDIUM: of the presets 0-2 the best on validation) from the last frame back to
+    the one before it, on VIL codes 0..255, negated (the SEVIR paper's optical-flow baseline, "backward" as
+    rainymotion's Dense). Computed on the CPU; no gradient flows through it."""
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("dense optical flow needs OpenCV: pip install opencv-python-headless") from None
+    codes = (frames[:, -2:].float().clamp(0, 1) * 255).round().byte().cpu().numpy()          # (B, 2, H, W)
+    dis = cv2.DISOpticalFlow_create(preset)
+    back = np.stack([dis.calc(c[1], c[0], None) for c in codes])          # (B, H, W, 2): last(p) ~ before(p + f(p))
+    return -torch.from_numpy(back).to(frames).permute(0, 3, 1, 2)
 
 
 def warp(frame, displacement):
@@ -1115,7 +1130,6 @@ class ShiftExtrapolation:
         return warp(x[:, self.vil_channel, -1], d).unsqueeze(1)
 
 
-DIS_PRESET = 2                     # cv2.DISOPTICAL_FLOW_PRESET_MEDIUM: of 0-2 the best on validation (README)
 PYSTEPS_MISSING = ("note: the optical-flow reference is skipped: pysteps or OpenCV is not installed "
                    "(pip install pysteps opencv-python-headless)")
 
@@ -1138,14 +1152,15 @@ def pysteps_methods():
 
 class OpticalFlow:
     """Reference nowcast, optical flow with the field's library, pysteps: Lucas-Kanade motion from the last
-    `n_frames` input VIL frames (6, at pysteps' settings: of 2, 3, 6 frames, with those settings or with their
-    pixel sizes scaled to the grid, the best on validation), the last frame advected along it for each lead
-    (semi-Lagrangian); what is advected in from outside the grid is no rain. Runs on the CPU.
+    `n_frames` input VIL frames with its sizes in pixels scaled to the grid (lk_settings), the last frame advected
+    along it for each lead (semi-Lagrangian); what is advected in from outside the grid is no rain. Runs on the
+    CPU. Of 2, 3 or 6 frames, at pysteps' settings or scaled, 6 scaled did best on validation (README).
     x (B, C, T_in, H, W) -> (B, 1, T_out, H, W)."""
     name = "optical_flow"
 
-    def __init__(self, methods, vil_channel=0, t_out=1, n_frames=6):
+    def __init__(self, methods, vil_channel=0, t_out=1, n_frames=6, pixel_km=1.0):
         (self.motion, self.extrapolate), self.vil_channel, self.t_out, self.n_frames = methods, vil_channel, t_out, n_frames
+        self.settings = lk_settings(pixel_km)
 
     def __call__(self, x):
         frames = x[:, self.vil_channel, -self.n_frames:].double().cpu().numpy()      # (B, n, H, W)
@@ -1153,38 +1168,44 @@ class OpticalFlow:
         for b, f in enumerate(frames):
             with warnings.catch_warnings():          # pysteps warns on nearly empty fields; its result stands
                 warnings.simplefilter("ignore")
-                velocity = self.motion(f)                                           # (2, H, W) pixels per frame
+                velocity = self.motion(f, **self.settings)                          # (2, H, W) pixels per frame
                 out[b, 0] = np.nan_to_num(self.extrapolate(f[-1], velocity, self.t_out), nan=0.0)
         return torch.from_numpy(out).to(x.device)
 
 
+def lk_settings(pixel_km):
+    """pysteps' dense Lucas-Kanade settings given in pixels (its defaults suit ~1 km pixels: feature spacing 10,
+    block 5, window 50, opening 3, declustering 20) scaled to pixels of `pixel_km` km."""
+    def px(n):
+        return max(1, round(n / pixel_km))
+    return {"fd_kwargs": {"min_distance": px(10), "block_size": max(3, px(5) | 1), "buffer_mask": px(5)},
+            "lk_kwargs": {"winsize": (max(3, px(50) | 1),) * 2}, "size_opening": px(3) if pixel_km <= 1 else 0,
+            "decl_scale": max(2, px(20))}
+
+
 class DenseFlow:
-    """Reference nowcast, the SEVIR paper's own optical-flow baseline (rainymotion's Dense): OpenCV's dense DIS
-    optical flow from the last input VIL frame back to the one before it (direction "backward", on VIL codes
-    0..255), each pixel's vector held for every lead (constant-vector advection), here semi-Lagrangian,
-    out_k(p) = last(p + k f(p)), in place of rainymotion's scatter and IDW. x (B, C, T_in, H, W) -> (B, 1, T_out, H, W)."""
+    """Reference nowcast, the SEVIR paper's own optical-flow baseline (rainymotion's Dense): each pixel's motion
+    from the last two input VIL frames (dense_motion, OpenCV's DIS) held for every lead (constant-vector
+    advection), here semi-Lagrangian, out_k(p) = last(p - k v(p)), in place of rainymotion's scatter and IDW.
+    x (B, C, T_in, H, W) -> (B, 1, T_out, H, W)."""
     name = "dense_flow"
 
-    def __init__(self, vil_channel=0, t_out=1, preset=DIS_PRESET):
-        self.vil_channel, self.t_out, self.preset = vil_channel, t_out, preset
+    def __init__(self, vil_channel=0, t_out=1):
+        self.vil_channel, self.t_out = vil_channel, t_out
 
     def __call__(self, x):
-        import cv2
-        codes = (x[:, self.vil_channel, -2:].float().clamp(0, 1) * 255).round().byte().cpu().numpy()  # (B, 2, H, W)
-        dis = cv2.DISOpticalFlow_create(self.preset)
-        back = np.stack([dis.calc(c[1], c[0], None) for c in codes])       # (B, H, W, 2): last(p) ~ before(p + f(p))
         lead = torch.arange(1, self.t_out + 1, dtype=x.dtype, device=x.device).view(1, -1, 1, 1, 1)
-        d = -lead * torch.from_numpy(back).to(x).permute(0, 3, 1, 2)[:, None]          # (B, T_out, 2, H, W)
-        return warp(x[:, self.vil_channel, -1], d).unsqueeze(1)
+        velocity = dense_motion(x[:, self.vil_channel])[:, None]                      # (B, 1, 2, H, W)
+        return warp(x[:, self.vil_channel, -1], velocity * lead).unsqueeze(1)         # (B, 1, T_out, H, W)
 
 
-def nowcast_references(vil_channel, t_out):
+def nowcast_references(vil_channel, t_out, pixel_km=1.0):
     """Persistence, pysteps' optical flow and the SEVIR paper's dense DIS flow (where pysteps and OpenCV are
-    installed, else one note says how) and the one-vector shift."""
+    installed, else one note says how) and the one-vector shift, for frames of `pixel_km` km pixels."""
     methods = pysteps_methods()
     if methods is None:
         print(PYSTEPS_MISSING)
-    flow = [OpticalFlow(methods, vil_channel, t_out), DenseFlow(vil_channel, t_out)] if methods else []
+    flow = [OpticalFlow(methods, vil_channel, t_out, pixel_km=pixel_km), DenseFlow(vil_channel, t_out)] if methods else []
     return [Persistence(vil_channel, t_out)] + flow + [ShiftExtrapolation(vil_channel, t_out)]
 
 
@@ -1540,7 +1561,7 @@ USUAL_PLACES = (("data/sevir/CATALOG.csv", "data/sevir"),            # these scr
 SAMPLE_ROOT = "data/sevir_sample"                # where the generated sample goes when SEVIR is absent
 SAMPLE_MARKER = "GENERATED_SAMPLE.txt"           # marks a folder as generated data, not real weather
 SAMPLE_MARKER_TEXT = ("Generated by common.make_sample_sevir: SEVIR's file format with synthetic weather, "
-                      "not real data. Sample version 2.\n")   # a default sample of another version is made again
+                      "not real data. Sample version 3.\n")   # a default sample of another version is made again
 SAMPLE_EVENTS = 32                               # events in the default sample: 16 train, 8 validation, 8 test
 # Earthformer's cfg_sevir.yaml: train time_utc <= 2019-01-01 < validation <= 2019-06-01 < test.
 EARTHFORMER_SPLIT = ("2019-01-01", "2019-06-01")
@@ -2707,8 +2728,11 @@ PATH_KEYS = {"OUT_DIR", "CATALOG_PATH", "SEVIR_ROOT"}        # Config keys that 
 SCRIPTS = ("train_baseline", "train_multimodal", "train_synthetic", "train_advanced")
 KNOWN_MODS = ("vil", "ir069", "ir107", "lght")
 # The SEVIR nowcasting benchmark (SEVIR paper, Earthformer): 13 frames in, 12 out, 384 x 384, windows at
-# frames 0, 12, 24 (the held-out stride), on Earthformer's split (the default SPLIT_DATES of every script).
-SEVIR_PROTOCOL = {"T_IN": 13, "T_OUT": 12, "TARGET_SIZE": 384}
+# frames 0, 12, 24 (the held-out stride), on Earthformer's split (the default SPLIT_DATES of every script); and a
+# model for a GPU run at 1 km pixels (README): the notebooks' width, no quarter turns or flips (real storms move
+# mostly west to east), about 10^5 steps of 16 windows (Earthformer's length). Not measured on real SEVIR here.
+SEVIR_PROTOCOL = {"T_IN": 13, "T_OUT": 12, "TARGET_SIZE": 384, "BASE": 32, "AUGMENT": False, "EPOCHS": 5,
+                  "BATCH_SIZE": 16, "LR": 1e-3}
 
 
 def check_config(cfg, size_multiple=1):
@@ -2994,19 +3018,31 @@ def _write_sample(root, n_events, seed):
     return str(root / "CATALOG.csv")
 
 
+TOPS_LEAD = 2                    # frames (10 min) by which a cell's cold cloud top comes before its rain
+
+
 def _make_event(rng, storm, lat0, lon0):
-    """One event: vil (49, 384, 384) uint8 codes, ir069 / ir107 (49, 192, 192) int16 deg C x 100,
-    flashes (n, 5) float32. Cells move with a per-event wind, grow and decay."""
-    speed, heading = rng.uniform(1.0, 4.0), rng.uniform(0, 2 * np.pi)       # km per 5-min frame
-    u, v = speed * np.cos(heading), speed * np.sin(heading)
-    n_cells = rng.integers(3, 8) if storm else rng.integers(0, 3)
-    cells = [{"x": rng.uniform(-40, 424) - u * 24, "y": rng.uniform(-40, 424) - v * 24,
-              "u": u + rng.normal(0, 0.3), "v": v + rng.normal(0, 0.3),
-              "sigma": rng.uniform(5, 16), "amp": rng.uniform(60, 260) if storm else rng.uniform(10, 70),
-              "t_peak": rng.uniform(0, 48), "life": rng.uniform(10, 30)} for _ in range(n_cells)]
-    cells.append({"x": rng.uniform(100, 284), "y": rng.uniform(100, 284), "u": u, "v": v,   # stratiform shield
-                  "sigma": rng.uniform(40, 70), "amp": rng.uniform(15, 35) if storm else rng.uniform(0, 15),
-                  "t_peak": 24, "life": 60})
+    """One event: vil (49, 384, 384) uint8 codes, ir069 / ir107 (49, 192, 192) int16 deg C x 100, flashes (n, 5)
+    float32. Weather a nowcaster has to learn: two to four systems per storm scene, each steered by a west-to-east
+    drift plus its own deviation (so they move differently); their cells are born at random times all through the
+    event, rise within a few frames, live 3 to 25 frames, and are stretched and turned as they go; each cell's
+    cold cloud top (IR) comes TOPS_LEAD frames before its rain and outlasts it, as an anvil does."""
+    drift = np.array([rng.uniform(1.0, 3.0), rng.normal(0, 0.7)])            # km per 5-min frame, eastward
+    cells = []
+    for _ in range(rng.integers(2, 5) if storm else rng.integers(1, 3)):
+        velocity = drift + rng.normal(0, 1.0, 2)                              # this system's steering
+        start = rng.uniform(40, 344, 2) - velocity * 24                       # in the scene mid-event
+        for _ in range(rng.poisson(rng.uniform(10, 30) if storm else rng.uniform(2, 8))):
+            cells.append({"x": start[0] + rng.normal(0, 35), "y": start[1] + rng.normal(0, 35),
+                          "u": velocity[0] + rng.normal(0, 0.3), "v": velocity[1] + rng.normal(0, 0.3),
+                          "born": rng.uniform(-20, 48), "life": rng.uniform(3, 25),
+                          "amp": rng.uniform(60, 300) if storm else rng.uniform(10, 80),
+                          "size": rng.uniform(4, 10), "aspect": rng.uniform(1, 2), "angle": rng.uniform(0, np.pi),
+                          "spin": rng.normal(0, 0.04), "stretch": rng.normal(0, 0.02)})
+    cells.append({"x": rng.uniform(100, 284) - drift[0] * 24, "y": rng.uniform(100, 284) - drift[1] * 24,
+                  "u": drift[0], "v": drift[1], "born": -200, "life": 400,        # a slow stratiform shield
+                  "amp": rng.uniform(15, 35) if storm else rng.uniform(0, 15),
+                  "size": rng.uniform(40, 70), "aspect": 1.0, "angle": 0.0, "spin": 0.0, "stretch": 0.0})
     texture = _smooth_noise(rng, 512, 4.0)
     warm = 18 + 4 * _smooth_noise(rng, 192, 20.0)                             # clear-sky IR107, deg C
     wv = -30 + 3 * _smooth_noise(rng, 192, 30.0)                              # clear-sky IR069
@@ -3015,15 +3051,14 @@ def _make_event(rng, storm, lat0, lon0):
     ir107 = np.empty((N_FRAMES, 192, 192), np.int16)
     flashes = []
     for t in range(N_FRAMES):
-        dx, dy = int(round(u * t)), int(round(v * t))                        # texture moves with the wind
+        dx, dy = int(round(drift[0] * t)), int(round(drift[1] * t))          # texture moves with the drift
         tex = np.roll(texture, (dy, dx), axis=(0, 1))[:384, :384]
         code = _cells_field(cells, t, 384, 1.0) * np.exp(0.35 * tex)
         code[code < 3] = 0
         vil[t] = np.clip(code, 0, 254).astype(np.uint8)
-        cloud = 1 - np.exp(-_cells_field(cells, t, 192, 2.0, widen=1.8) / 40)   # anvils wider than the rain
-        ir107[t] = np.round(100 * (warm - (warm + 70) * cloud + rng.normal(0, 0.4, (192, 192))))
-        cloud_wv = 1 - np.exp(-_cells_field(cells, t, 192, 2.0, widen=2.4) / 40)
-        ir069[t] = np.round(100 * (wv - (wv + 72) * cloud_wv))
+        tops = _cells_field(cells, t, 192, 2.0, widen=2.0, tops=True)          # anvils wider than the rain
+        ir107[t] = np.round(100 * (warm - (warm + 70) * (1 - np.exp(-tops / 40)) + rng.normal(0, 0.4, (192, 192))))
+        ir069[t] = np.round(100 * (wv - (wv + 72) * (1 - np.exp(-tops / 25))))      # water vapour: wider, smoother
         rows, cols = np.nonzero(vil[t] >= 160)                                 # lightning where VIL is intense
         n = rng.poisson(0.01 * len(rows))
         if n:
@@ -3035,18 +3070,31 @@ def _make_event(rng, storm, lat0, lon0):
     return vil, ir069, ir107, flashes
 
 
-def _cells_field(cells, t, n, px_km, widen=1.0):
-    """Sum of Gaussian cells at frame t on an n x n grid of `px_km` km pixels. (n, n) float32."""
-    axis = (np.arange(n, dtype=np.float32) + 0.5) * px_km
+def _cells_field(cells, t, n, px_km, widen=1.0, tops=False):
+    """Sum of the cells at frame t on an n x n grid of `px_km` km pixels, each an elliptical Gaussian computed on
+    the pixels within 3 of its widths. tops=True: the cloud tops, TOPS_LEAD frames ahead of the rain and held
+    while the rain decays. (n, n) float32."""
     field = np.zeros((n, n), np.float32)
     for c in cells:
-        env = c["amp"] * np.exp(-((t - c["t_peak"]) / c["life"]) ** 2)      # growth and decay
+        def envelope(age):                        # a fast rise (half in ~1 frame), then a decay over the life
+            return c["amp"] * (1 - np.exp(-age / 1.5)) * np.exp(-(age / c["life"]) ** 2) if age > 0 else 0.0
+        age = t - c["born"]
+        env = max(envelope(age + TOPS_LEAD), envelope(age)) if tops else envelope(age)
         if env < 0.5:
             continue
-        x, y, s = c["x"] + c["u"] * t, c["y"] + c["v"] * t, c["sigma"] * widen
-        gx = np.exp(-0.5 * ((axis - x) / s) ** 2)
-        gy = np.exp(-0.5 * ((axis - y) / s) ** 2)
-        field += env * np.outer(gy, gx)
+        x, y = c["x"] + c["u"] * t, c["y"] + c["v"] * t
+        shape = c["aspect"] * np.exp(c["stretch"] * min(max(age, 0), c["life"]))  # stretched as it ages, and turned
+        a, b = c["size"] * widen * np.sqrt(shape), c["size"] * widen / np.sqrt(shape)
+        cos, sin = np.cos(c["angle"] + c["spin"] * t), np.sin(c["angle"] + c["spin"] * t)
+        reach = 3 * max(a, b)
+        i0, i1 = max(int((y - reach) / px_km), 0), min(int((y + reach) / px_km) + 1, n)
+        j0, j1 = max(int((x - reach) / px_km), 0), min(int((x + reach) / px_km) + 1, n)
+        if i0 >= i1 or j0 >= j1:
+            continue
+        dy = ((np.arange(i0, i1, dtype=np.float32) + 0.5) * px_km - y)[:, None]
+        dx = ((np.arange(j0, j1, dtype=np.float32) + 0.5) * px_km - x)[None, :]
+        along, across = dx * cos + dy * sin, dy * cos - dx * sin
+        field[i0:i1, j0:j1] += env * np.exp(-0.5 * ((along / a) ** 2 + (across / b) ** 2))
     return field
 
 

@@ -696,13 +696,13 @@ def test_warp_moves_a_frame_by_its_displacement():
     assert common.warp(frame, d)[0, 0].sum() == 0
 
 
-def test_evolution_net_starts_as_the_shift_and_learns_growth_and_motion():
+def test_evolution_net_starts_as_the_dense_flow_and_learns_growth_and_motion():
     torch.manual_seed(0)
     x, y = moving_blob(t_in=4, t_out=2, step=(1, 0), size=32, channels=2, vil_channel=1)
     y = y * torch.tensor([1.3, 1.6]).view(1, 1, 2, 1, 1)              # the cell grows as it moves
     y[..., 20:, 20:] = y[..., :12, :12].flip(-1)                      # and a second one moves the other way
     model = common.EvolutionNet(in_channels=2, t_in=4, t_out=2, base=4, vil_channel=1)
-    assert torch.allclose(model(x), common.ShiftExtrapolation(1, t_out=2)(x))   # untrained: the shift reference
+    assert torch.allclose(model(x), common.DenseFlow(1, t_out=2)(x))   # untrained: the dense-flow reference
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
     for _ in range(60):
@@ -1004,6 +1004,15 @@ def test_shift_reference_finds_the_one_motion_vector():
         px, py = centre(pred[0, 0, k])
         tx, ty = centre(y[0, 0, k])
         assert abs(px - tx) < 0.3 and abs(py - ty) < 0.3
+
+
+def test_dense_flow_moves_two_storms_their_own_ways_where_one_shift_cannot():
+    east, east_y = moving_blob(t_in=3, t_out=2, step=(2, 0), size=64)
+    south, south_y = moving_blob(t_in=3, t_out=2, step=(0, 2), size=64)
+    x, y = east + south.flip(-1), east_y + south_y.flip(-1)            # one at the left moving east, one at the right south
+    for flow, most in ((common.DenseFlow(t_out=2), 0.35), (common.ShiftExtrapolation(t_out=2), None)):
+        error = (flow(x) - y).abs().mean() / (common.Persistence(t_out=2)(x) - y).abs().mean()
+        assert error < most if most else error > 0.7, (flow.name, error)
 
 
 @pytest.mark.skipif(common.pysteps_methods() is None, reason="needs pysteps and opencv-python-headless")
@@ -1990,7 +1999,7 @@ def test_protocol_sets_the_benchmark_and_its_windows_and_split(sample):
     import train_baseline
     cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--model=unet"],
                               size_multiple=common.NOWCASTER_GRID)
-    assert (cfg.T_IN, cfg.T_OUT, cfg.TARGET_SIZE) == (13, 12, 384)
+    assert (cfg.T_IN, cfg.T_OUT, cfg.TARGET_SIZE, cfg.BASE, cfg.AUGMENT) == (13, 12, 384, 32, False)
     cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--target_size=64"])
     assert cfg.TARGET_SIZE == 64 and cfg.T_OUT == 12                 # an explicit flag wins
     with pytest.raises(common.UserError, match="multiple of 16"):

@@ -29,7 +29,7 @@ class Config:
     VGG_WEIGHTS = "imagenet"                 # imagenet (hub cache or download; if unavailable the perceptual term is
                                              # left out), or none: use untrained VGG16 layers anyway
     BN_BATCHES = 2                           # re-estimate BatchNorm statistics on this many batches per epoch (0: off)
-    EPOCHS = 5                               # passes over every frame of every training event
+    EPOCHS = 4                               # passes over every frame of every training event (chosen on validation)
     HALF_RES_EPOCHS = 2                      # the first epochs train on frames average-pooled 2 x 2 (0.4x the time)
     BATCH_SIZE = 16                          # samples per optimizer step
     LR = 1.5e-3                              # Adam learning rate (notebook: 1e-4, slower to converge on the sample)

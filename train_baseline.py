@@ -26,7 +26,7 @@ class Config:
     T_OUT = 1                                # frames to forecast: 1 = the next 5 minutes
     TARGET_SIZE = 96                         # grid in pixels; VIL is 384 (1 km), 96 = 4 km pixels
     BASE = 8                                 # network width (notebook: 32, too slow for a laptop CPU)
-    EPOCHS = 7                               # passes over every window of every training event
+    EPOCHS = 3                               # passes over every window of every training event (chosen on validation)
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 3e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
     AUGMENT = True                           # train on random quarter turns and flips of each batch (8 views)
@@ -59,7 +59,8 @@ def build_model(cfg):
 
 def build_reference(cfg, data):
     """Persistence, pysteps' optical flow and the SEVIR paper's DIS flow (if installed), the one-vector shift."""
-    return common.nowcast_references(vil_channel=0, t_out=cfg.T_OUT)
+    return common.nowcast_references(vil_channel=0, t_out=cfg.T_OUT,
+                                     pixel_km=common.NATIVE_SIZE["vil"] / cfg.TARGET_SIZE)
 
 
 def main(argv=None):

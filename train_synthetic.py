@@ -19,7 +19,7 @@ class Config:
     TARGET_SIZE = 128                        # common grid in pixels (VIL is 384, IR 192); a multiple of 16
     BASE = 8                                 # U-Net width (channels of the first level); notebook 07: 32
     LOSS = "mae"                             # mae (sharp, no clear-sky haze), mse (notebook 07), or bmse (balanced MSE)
-    EPOCHS = 4                               # passes over every frame of every training event
+    EPOCHS = 4                               # passes over every frame of every training event (chosen on validation)
     BATCH_SIZE = 8                           # samples per optimizer step
     LR = 2e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
