@@ -9,8 +9,9 @@ Part 1 is the notebooks' code in their order, under their names and signatures (
                    and ConvLSTMNet for nowcasting
     3. losses      VGGPerceptualLoss (07A), balanced MSE (+ MAE)
     4. loop        train_epoch(), evaluate(), fit()
-    5. metrics     SkillScore (CSI, POD, SUCR, frequency bias at SEVIR's thresholds), power spectra; reference
-                   forecasts: persistence, the one-vector shift, pysteps' optical flow, the IR lookup
+    5. metrics     SkillScore (CSI, POD, SUCR, frequency bias at SEVIR's thresholds), intervals over events, power
+                   spectra; reference forecasts: persistence, the one-vector shift, pysteps' optical flow, the
+                   SEVIR paper's dense DIS flow, the IR lookups
     6. figures     visualize_predictions, visualize_multimodal (the notebooks'), curves, spectra, forecast.gif
 Part 2 is the machinery, which a reader of the notebooks does not need to follow a sample or a step:
     7. events      catalog -> usable events -> train / validation / test by date
@@ -19,7 +20,7 @@ Part 2 is the machinery, which a reader of the notebooks does not need to follow
     9. config      Config overrides from the command line, devices, torchrun
    10. sample      make_sample_sevir: a generated dataset in SEVIR's exact format
    11. download    a SEVIR subset over HTTP range requests; prepare: a copy that reads only what a sample needs
-   12. bench       speed and memory on this machine; the command line below
+   12. the command line below
 
     python common.py sample --out DIR [--events N]       a generated sample dataset
     python common.py download --out DIR [--max-events N] a subset of the real SEVIR
@@ -251,6 +252,10 @@ def make_loader(dataset, cfg, device, shuffle):
     """A DataLoader of (x, y, n_skipped) batches; BATCH_SIZE is the global batch, split over processes."""
     rank, world = dist_info()                     # (BATCH_SIZE divides by world: check_config)
     sampler = EpochSampler(len(dataset), shuffle, cfg.SEED, cfg.BATCH_SIZE, rank, world)
+    if len(range(world - 1, sampler.used, world)) == 0:      # the last share empty: every process stops here
+        raise UserError(f"{len(dataset)} {'training' if shuffle else 'held-out'} samples cannot fill "
+                        + (f"one global batch of --batch_size={cfg.BATCH_SIZE}" if shuffle and len(dataset)
+                           else f"{world} processes") + ": use more events, a smaller batch or fewer processes")
     return DataLoader(dataset, batch_size=cfg.BATCH_SIZE // world, sampler=sampler, num_workers=cfg.NUM_WORKERS,
                       pin_memory=device.type == "cuda", collate_fn=collate_skipping)
 
@@ -740,33 +745,39 @@ def train_epoch(model, loader, loss_fn, optimizer, device, epoch, scaler=None, s
     from tqdm import tqdm
     model.train()
     amp = amp_dtype(device)
-    sums, n = 0.0, 0
+    sums, n, stop = 0.0, 0, None
     bar = tqdm(batches(loader, "training"), total=len(loader), desc=f"epoch {epoch}", leave=False,
                dynamic_ncols=True, disable=not is_main())
-    for batch, (x, y) in enumerate(bar, start=1):
-        x, y = to_device(x, device), to_device(y, device)
-        if augment is not None:
-            x, y = augment(x, y)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            terms = loss_terms(loss_fn(model(x), y))
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise RunError(f"loss is {loss.item()} at epoch {epoch}, batch {batch}: stopped; last.pt holds the "
-                           f"last finished epoch, best.pt the best one (try a lower --lr)")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        sums = sums + torch.tensor([t.item() for t in terms.values()], dtype=torch.float64) * len(x)
-        n += len(x)
-        bar.set_postfix(loss=f"{sums[0] / n:.5f}")
-    return _mean_terms(terms, sums, n)
+    with uneven_inputs(model):                     # torchrun: a process that stops early never leaves others waiting
+        try:
+            for batch, (x, y) in enumerate(bar, start=1):
+                x, y = to_device(x, device), to_device(y, device)
+                if augment is not None:
+                    x, y = augment(x, y)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    terms = loss_terms(loss_fn(model(x), y))
+                loss = terms["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                if not torch.isfinite(loss):        # checked after the step, whose all-reduce the others wait for;
+                    stop = (f"loss is {loss.item()} at epoch {epoch}, batch {batch}: stopped; last.pt holds the "
+                            f"last finished epoch, best.pt the best one (try a lower --lr)")
+                    break                           # the weights are spoilt: nothing of this epoch is saved
+                sums = sums + torch.tensor([t.item() for t in terms.values()], dtype=torch.float64) * len(x)
+                n += len(x)
+                bar.set_postfix(loss=f"{sums[0] / n:.5f}")
+        except RunError as e:                       # over 10% of its samples unreadable
+            stop = str(e)
+    stop_together(stop, device)
+    return _mean_terms(terms, sums, n, device)
 
 
 @torch.inference_mode()
@@ -779,15 +790,19 @@ def evaluate(forecast, loader, device, loss_fn=None):
     """
     if isinstance(forecast, nn.Module):
         forecast = unwrap(forecast).eval()                # DDP's forward would sync; plain forward here
-    skill, sums, n, terms = SkillScore(), 0.0, 0, {"loss": None}
-    for x, y in batches(loader, "validation"):
-        x, y = to_device(x, device), to_device(y, device)
-        pred = forecast(x)
-        if loss_fn is not None:
-            terms = loss_terms(loss_fn(pred, y))
-            sums = sums + torch.tensor([t.item() for t in terms.values()], dtype=torch.float64) * len(x)
-        n += len(x)
-        skill.update(pred.float().clamp(0, 1), y)
+    skill, sums, n, terms, stop = SkillScore(), 0.0, 0, {"loss": None}, None
+    try:
+        for x, y in batches(loader, "validation"):
+            x, y = to_device(x, device), to_device(y, device)
+            pred = forecast(x)
+            if loss_fn is not None:
+                terms = loss_terms(loss_fn(pred, y))
+                sums = sums + torch.tensor([t.item() for t in terms.values()], dtype=torch.float64) * len(x)
+            n += len(x)
+            skill.update(pred.float().clamp(0, 1), y)
+    except RunError as e:                           # over 10% of its samples unreadable
+        stop = str(e)
+    stop_together(stop, device)
     means = _mean_terms(terms, sums if loss_fn is not None else [0.0], n, device)
     return (means if loss_fn is not None else None), skill.all_reduce().compute()
 
@@ -847,6 +862,20 @@ def _mean_terms(terms, sums, n, device="cpu"):
     totals = all_reduce_sum(torch.cat([torch.as_tensor(sums, dtype=torch.float64).reshape(-1),
                                        torch.tensor([float(n)], dtype=torch.float64)]).to(device)).tolist()
     return {k: v / totals[-1] for k, v in zip(terms, totals[:-1])}
+
+
+def stop_together(stop, device="cpu"):
+    """Raise RunError(stop) in every process when any process has a reason to stop (one all-reduce under torchrun):
+    the one that has it says why, the others that they stopped with it. A no-op when no process has one."""
+    if all_reduce_sum(torch.tensor([float(stop is not None)], device=device)).item() > 0:
+        raise RunError(stop or "stopped with another process (its message is above)")
+
+
+def uneven_inputs(model):
+    """DistributedDataParallel's join(): a process whose epoch ends early (unreadable samples skipped, or a stop)
+    stands in for the gradient all-reduces the others still make, instead of leaving them waiting."""
+    ddp = getattr(model, "_orig_mod", model)
+    return ddp.join() if isinstance(ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
 
 
 def _terms_text(terms):
@@ -2297,12 +2326,27 @@ def check_run_folder(out, cfg):
 def locked(out):
     """Hold the folder `out` (a run's OUT_DIR, a tool's --out) for this process: a second run or tool there
     stops with one line. The lock is an exclusive flock on out/.lock, a file that is never deleted: taking it is
-    atomic, and the kernel drops it when its process ends, however it ends. (Rank 0 alone writes, so only it
-    locks.)"""
-    if not is_main():
+    atomic, and the kernel drops it when its process ends, however it ends. Rank 0 alone writes, so only it
+    locks; under torchrun every process learns whether it could, and all stop together if not."""
+    fd, problem = None, None
+    if is_main():
+        try:
+            fd = _take_lock(Path(out))
+        except RunError as e:
+            problem = e
+    try:
+        try:
+            stop_together(None if problem is None else str(problem))
+        except RunError as e:
+            raise (problem or e) from None
         yield out
-        return
-    out = Path(out)
+    finally:
+        if fd is not None:
+            os.close(fd)                                         # releases the lock; the file stays
+
+
+def _take_lock(out):
+    """The open, flock-ed out/.lock (holding this process's id, for the message a second run shows)."""
     out.mkdir(parents=True, exist_ok=True)
     lock = out / ".lock"
     if lock.is_dir() or lock.is_symlink():
@@ -2315,20 +2359,18 @@ def locked(out):
     except OSError as e:
         raise RunError(f"could not write {lock} ({e.strerror}); nothing was written") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise UserError(f"{out} is in use by another run or tool (process {pid or '?'}, in {lock}); wait for it "
-                            f"or use another folder") from None
-        try:                                                     # who holds it, for the line above; a full disk
-            os.ftruncate(fd, 0)                                  # leaves it empty, the lock held all the same
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-        except OSError:
-            pass
-        yield out
-    finally:
-        os.close(fd)                                             # releases the lock; the file stays
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise UserError(f"{out} is in use by another run or tool (process {pid or '?'}, in {lock}); wait for it "
+                        f"or use another folder") from None
+    try:                                                         # who holds it, for the line above; a full disk
+        os.ftruncate(fd, 0)                                      # leaves it empty, the lock held all the same
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError:
+        pass
+    return fd
 
 
 def start_or_resume(model, optimizer, scheduler, cfg):

@@ -2067,6 +2067,83 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
     assert two.stdout.count("epoch 2/2") == 1 and two.stdout.count("FIRST RUN ENDED") == 1   # only rank 0 prints
 
 
+RANKS_DRIVER = """
+import sys, torch, torch.nn as nn, torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+import common
+device = common.init_device("cpu")                        # joins the gloo group torchrun's environment names
+rank = common.dist_info()[0]
+
+
+class Cfg:
+    SEED, BATCH_SIZE, NUM_WORKERS, TORCH_COMPILE = 0, 2, 0, False
+
+
+class Items(torch.utils.data.Dataset):                     # item 5 unreadable: one process has a batch fewer
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return None if i == 5 else (torch.full((1, 4, 4), i / 40), torch.full((1, 4, 4), i / 40))
+
+
+def epoch(nan_on_rank=None):
+    model = common.prepare_model(nn.Conv2d(1, 1, 3, padding=1), Cfg, device)
+    seen = []
+
+    def loss_fn(pred, y):
+        seen.append(1)
+        return F.mse_loss(pred, y) * (float("nan") if rank == nan_on_rank and len(seen) == 3 else 1)
+    loader = common.make_loader(Items(), Cfg, device, shuffle=True)
+    common.train_epoch(model, common.loader_epoch(loader, 1), loss_fn, torch.optim.SGD(model.parameters(), 0.1),
+                       device, 1)
+
+
+def small(n, shuffle):
+    Cfg.BATCH_SIZE = 4
+    common.make_loader(torch.utils.data.TensorDataset(torch.zeros(n, 1)), Cfg, device, shuffle=shuffle)
+
+
+def locked():
+    with common.locked(sys.argv[2]):
+        pass
+
+
+for name, case in (("skip", epoch), ("nan", lambda: epoch(nan_on_rank=1)), ("lock", locked),
+                   ("batch", lambda: small(3, True)), ("val", lambda: small(1, False))):
+    try:
+        case()
+        print(f"{rank} {name}: ok", file=sys.stderr, flush=True)
+    except common.RunError as e:
+        print(f"{rank} {name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+"""
+
+
+def test_under_torchrun_every_stop_is_agreed_and_no_process_waits_for_one_that_stopped(tmp_path):
+    import socket
+    driver = tmp_path / "ranks.py"
+    driver.write_text(RANKS_DRIVER)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    held = tmp_path / "held"
+    with common.locked(held):                                          # another run holds this OUT_DIR
+        workers = [subprocess.Popen([sys.executable, str(driver), str(HERE), str(held)], cwd=tmp_path,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                         "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                         "MASTER_PORT": str(port)}) for rank in (0, 1)]
+        outputs = [w.communicate(timeout=120)[1] for w in workers]    # a process left waiting: the timeout fails it
+    said = {line.split(":")[0]: line for err in outputs for line in err.splitlines() if line[:2] in ("0 ", "1 ")}
+    assert said["0 skip"] == "0 skip: ok" and said["1 skip"] == "1 skip: ok", outputs      # uneven batches: joined
+    assert "loss is nan at epoch 1, batch 3" in said["1 nan"] and "RunError" in said["0 nan"]    # (its weights too)
+    assert "UserError" in said["0 lock"] and "in use by another run" in said["0 lock"]
+    assert "stopped with another process" in said["1 lock"]
+    for rank in "01":                                                  # the same check fails in both, before training
+        assert "cannot fill one global batch of --batch_size=4" in said[f"{rank} batch"]
+        assert "1 held-out samples cannot fill 2 processes" in said[f"{rank} val"]
+
+
 def test_collectives_under_nccl_reach_it_on_the_gpu(monkeypatch):
     """NCCL reduces CUDA tensors only: whatever the loop sums over processes (loss terms of an epoch, skill
     counts, spectra) must reach all_reduce on the GPU, also when it was built on the CPU. No GPU here: a
