@@ -1921,8 +1921,17 @@ def raw_catalog(path, columns=None, nrows=None):
         raise UserError(f"catalog {path} is over {MAX_CATALOG_BYTES >> 20} MiB: not a SEVIR catalog (32 MB)")
     with open(path, "rb") as f:
         header = f.readline()
+        f.seek(max(path.stat().st_size - 1, 0))
+        whole = f.read(1) in (b"\n", b"")
     if b"," not in header or b"id" not in header:
         raise UserError(f"{path} is not SEVIR's comma-separated CSV catalog (its first line: {header[:60]!r})")
+    names = next(csv.reader([header.decode(errors="replace").strip()]))
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"catalog {path} has the column {', '.join(twice)} twice: which one is meant? Keep one")
+    if not whole:
+        raise UserError(f"catalog {path} ends in the middle of a row (no line end at its end): it was cut short; "
+                        f"download or copy it again")
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, nrows=nrows,
                            usecols=None if columns is None else lambda c: c in columns)
@@ -3359,6 +3368,10 @@ def prepare(catalog, root, out, size, types=("vil", "ir069", "ir107"), max_event
     if not (isinstance(size, int) and 8 <= size <= 768):
         raise UserError(f"--size={size}: a grid from 8 to 768 pixels (the datasets' TARGET_SIZE)")
     writable_folder(out, PREPARED_MARKER, "prepare --out")
+    marker = out / PREPARED_MARKER                                 # the same command continues; another size stops
+    if marker.is_file() and f" at {size} x {size}" not in marker.read_text():
+        raise UserError(f"prepare --out {out}: it holds a prepared copy of another size ({marker.read_text().strip()}); "
+                        f"choose a new folder for --size={size}")
     root = files_root(catalog, [Path(root), Path(root) / "data"]) or Path(root)     # or the bucket's top
     events = load_catalog(catalog, root, mods=types)                # usable events, files checked
     chosen = _select(events, max_events, since, until, event_type)

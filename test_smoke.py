@@ -1107,6 +1107,44 @@ def test_figure_rows_come_from_different_events():
 # 7. Events: catalog, usable events, split by date
 # --------------------------------------------------------------------------------------
 
+def test_links_in_the_sevir_root_are_followed_as_the_readme_says(tmp_path, sample):
+    catalog, root = sample
+    linked_root = tmp_path / "sevir"
+    linked_root.symlink_to(root)                                       # the whole root on another disk
+    elsewhere = tmp_path / "disk2"
+    elsewhere.mkdir()
+    mixed = tmp_path / "mixed"                                          # one type folder linked in
+    for part in Path(root).iterdir():
+        if part.name == "vil":
+            (elsewhere / "vil").symlink_to(part)
+            (mixed / "vil").parent.mkdir(exist_ok=True)
+            (mixed / "vil").symlink_to(elsewhere / "vil")
+        else:
+            (mixed / part.name).parent.mkdir(exist_ok=True)
+            (mixed / part.name).symlink_to(part)
+    direct = common.load_catalog(catalog, root)
+    for where in (linked_root, mixed):
+        events = common.load_catalog(catalog, where)
+        assert list(events["id"]) == list(direct["id"])
+        item = common.SEVIRVIL(events, where, t_in=2, t_out=1, target_size=32)[3]
+        assert torch.equal(item[1], common.SEVIRVIL(direct, root, t_in=2, t_out=1, target_size=32)[3][1])
+
+
+def test_a_catalog_cut_mid_row_or_with_a_column_twice_is_one_line(tmp_path, sample):
+    text = Path(sample[0]).read_text()
+    cut = tmp_path / "cut.csv"
+    cut.write_text(text[:len(text) * 2 // 3].rstrip("\n").rsplit(",", 3)[0])      # a download stopped mid-row
+    with pytest.raises(common.UserError, match="ends in the middle of a row.*cut short"):
+        common.load_catalog(cut, sample[1])
+    header, rest = text.split("\n", 1)
+    twice = tmp_path / "twice.csv"
+    twice.write_text(header.rstrip("\r") + ",time_utc\n" + "".join(line.rstrip("\r") + ",2030-01-01 00:00:00\n"
+                                                                 for line in rest.splitlines()))
+    with pytest.raises(common.UserError, match="has the column time_utc twice"):
+        common.load_catalog(twice, sample[1])
+    assert len(common.load_catalog(sample[0], sample[1])) == 5                 # the whole catalog reads
+
+
 def test_load_catalog_drop_reasons(tmp_path, capsys):
     base = pd.read_csv(io.StringIO(REAL_ROWS), dtype=str, keep_default_na=False)
     vil = base[(base["img_type"] == "vil")]
@@ -2406,6 +2444,10 @@ def test_prepare_resumes_and_refuses_bad_arguments(tmp_path, sample, monkeypatch
     (full / common.PREPARED_MARKER).write_text("Written by python common.py prepare: SEVIR events at 32 x 32.\n")
     assert not common.is_generated(full)                                 # a copy of real SEVIR is real
     (full / common.PREPARED_MARKER).write_text((copy / common.PREPARED_MARKER).read_text())
+    before = sorted((p, p.stat().st_mtime_ns) for p in full.rglob("*"))
+    with pytest.raises(common.UserError, match="holds a prepared copy of another size .*at 32 x 32.*--size=16"):
+        common.prepare(catalog, root, full, 16)                         # never replaced without a word
+    assert sorted((p, p.stat().st_mtime_ns) for p in full.rglob("*")) == before
     for p in full.rglob("*.h5"):
         with h5py.File(p) as f, h5py.File(copy / p.relative_to(full)) as g:
             for name in f:
