@@ -2125,14 +2125,19 @@ class Items(torch.utils.data.Dataset):                     # item 5 unreadable: 
         return None if i == 5 else (torch.full((1, 4, 4), i / 40), torch.full((1, 4, 4), i / 40))
 
 
-def epoch(nan_on_rank=None):
+class Many(Items):                                         # rank 1's share (odd items) 30% unreadable
+    def __getitem__(self, i):
+        return None if i % 2 and i < 12 else super().__getitem__(i)
+
+
+def epoch(nan_on_rank=None, data=Items, shuffle=True):
     model = common.prepare_model(nn.Conv2d(1, 1, 3, padding=1), Cfg, device)
     seen = []
 
     def loss_fn(pred, y):
         seen.append(1)
         return F.mse_loss(pred, y) * (float("nan") if rank == nan_on_rank and len(seen) == 3 else 1)
-    loader = common.make_loader(Items(), Cfg, device, shuffle=True)
+    loader = common.make_loader(data(), Cfg, device, shuffle=shuffle)
     common.train_epoch(model, common.loader_epoch(loader, 1), loss_fn, torch.optim.SGD(model.parameters(), 0.1),
                        device, 1)
 
@@ -2147,7 +2152,8 @@ def locked():
         pass
 
 
-for name, case in (("skip", epoch), ("nan", lambda: epoch(nan_on_rank=1)), ("lock", locked),
+for name, case in (("skip", epoch), ("nan", lambda: epoch(nan_on_rank=1)), ("many", lambda: epoch(None, Many, False)),
+                   ("lock", locked),
                    ("batch", lambda: small(3, True)), ("val", lambda: small(1, False))):
     try:
         case()
@@ -2175,6 +2181,7 @@ def test_under_torchrun_every_stop_is_agreed_and_no_process_waits_for_one_that_s
     said = {line.split(":")[0]: line for err in outputs for line in err.splitlines() if line[:2] in ("0 ", "1 ")}
     assert said["0 skip"] == "0 skip: ok" and said["1 skip"] == "1 skip: ok", outputs      # uneven batches: joined
     assert "loss is nan at epoch 1, batch 3" in said["1 nan"] and "RunError" in said["0 nan"]    # (its weights too)
+    assert "could not be read (over 10%)" in said["1 many"] and "stopped with another process" in said["0 many"]
     assert "UserError" in said["0 lock"] and "in use by another run" in said["0 lock"]
     assert "stopped with another process" in said["1 lock"]
     for rank in "01":                                                  # the same check fails in both, before training
