@@ -2780,10 +2780,9 @@ SCRIPTS = ("train_baseline", "train_multimodal", "train_synthetic", "train_advan
 KNOWN_MODS = ("vil", "ir069", "ir107", "lght")
 # The SEVIR nowcasting benchmark (SEVIR paper, Earthformer): 13 frames in, 12 out, 384 x 384, windows at
 # frames 0, 12, 24 (the held-out stride), on Earthformer's split (the default SPLIT_DATES of every script); and a
-# model for a GPU run at 1 km pixels (README): the notebooks' width, no quarter turns or flips (real storms move
-# mostly west to east), about 10^5 steps of 16 windows (Earthformer's length). Not measured on real SEVIR here.
-SEVIR_PROTOCOL = {"T_IN": 13, "T_OUT": 12, "TARGET_SIZE": 384, "BASE": 32, "AUGMENT": False, "EPOCHS": 5,
-                  "BATCH_SIZE": 16, "LR": 1e-3}
+# model for a GPU run at 1 km pixels (README): the notebooks' width, about 10^5 steps of 16 windows (Earthformer's
+# length). Not measured on real SEVIR here.
+SEVIR_PROTOCOL = {"T_IN": 13, "T_OUT": 12, "TARGET_SIZE": 384, "BASE": 32, "EPOCHS": 5, "BATCH_SIZE": 16, "LR": 1e-3}
 
 
 def check_config(cfg, size_multiple=1):

@@ -2037,7 +2037,7 @@ def test_protocol_sets_the_benchmark_and_its_windows_and_split(sample):
     import train_baseline
     cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--model=unet"],
                               size_multiple=common.NOWCASTER_GRID)
-    assert (cfg.T_IN, cfg.T_OUT, cfg.TARGET_SIZE, cfg.BASE, cfg.AUGMENT) == (13, 12, 384, 32, False)
+    assert (cfg.T_IN, cfg.T_OUT, cfg.TARGET_SIZE, cfg.BASE, cfg.EPOCHS) == (13, 12, 384, 32, 5)
     cfg = common.parse_config(train_baseline.Config, ["--protocol=sevir", "--target_size=64"])
     assert cfg.TARGET_SIZE == 64 and cfg.T_OUT == 12                 # an explicit flag wins
     with pytest.raises(common.UserError, match="multiple of 16"):

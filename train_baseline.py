@@ -29,7 +29,7 @@ class Config:
     EPOCHS = 3                               # passes over every window of every training event (chosen on validation)
     BATCH_SIZE = 4                           # samples per optimizer step
     LR = 3e-3                                # Adam learning rate, peak of a cosine decay to 0 over the run
-    AUGMENT = True                           # train on random quarter turns and flips of each batch (8 views)
+    AUGMENT = False                          # random quarter turns and flips of each batch (off: chosen on validation)
     MAX_TRAIN = 0                            # training events to use (spread over the period), 0 = all
     MAX_VAL = 0                              # validation events to use (spread over the period), 0 = all
     MAX_TEST = 0                             # test events to use (spread over the period), 0 = all
