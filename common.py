@@ -1058,17 +1058,35 @@ def _csi_mean(csi):
 
 @torch.inference_mode()
 def event_counts(forecast, dataset, device, batch_size):
-    """A forecast's SkillScore counts on each event of a held-out dataset, in this process alone (for intervals):
-    a list with one dict of summed tensors per event (None where every item of the event was skipped)."""
+    """A forecast's SkillScore counts on each event of a held-out dataset: a list with one dict of summed tensors
+    per event (None where every item of the event was skipped), for the scores (summed_scores) and their intervals
+    (bootstrap_margins) alike. Under torchrun each process scores every world-th event and all get the whole list."""
     forecast = unwrap(forecast).eval() if isinstance(forecast, nn.Module) else forecast
-    per_event = []
-    for e in np.unique(dataset.windows[:, 0]):
-        skill = SkillScore()
-        items = torch.utils.data.Subset(dataset, np.flatnonzero(dataset.windows[:, 0] == e))
-        for x, y in batches(DataLoader(items, batch_size, collate_fn=collate_skipping), "test"):
-            skill.update(forecast(to_device(x, device)).float().clamp(0, 1), to_device(y, device))
-        per_event.append(skill.counts)
-    return per_event
+    rank, world = dist_info()
+    events, mine, stop = np.unique(dataset.windows[:, 0]), {}, None
+    try:
+        for e in events[rank::world]:
+            skill = SkillScore()
+            items = torch.utils.data.Subset(dataset, np.flatnonzero(dataset.windows[:, 0] == e))
+            for x, y in batches(DataLoader(items, batch_size, collate_fn=collate_skipping), "test"):
+                skill.update(forecast(to_device(x, device)).float().clamp(0, 1), to_device(y, device))
+            mine[int(e)] = skill.counts and {k: v.cpu() for k, v in skill.counts.items()}
+    except RunError as err:                         # over 10% of an event's samples unreadable
+        stop = str(err)
+    stop_together(stop, device)
+    if world > 1:
+        import torch.distributed as dist
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+        mine = {e: counts for part in parts for e, counts in part.items()}
+    return [mine[int(e)] for e in events]
+
+
+def summed_scores(per_event):
+    """SkillScore.compute() of event_counts' counts summed over the events."""
+    skill, present = SkillScore(), [c for c in per_event if c is not None]
+    skill.counts = {k: sum(c[k] for c in present) for k in present[0]}
+    return skill.compute()
 
 
 def bootstrap_margins(model, reference, n_draws=2000, seed=0):
@@ -1495,7 +1513,7 @@ def plot_skill(metrics, path):
     """CSI, POD and success ratio per threshold, model against reference; CSI-M per lead if any."""
     plt = _plt()
     names = ["model"] + metrics["references"]
-    styles = ("o-", "s--", "^:", "v-.")
+    styles = ("o-", "s--", "^:", "v-.", "d--")                  # one per forecast: the model and 4 references
     per_lead = "csi_m_per_lead" in metrics["model"]
     fig, axes = plt.subplots(1, 4 if per_lead else 3, figsize=(16 if per_lead else 12, 3.6))
     t = SEVIR_THRESHOLDS
@@ -2192,17 +2210,16 @@ def test_and_report(model, references, data, cfg, device, history=(), extra=None
     stem = Path(checkpoint).stem
     tag = ("" if stem == "best" else f"_{stem}") + ("" if split == "test" else f"_{split}")
 
-    def scores(name):
+    def scores(name, forecasts):
         dataset, times = getattr(data, name), getattr(data, f"{name}_events")["time_utc"]
-        loader = make_loader(dataset, cfg, device, shuffle=False)
-        result = {"split": name, "n_events": len(dataset.reader.ids), "n_samples": len(dataset),
-                  "period": [f"{times.min()}", f"{times.max()}"],
-                  "model": evaluate(model, loader, device)[1],
-                  **{r.name: evaluate(r, loader, device)[1] for r in references}}
-        return result, loader
+        return {"split": name, "n_events": len(dataset.reader.ids), "n_samples": len(dataset),
+                "period": [f"{times.min()}", f"{times.max()}"], **forecasts}
 
-    shown = getattr(data, split)
-    metrics, loader = scores(split)
+    shown, other = getattr(data, split), "val" if split == "test" else "test"
+    counts = {f.name if f is not model else "model": event_counts(f, shown, device, cfg.BATCH_SIZE)
+              for f in [model, *references]}                  # per event: the scores and their intervals
+    loader = make_loader(shown, cfg, device, shuffle=False)
+    beside = make_loader(getattr(data, other), cfg, device, shuffle=False)
     _, no_rain = evaluate(lambda x: torch.zeros_like(references[0](x)), loader, device)     # the trivial forecast
     pixel_km = NATIVE_SIZE["vil"] / shown.target_size          # pooled CSI's k x k tiles are k times this
     spectra = None
@@ -2212,15 +2229,14 @@ def test_and_report(model, references, data, cfg, device, history=(), extra=None
                "pixel_km": pixel_km,
                "reference": references[0].name,
                "references": [r.name for r in references],
-               **metrics,
+               **scores(split, {name: summed_scores(c) for name, c in counts.items()}),
                "no_rain": {"mse": no_rain["mse"], "mae": no_rain["mae"]},
-               "beside": scores("val" if split == "test" else "test")[0],
+               "beside": scores(other, {"model": evaluate(model, beside, device)[1],
+                                        **{r.name: evaluate(r, beside, device)[1] for r in references}}),
                **({"spectrum": spectra} if spectra else {}),
-               **(extra or {})}
+               **(extra or {}),
+               "intervals": {r.name: bootstrap_margins(counts["model"], counts[r.name]) for r in references}}
     if is_main():                                  # every process scored its share; rank 0 writes
-        counts = {f.name if f is not model else "model": event_counts(f, shown, device, cfg.BATCH_SIZE)
-                  for f in [model, *references]}
-        metrics["intervals"] = {r.name: bootstrap_margins(counts["model"], counts[r.name]) for r in references}
         write_json(out / f"metrics{tag}.json", metrics)
         print_table(metrics)
         multimodal = len(getattr(shown, "mods", ())) > 1 and not hasattr(shown, "input_mods")

@@ -1088,6 +1088,19 @@ def test_ir069_alone_gets_an_honestly_named_reference(tmp_path, sample):
 # 6. Figures
 # --------------------------------------------------------------------------------------
 
+def test_the_skill_figure_shows_every_forecast(monkeypatch):
+    drawn = []
+
+    def look(fig, path):
+        drawn.append([line.get_label() for line in fig.axes[0].get_lines()])
+        common._plt().close(fig)
+    monkeypatch.setattr(common, "_save_figure", look)
+    names = ["persistence", "optical_flow", "dense_flow", "shift"]                  # the nowcasters' four
+    scores = {f"{s}_{t}": 0.5 for s in ("csi", "pod", "sucr") for t in common.SEVIR_THRESHOLDS}
+    common.plot_skill({"references": names, "model": scores, **{n: scores for n in names}}, "skill.png")
+    assert drawn == [["model"] + names]
+
+
 def test_figure_rows_come_from_different_events():
     class Held:                                  # 3 events x 4 windows; event 0 is the rainiest in every window
         windows = [(e, s) for e in range(3) for s in range(4)]
