@@ -31,7 +31,7 @@ import common
 HERE = Path(__file__).resolve().parent
 
 
-TINY = ["--target_size=32", "--base=4", "--epochs=1", "--batch_size=2", "--max_train=1", "--max_val=1"]
+TINY = ["--target_size=32", "--base=4", "--epochs=1", "--batch_size=8", "--max_train=1", "--max_val=1"]
 
 
 # Genuine rows of SEVIR's CATALOG.csv (from the 2019 H1 excerpt in shared/data): one event with
@@ -58,13 +58,23 @@ def sample(tmp_path_factory):
     return common.make_sample_sevir(root, n_events=5, seed=0), root
 
 
-DRAW = {"_save_figure": common._save_figure, "forecast_gif": common.forecast_gif}    # as the scripts draw
+@pytest.fixture
+def own_sample(tmp_path, sample):
+    """A copy of the session's sample that the test may change: (catalog, root)."""
+    import shutil
+    shutil.copytree(sample[1], tmp_path / "own")
+    return tmp_path / "own" / "CATALOG.csv", tmp_path / "own"
+
+
+FIGURES = ("visualize_predictions", "visualize_multimodal", "plot_loss", "plot_skill", "plot_spectrum", "forecast_gif")
+DRAW = {name: getattr(common, name) for name in FIGURES}                 # as the scripts draw
 
 
 @pytest.fixture(autouse=True)
 def quick_figures(monkeypatch):
-    """Figures are built but not drawn: each file holds a placeholder (drawing is half of a tiny run's time).
-    The tests of the figures ask for `drawn_figures`; the scripts that run_alone runs draw theirs."""
+    """Figures are not built: each figure function writes a placeholder at its path (building and drawing are
+    half of a tiny run's time). The tests of the figures, and one run of each script, ask for `drawn_figures`;
+    the scripts that run_alone runs draw theirs."""
     figure_placeholders(monkeypatch)
 
 
@@ -77,16 +87,10 @@ def undo(monkeypatch):
 def figure_placeholders(monkeypatch):
     monkeypatch.setattr(common, "FIGURE_DPI", 20)
 
-    def placeholder(fig, path):
-        try:
-            common.write_atomically(path, lambda tmp: Path(tmp).write_bytes(b"figure built, not drawn"))
-        finally:
-            common._plt().close(fig)
-
-    def gif_placeholder(model, dataset, device, path, **kwargs):
-        placeholder(common._plt().figure(), path)
-    monkeypatch.setattr(common, "_save_figure", placeholder)
-    monkeypatch.setattr(common, "forecast_gif", gif_placeholder)
+    def placeholder(*args, path=None, **kwargs):                        # the path: a keyword or the last argument
+        common.write_atomically(path or args[-1], lambda tmp: Path(tmp).write_bytes(b"figure not drawn"))
+    for name in FIGURES:
+        monkeypatch.setattr(common, name, placeholder)
 
 
 @pytest.fixture
@@ -294,10 +298,11 @@ def run_in_cell(text, argv=KERNEL_ARGV):
 
 
 @pytest.fixture(scope="session")
-def bucket_files(tmp_path_factory):
-    """The files of a 10-event bucket, generated once: CATALOG.csv and data/<type>/..."""
+def bucket_files(tmp_path_factory, sample):
+    """The session sample's files laid out as a bucket: CATALOG.csv and data/<type>/... (hard links: only read)."""
+    import shutil
     root = tmp_path_factory.mktemp("bucket")
-    common.make_sample_sevir(root / "data", n_events=10, seed=2)
+    shutil.copytree(sample[1], root / "data", copy_function=os.link)
     (root / "data" / "CATALOG.csv").rename(root / "CATALOG.csv")
     return root
 
@@ -525,9 +530,8 @@ def test_a_file_truncated_during_a_run_is_skipped_not_read_as_zeros(tmp_path, ca
     assert ds[0] is not None
 
 
-def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(tmp_path, capsys):
-    root = tmp_path / "s"
-    catalog = common.make_sample_sevir(root, n_events=5, seed=1)
+def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(own_sample, capsys):
+    catalog, root = own_sample
     events = common.load_catalog(catalog, root, mods=("vil",))
     ds = common.SEVIRVIL(events, root, t_in=2, t_out=1, target_size=16, train=True)
     ids = ds.reader.ids
@@ -547,10 +551,9 @@ def test_a_file_that_goes_bad_is_skipped_then_stops_past_ten_percent(tmp_path, c
         list(common.batches(loader([None] * 3 + [good] * 17), "training"))
 
 
-def test_a_file_swapped_for_one_of_other_events_is_skipped_not_read(tmp_path, capsys):
+def test_a_file_swapped_for_one_of_other_events_is_skipped_not_read(tmp_path, own_sample, capsys):
     import shutil
-    root = tmp_path / "s"
-    catalog = common.make_sample_sevir(root, n_events=3, seed=1)
+    catalog, root = own_sample
     ds = common.SEVIRVIL(common.load_catalog(catalog, root, mods=("vil",)), root, t_in=2, t_out=1, target_size=16)
     assert ds[0] is not None
     path = Path(ds.reader.paths["vil"][ds.reader.file_idx["vil"][0]])
@@ -569,7 +572,7 @@ def test_an_event_allocated_but_never_written_is_skipped_not_read_as_zeros(tmp_p
     path.parent.mkdir(parents=True)
     with h5py.File(path, "w") as f:                                    # a writer that stopped after event 0
         f["id"] = np.array([b"S0", b"S1"])
-        f.create_dataset("vil", (2, 384, 384, 49), dtype=np.uint8)[0] = 7
+        f.create_dataset("vil", (2, 384, 384, 49), dtype=np.uint8)[0] = np.full((384, 384, 49), 7, np.uint8)
     events = pd.DataFrame({"id": ["S0", "S1"], "vil_file": [VIL_FILE] * 2, "vil_index": [0, 1]})
     ds = common.SEVIRVIL(events, tmp_path, t_in=2, t_out=1, target_size=16, train=False)
     x, _ = ds[0]
@@ -579,7 +582,7 @@ def test_an_event_allocated_but_never_written_is_skipped_not_read_as_zeros(tmp_p
 
 def test_workers_give_the_same_metrics(tmp_path, sample):
     import train_baseline
-    args = TINY + ["--t_in=3", "--max_train=1", "--batch_size=4"] + data_args(sample)
+    args = TINY + ["--t_in=3"] + data_args(sample)
     train_baseline.main(args + [f"--out_dir={tmp_path / 'w0'}"])
     train_baseline.main(args + [f"--out_dir={tmp_path / 'w2'}", "--num_workers=1"])
     w0 = json.loads((tmp_path / "w0/metrics.json").read_text())
@@ -1088,7 +1091,7 @@ def test_ir069_alone_gets_an_honestly_named_reference(tmp_path, sample):
 # 6. Figures
 # --------------------------------------------------------------------------------------
 
-def test_the_skill_figure_shows_every_forecast(monkeypatch):
+def test_the_skill_figure_shows_every_forecast(monkeypatch, drawn_figures):
     drawn = []
 
     def look(fig, path):
@@ -1303,17 +1306,17 @@ def test_data_kept_outside_a_file_is_refused_before_it_is_read(tmp_path, capsys)
     assert not list(tmp_path.glob("copy_*/**/*.h5"))
 
 
-def test_lightning_lists_and_images_of_the_wrong_shape_are_dropped(tmp_path, capsys):
-    catalog = common.make_sample_sevir(tmp_path, n_events=3, seed=5)
+def test_lightning_lists_and_images_of_the_wrong_shape_are_dropped(own_sample, capsys):
+    catalog, root = own_sample
     df = pd.read_csv(catalog, dtype=str, keep_default_na=False)
-    lght, vil = df[df.img_type == "lght"].iloc[0], df[df.img_type == "vil"].iloc[1]
-    with h5py.File(tmp_path / lght["file_name"], "a") as f:
+    lght, vil = df[df.img_type == "lght"].iloc[-1], df[df.img_type == "vil"].iloc[1]     # in other files
+    with h5py.File(root / lght["file_name"], "a") as f:
         del f[lght["id"]]
         f[lght["id"]] = np.zeros((3, 4), np.float32)                     # (n, 4): not a flash list
-    with h5py.File(tmp_path / vil["file_name"], "a") as f:
+    with h5py.File(root / vil["file_name"], "a") as f:
         del f["vil"]
         f["vil"] = np.zeros((f["id"].shape[0], 384, 384), np.uint8)       # 3-D: no time axis
-    events = common.load_catalog(catalog, tmp_path, mods=("vil", "lght"))
+    events = common.load_catalog(catalog, root, mods=("vil", "lght"))
     out = capsys.readouterr().out
     assert "bad lightning data: 1" in out and "bad shape or dtype" in out
     assert lght["id"] not in set(events["id"]) and vil["id"] not in set(events["id"])
@@ -1542,7 +1545,7 @@ def test_the_table_prints_small_scores_with_three_significant_digits(capsys):
 
 def test_resume_matches_an_uninterrupted_run_and_visualize_rebuilds(tmp_path, sample, monkeypatch):
     import train_synthetic
-    args = TINY[:-3] + ["--batch_size=4", "--max_train=1", "--max_val=1"] + data_args(sample)
+    args = TINY[:-3] + ["--batch_size=8", "--max_train=1", "--max_val=1"] + data_args(sample)
     train_synthetic.main(args + ["--epochs=2", f"--out_dir={tmp_path / 'straight'}"])
     real_epoch = common.train_epoch
 
@@ -1686,11 +1689,13 @@ def test_temporary_files_never_go_through_a_link_left_in_the_folder(tmp_path, mo
 
 def test_resume_on_other_data_is_refused(tmp_path, sample):
     import train_synthetic
-    other = common.make_sample_sevir(tmp_path / "other", n_events=5, seed=1)
+    rows = pd.read_csv(sample[0], dtype=str, keep_default_na=False)
+    other = tmp_path / "CATALOG.csv"                                   # the sample without its first event
+    rows[rows["id"] != rows["id"].iloc[0]].to_csv(other, index=False)
     args = TINY + [f"--out_dir={tmp_path / 'run'}"]
     train_synthetic.main(args + data_args(sample))
-    with pytest.raises(common.UserError, match="it trained on other data .its train, val, test events"):
-        train_synthetic.main(args + [f"--catalog_path={other}", f"--sevir_root={tmp_path / 'other'}", "--epochs=2",
+    with pytest.raises(common.UserError, match="it trained on other data .its train events"):
+        train_synthetic.main(args + [f"--catalog_path={other}", f"--sevir_root={sample[1]}", "--epochs=2",
                                      "--resume=true"])
     train_synthetic.main(args + data_args(sample) + ["--epochs=2", "--resume=true"])       # its own data: resumes
     assert common.load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 2
@@ -1813,51 +1818,52 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path, sample, capsys):
 
 
 def test_a_stopped_run_saves_and_prints_a_pasteable_resume_command(tmp_path, sample):
-    runs = []                       # Ctrl-C in a terminal; SIGTERM (a scheduler, Colab) to a job run as `cmd &`
-    for stop, sigint in ((signal.SIGINT, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_IGN)):    # both at once
-        out = tmp_path / f"out dir {stop.name}"                         # a space: the command must quote it
-        args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=1",
-                "--max_val=1", *data_args(sample), f"--out_dir={out}"]
-        p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"},          # one core each
-                             preexec_fn=lambda sigint=sigint: signal.signal(signal.SIGINT, sigint))
-        runs.append((p, stop, out))
-    for p, stop, out in runs:
-        for line in p.stdout:
-            if line.startswith("epoch 1/500"):
-                break
-        p.send_signal(stop)
-    for p, stop, out in runs:
-        _, err = p.communicate(timeout=60)
-        assert p.returncode == 130 and "Traceback" not in err, (stop, err[-2000:])
-        assert f"{HERE / 'train_synthetic.py'} " in err and f"'--out_dir={out}'" in err and "--resume=true" in err
-        epoch = common.load_checkpoint(out / "last.pt")["epoch"]
-        assert epoch >= 1
+    out = tmp_path / "out dir"                                        # a space: the command must quote it
+    args = [sys.executable, "-u", str(HERE / "train_synthetic.py"), *TINY[:-3], "--epochs=500", "--max_train=1",
+            "--max_val=1", *data_args(sample), f"--out_dir={out}"]
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        if line.startswith("epoch 1/500"):
+            break
+    p.send_signal(signal.SIGINT)                                       # Ctrl-C in a terminal
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert f"{HERE / 'train_synthetic.py'} " in err and f"'--out_dir={out}'" in err and "--resume=true" in err
+    epoch = common.load_checkpoint(out / "last.pt")["epoch"]
+    assert epoch >= 1
     r = run_script("train_synthetic.py", *TINY[:-3], f"--epochs={epoch}", "--max_train=1", "--max_val=1",
                    *data_args(sample), f"--out_dir={out}", "--resume=true", cwd=tmp_path)
     assert r.returncode == 0 and "nothing left to train" in r.stdout
 
 
-def test_a_closed_terminal_saves_like_ctrl_c_unless_nohup_ignores_it(tmp_path, sample, monkeypatch):
-    real_epoch = common.train_epoch
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_a_closed_terminal_saves_like_ctrl_c_unless_nohup_ignores_it(tmp_path, sample, monkeypatch, stop):
+    real_epoch = common.train_epoch                    # SIGTERM: a scheduler or Colab, also to a job run as `cmd &`
+                                                       # (SIGINT ignored); SIGHUP: the terminal closes
 
-    def hang_up_in_epoch_2(model, loader, loss_fn, optimizer, device, epoch, *rest):
+    def stop_in_epoch_2(model, loader, loss_fn, optimizer, device, epoch, *rest):
         if epoch == 2:
-            os.kill(os.getpid(), signal.SIGHUP)                        # the terminal closes mid-epoch
+            os.kill(os.getpid(), getattr(signal, stop))
         return real_epoch(model, loader, loss_fn, optimizer, device, epoch, *rest)
-    monkeypatch.setattr(common, "train_epoch", hang_up_in_epoch_2)
+    monkeypatch.setattr(common, "train_epoch", stop_in_epoch_2)
     args = [*TINY[:-3], "--epochs=3", "--max_train=1", "--max_val=1", *data_args(sample)]
-    r = run_script("train_synthetic.py", *args, f"--out_dir={tmp_path / 'hup'}", cwd=tmp_path)
-    assert r.returncode == 130 and "holds epoch 1" in r.stderr and "--resume=true" in r.stderr
-    assert common.load_checkpoint(tmp_path / "hup/last.pt")["epoch"] == 1
-    seen = []
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)                         # started under nohup: keep going
+    sigint = signal.signal(signal.SIGINT, signal.SIG_IGN if stop == "SIGTERM" else signal.default_int_handler)
     try:
-        common.run_with_exit_status(lambda: seen.append(signal.getsignal(signal.SIGHUP)))
+        r = run_script("train_synthetic.py", *args, f"--out_dir={tmp_path / 'stopped'}", cwd=tmp_path)
     finally:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert seen == [signal.SIG_IGN]
+        signal.signal(signal.SIGINT, sigint)
+    assert r.returncode == 130 and "holds epoch 1" in r.stderr and "--resume=true" in r.stderr
+    assert common.load_checkpoint(tmp_path / "stopped/last.pt")["epoch"] == 1
+    if stop == "SIGHUP":
+        seen = []
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)                     # started under nohup: keep going
+        try:
+            common.run_with_exit_status(lambda: seen.append(signal.getsignal(signal.SIGHUP)))
+        finally:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert seen == [signal.SIG_IGN]
 
 
 def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
@@ -2078,51 +2084,19 @@ def test_torchrun_batches_are_checked_first_and_rank_1_defers_to_rank_0(tmp_path
     assert "rank 0 saves the run" in str(common.stopped(cfg, 1))
 
 
-def test_two_processes_with_gloo_match_one_process(tmp_path, sample):
-    args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=2", "--max_train=1", "--max_val=1",
-            "--t_in=5", "--t_out=1", "--model=nowcastnet", *data_args(sample)]  # no BatchNorm, 44 windows: equal sums
-    for more in (["--epochs=1"], ["--resume=true"]):                # the same history as the two processes'
-        one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", *more, cwd=tmp_path)
-        assert one.returncode == 0, one.stderr[-2000:]
-    # one torchrun: each of the two processes runs one epoch, then resumes from its last.pt for the second
-    driver = tmp_path / "driver.py"
-    two_args = args + [f"--out_dir={tmp_path / 'two'}"]
-    driver.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport common, train_baseline\n"
-                      "common.pysteps_methods, common.FIGURE_DPI = (lambda: None), 20\n"   # optical flow: tested elsewhere
-                      "common._save_figure = lambda fig, path: common.write_atomically(path, lambda tmp: open(tmp, 'wb').close())\n"
-                      f"args = {two_args!r}\n"
-                      "common.run_with_exit_status(lambda: train_baseline.main(args + ['--epochs=1']))\n"
-                      "print('FIRST RUN ENDED', flush=True)\n"
-                      "common.run_with_exit_status(lambda: train_baseline.main(args + ['--resume=true']))\n")
-    import socket                                      # the two workers as torchrun starts them (its environment),
-    with socket.socket() as free:                      # without its agent process (a third import of torch)
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    workers = [subprocess.Popen([sys.executable, str(driver)], cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                     "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                     "MASTER_PORT": str(port)}) for rank in (0, 1)]
-    outputs = [w.communicate(timeout=300) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], [err[-3000:] for _, err in outputs]
-    two = subprocess.CompletedProcess(driver, 0, "".join(out for out, _ in outputs), "")
-    first, resumed = two.stdout.split("FIRST RUN ENDED")
-    assert "epoch 1/1" in first and "resumed from" in resumed               # interrupted, then resumed
-    a = json.loads((tmp_path / "one/metrics.json").read_text())
-    b = json.loads((tmp_path / "two/metrics.json").read_text())
-    assert a["n_samples"] == b["n_samples"]
-    for key in ("mse", "mae", "csi_16", "csi_m"):
-        assert b["model"][key] == pytest.approx(a["model"][key], rel=1e-4, abs=1e-7), key
-    scalars = lambda d: {k: float("nan") if v is None else v for k, v in d.items() if not isinstance(v, list)}
-    assert scalars(b["persistence"]) == pytest.approx(scalars(a["persistence"]), rel=1e-9, nan_ok=True)
-    assert two.stdout.count("epoch 2/2") == 1 and two.stdout.count("FIRST RUN ENDED") == 1   # only rank 0 prints
-
-
-RANKS_DRIVER = """
-import sys, torch, torch.nn as nn, torch.nn.functional as F
+TORCHRUN_DRIVER = """
+import json, sys, torch, torch.nn as nn, torch.nn.functional as F
 sys.path.insert(0, sys.argv[1])
-import common
-device = common.init_device("cpu")                        # joins the gloo group torchrun's environment names
+import common, train_baseline
+common.pysteps_methods = lambda: None                      # optical flow: tested elsewhere
+for name in json.loads(sys.argv[4]):                       # figures: placeholders, as in this file
+    setattr(common, name, lambda *a, path=None, **k: open(path or a[-1], "wb").close())
+args = json.loads(sys.argv[3])
+common.run_with_exit_status(lambda: train_baseline.main(args + ["--epochs=1"]))
+print("FIRST RUN ENDED", flush=True)
+common.run_with_exit_status(lambda: train_baseline.main(args + ["--resume=true"]))
+
+device = common.init_device("cpu")                        # the gloo group torchrun's environment names
 rank = common.dist_info()[0]
 
 
@@ -2176,22 +2150,44 @@ for name, case in (("skip", epoch), ("nan", lambda: epoch(nan_on_rank=1)), ("man
 """
 
 
-def test_under_torchrun_every_stop_is_agreed_and_no_process_waits_for_one_that_stopped(tmp_path):
+def test_under_torchrun_two_processes_match_one_and_every_stop_is_agreed(tmp_path, sample):
+    """Two processes under gloo, started as torchrun starts them (its environment, without its agent process: a
+    third import of torch): a run and its resume match one process; then every stop that one process meets
+    stops both, and a check that can fail in one fails in both before training."""
+    args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=4", "--max_train=1", "--max_val=1",
+            "--t_in=5", "--t_out=1", "--model=nowcastnet", *data_args(sample)]  # no BatchNorm, 44 windows: equal sums
+    for more in (["--epochs=1"], ["--resume=true"]):                # the same history as the two processes'
+        one = run_script("train_baseline.py", *args, f"--out_dir={tmp_path / 'one'}", *more, cwd=tmp_path)
+        assert one.returncode == 0, one.stderr[-2000:]
+    driver = tmp_path / "driver.py"
+    driver.write_text(TORCHRUN_DRIVER)
     import socket
-    driver = tmp_path / "ranks.py"
-    driver.write_text(RANKS_DRIVER)
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     held = tmp_path / "held"
     with common.locked(held):                                          # another run holds this OUT_DIR
-        workers = [subprocess.Popen([sys.executable, str(driver), str(HERE), str(held)], cwd=tmp_path,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        workers = [subprocess.Popen([sys.executable, str(driver), str(HERE), str(held),
+                                     json.dumps(args + [f"--out_dir={tmp_path / 'two'}"]), json.dumps(FIGURES)],
+                                    cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                                          "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                          "MASTER_PORT": str(port)}) for rank in (0, 1)]
-        outputs = [w.communicate(timeout=120)[1] for w in workers]    # a process left waiting: the timeout fails it
-    said = {line.split(":")[0]: line for err in outputs for line in err.splitlines() if line[:2] in ("0 ", "1 ")}
+        outputs = [w.communicate(timeout=300) for w in workers]      # a process left waiting: the timeout fails it
+    assert [w.returncode for w in workers] == [0, 0], [err[-3000:] for _, err in outputs]
+    stdout = "".join(out for out, _ in outputs)
+    first, resumed = stdout.split("FIRST RUN ENDED")
+    assert "epoch 1/1" in first and "resumed from" in resumed               # interrupted, then resumed
+    assert stdout.count("epoch 2/2") == 1 and stdout.count("FIRST RUN ENDED") == 1   # only rank 0 prints
+    a = json.loads((tmp_path / "one/metrics.json").read_text())
+    b = json.loads((tmp_path / "two/metrics.json").read_text())
+    assert a["n_samples"] == b["n_samples"]
+    for key in ("mse", "mae", "csi_16", "csi_m"):
+        assert b["model"][key] == pytest.approx(a["model"][key], rel=1e-4, abs=1e-7), key
+    scalars = lambda d: {k: float("nan") if v is None else v for k, v in d.items() if not isinstance(v, list)}
+    assert scalars(b["persistence"]) == pytest.approx(scalars(a["persistence"]), rel=1e-9, nan_ok=True)
+
+    said = {line.split(":")[0]: line for _, err in outputs for line in err.splitlines() if line[:2] in ("0 ", "1 ")}
     assert said["0 skip"] == "0 skip: ok" and said["1 skip"] == "1 skip: ok", outputs      # uneven batches: joined
     assert "loss is nan at epoch 1, batch 3" in said["1 nan"] and "RunError" in said["0 nan"]    # (its weights too)
     assert "could not be read (over 10%)" in said["1 many"] and "stopped with another process" in said["0 many"]
@@ -2282,12 +2278,13 @@ def test_sample_never_replaces_real_data(tmp_path, capsys):
 def test_download_reads_only_the_chosen_events_and_resumes(tmp_path, bucket, capsys):
     url, root, state = bucket
     out = tmp_path / "subset"
-    vil_files = sum(p.stat().st_size for p in (root / "data" / "vil").rglob("*.h5"))
+    files = sum(p.stat().st_size for t in ("vil", "ir107") for p in (root / "data" / t).rglob("*.h5"))
     state["fail_next"] = 2                                        # transient errors: retried
     catalog = common.download(out, types=("vil", "ir107"), max_events=2, since="2019-01-01", base_url=url,
                               backoff=0.01)
     catalog_bytes = (root / "CATALOG.csv").stat().st_size
-    assert state["served"] - catalog_bytes < 0.5 * vil_files     # 2 of 10 events: far less than the files
+    event_bytes = 384 * 384 * 49 + 192 * 192 * 49 * 2                 # one event's VIL and IR107 frames
+    assert state["served"] - catalog_bytes < 2 * event_bytes + 2e6 < 0.5 * files   # 2 of 5 events (and metadata)
     events = common.load_catalog(catalog, out, mods=("vil", "ir107"))
     assert len(events) == 2 and (events["time_utc"] >= pd.Timestamp("2019-01-01")).all()
     remote = pd.read_csv(root / "CATALOG.csv", dtype=str, keep_default_na=False)
@@ -2532,8 +2529,14 @@ def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monke
     monkeypatch.chdir(tmp_path)                                         # a default run stopped while it made the sample
     (tmp_path / common.SAMPLE_ROOT / "vil").mkdir(parents=True)
     (tmp_path / common.SAMPLE_ROOT / common.SAMPLE_MARKER).write_text(common.SAMPLE_MARKER_TEXT)
-    made, real_sample = [], common.make_sample_sevir
-    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or real_sample(root, n_events=3))
+    made = []
+
+    def copy_sample(root):                                              # a copy of the session's: made faster
+        import shutil                                                   # (its HDF5 files linked: only read)
+        shutil.copytree(sample[1], root, dirs_exist_ok=True, copy_function=lambda src, dst: os.path.exists(dst) or (
+            os.link if src.endswith(".h5") else shutil.copy)(src, dst))
+        return Path(root) / "CATALOG.csv"
+    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or copy_sample(root))
     cfg = type("Cfg", (), {"CATALOG_PATH": common.DEFAULT_CATALOG, "SEVIR_ROOT": common.DEFAULT_ROOT})
     catalog, root, kind = common.resolve_data(cfg)
     assert made == [common.SAMPLE_ROOT] and kind == "sample" and catalog.exists()
@@ -2543,7 +2546,7 @@ def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monke
     (tmp_path / common.SAMPLE_ROOT / "CATALOG.csv").unlink()             # under torchrun only rank 0 makes it
     waited = []
     monkeypatch.setattr(common, "is_main", lambda: False)
-    monkeypatch.setattr(common, "barrier", lambda: waited.append(1) or real_sample(common.SAMPLE_ROOT, n_events=3))
+    monkeypatch.setattr(common, "barrier", lambda: waited.append(1) or copy_sample(common.SAMPLE_ROOT))
     assert common.resolve_data(cfg)[2] == "sample" and made == [common.SAMPLE_ROOT] and waited == [1]
     undo(monkeypatch)
 
@@ -2683,7 +2686,7 @@ def test_a_script_pasted_into_a_cell_runs_with_its_edited_config(tmp_path, sampl
     out = tmp_path / "out"
     size = 64 if script == "train_advanced.py" else 32
     text = edit_config((HERE / script).read_text(), CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]),
-                       OUT_DIR=str(out), TARGET_SIZE=size, BASE=4, EPOCHS=1, BATCH_SIZE=2, MAX_TRAIN=1,
+                       OUT_DIR=str(out), TARGET_SIZE=size, BASE=4, EPOCHS=1, BATCH_SIZE=8, MAX_TRAIN=1,
                        MAX_VAL=1, **({"VGG_WEIGHTS": "none", "PERCEPTUAL_POOL": 4, "HALF_RES_EPOCHS": 0}
                                      if script == "train_advanced.py" else {}))
     run_in_cell(text)
@@ -2701,7 +2704,7 @@ def test_a_script_pasted_into_a_cell_runs_with_its_edited_config(tmp_path, sampl
 def test_a_pasted_cell_resumes_shows_help_and_errors_without_a_banner(tmp_path, sample, capsys, monkeypatch):
     out = tmp_path / "out"
     config = dict(CATALOG_PATH=str(sample[0]), SEVIR_ROOT=str(sample[1]), OUT_DIR=str(out), TARGET_SIZE=32, BASE=4,
-                  BATCH_SIZE=2, MAX_TRAIN=1, MAX_VAL=1)
+                  BATCH_SIZE=8, MAX_TRAIN=1, MAX_VAL=1)
     text = (HERE / "train_synthetic.py").read_text()
     run_in_cell(edit_config(text, EPOCHS=1, **config))
     run_in_cell(edit_config(text, EPOCHS=2, RESUME=True, **config))
