@@ -2284,10 +2284,11 @@ def print_table(metrics):
           f"the frequency bias, best at 1. n/a: undefined; CSI when neither forecast nor truth reached the "
           f"threshold (0 in CSI-M), POD and bias when the truth never did, sucr when the forecast never did")
     names = ["model"] + refs
-    print(f"  {'score':<14}" + "".join(f"{n:>14}" for n in names) + f"{'no rain':>10}")
+    width = {n: max(14, len(n) + 2) for n in names}                  # a long name keeps a space before it
+    print(f"  {'score':<14}" + "".join(f"{n:>{width[n]}}" for n in names) + f"{'no rain':>10}")
     for r in rows:
         trivial = fmt(metrics["no_rain"][r]) if r in metrics.get("no_rain", {}) else ""
-        print(f"  {r:<14}" + "".join(f"{fmt(metrics[n][r]):>14}" for n in names) + f"{trivial:>10}")
+        print(f"  {r:<14}" + "".join(f"{fmt(metrics[n][r]):>{width[n]}}" for n in names) + f"{trivial:>10}")
     if "csi_m_per_lead" in metrics["model"]:
         print(f"  CSI-M per lead (min), {' / '.join(names)}: " + "  ".join(
             f"+{5 * (k + 1)}: " + "/".join(fmt(metrics[n]["csi_m_per_lead"][k]) for n in names)

@@ -1527,15 +1527,17 @@ def test_a_root_that_misses_the_files_names_one_and_the_flag_that_finds_them(tmp
 def test_the_table_prints_small_scores_with_three_significant_digits(capsys):
     scores = {"mse": 3.54e-5, "mae": 0.00154, "csi_m": 0.638, "csi_pool4_m": 0.801, "csi_pool16_m": 0.873,
               **{f"{k}_{t}": float("nan") for k in ("csi", "pod", "sucr", "bias") for t in common.SEVIR_THRESHOLDS}}
-    metrics = {"reference": "persistence", "references": ["persistence", "shift"], "split": "test", "checkpoint": "best.pt",
+    metrics = {"reference": "persistence", "references": ["persistence", "ir2_lookup_median"], "split": "test", "checkpoint": "best.pt",
                "epoch": 3, "n_events": 8, "n_samples": 32, "data": "sample", "pixel_km": 4.0,
-               "model": {**scores, "mse": 1.52e-5}, "persistence": scores, "shift": {**scores, "mse": 6.2e-6},
+               "model": {**scores, "mse": 1.52e-5}, "persistence": scores, "ir2_lookup_median": {**scores, "mse": 6.2e-6},
                "no_rain": {"mse": 1.42e-3, "mae": 0.0128},
                "beside": {"split": "val", "n_events": 8, "model": {"mse": 2.98e-4, "csi_m": 0.5},
-                          "persistence": {"mse": 4.34e-4, "csi_m": 0.4}, "shift": {"mse": 1e-4, "csi_m": 0.45}}}
+                          "persistence": {"mse": 4.34e-4, "csi_m": 0.4}, "ir2_lookup_median": {"mse": 1e-4, "csi_m": 0.45}}}
     common.print_table(metrics)
     out = capsys.readouterr().out
     assert "0.0000" not in out and "0.0003" not in out
+    header = next(line for line in out.splitlines() if line.strip().startswith("score"))
+    assert header.split() == ["score", "model", "persistence", "ir2_lookup_median", "no", "rain"]   # a long name too
     mse_row = next(line for line in out.splitlines() if line.strip().startswith("mse"))
     assert mse_row.split()[1:] == ["1.52e-05", "3.54e-05", "6.2e-06", "0.00142"]
     assert "MSE 0.000298 / 0.000434 / 0.0001" in out                  # the validation line too
