@@ -1282,24 +1282,33 @@ class IRLookup:
             index = index * self.bins + ((x[:, c] - lo) / (hi - lo) * self.bins).long().clamp_(0, self.bins - 1)
         return index
 
+    LEVELS = 1024                                  # the median's VIL histogram: levels 1/1024 of [0, 1] wide
+
     def fit(self, batches):
-        """Fit on an iterable of (x, y) batches."""
-        keys, values = [], []
+        """Fit on an iterable of (x, y) batches, streaming (SEVIR's training frames do not fit in memory): per bin,
+        the count and sum of its VIL, for the median per VIL level of the bin; the median is the mean VIL of the
+        level that holds the bin's middle value (the lower one of an even count, as torch.median), exact where a
+        level holds one value, as VIL's 1/255 steps do at native resolution."""
+        bins, levels = len(self.table), self.LEVELS if self.statistic == "median" else 1
+        counts = torch.zeros(bins * levels, dtype=torch.float64)
+        sums = torch.zeros(bins * levels, dtype=torch.float64)
         for x, y in batches:
-            keys.append(self._bin(x).flatten())
-            values.append(y[:, 0].flatten().double())
-        key, value = torch.cat(keys), torch.cat(values)
-        counts = torch.bincount(key, minlength=len(self.table))
-        if self.statistic == "mean":
-            table = torch.bincount(key, weights=value, minlength=len(self.table)) / counts.clamp(min=1)
-            overall = value.mean()
-        else:                                         # sorted by bin, then by value: each bin's middle value
-            order = torch.argsort(value, stable=True)
-            order = order[torch.argsort(key[order], stable=True)]
-            first = torch.cumsum(counts, 0) - counts
-            table = value[order][(first + (counts - 1).clamp(min=0) // 2).clamp(max=len(value) - 1)]
-            overall = value.median()
-        self.table = torch.where(counts > 0, table, overall).float()
+            key, value = self._bin(x).flatten(), y[:, 0].flatten().double()
+            if levels > 1:
+                key = key * levels + (value * levels).long().clamp_(0, levels - 1)
+            counts += torch.bincount(key, minlength=len(counts))
+            sums += torch.bincount(key, weights=value, minlength=len(sums))
+        counts, sums = counts.view(bins, levels), sums.view(bins, levels)
+
+        def middle(counts, sums):                  # (n, levels) -> the mean VIL of each row's middle level
+            rank = (counts.sum(1, keepdim=True) - 1).clamp(min=0) // 2
+            level = (counts.cumsum(1) <= rank).sum(1, keepdim=True).clamp(max=levels - 1)
+            return (sums.gather(1, level) / counts.gather(1, level).clamp(min=1))[:, 0]
+        if levels == 1:
+            table, overall = sums[:, 0] / counts[:, 0].clamp(min=1), sums.sum() / counts.sum()
+        else:
+            table, overall = middle(counts, sums), middle(counts.sum(0, keepdim=True), sums.sum(0, keepdim=True))[0]
+        self.table = torch.where(counts.sum(1) > 0, table, overall).float()
         return self
 
     def __call__(self, x):

@@ -1080,6 +1080,19 @@ def test_ir_lookup_on_both_channels_and_with_the_median():
     assert torch.allclose(median(x), y) and torch.allclose(mean(x), y + 0.1)
 
 
+def test_ir_lookup_streams_batches_to_the_exact_median_of_vil_codes():
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 16, 16)                                                 # 6 batches of one frame
+    y = torch.randint(0, 255, (6, 1, 16, 16)).float() / 255                      # VIL codes
+    y[:, :, :4] = 0                                                              # a quarter of the pixels dry
+    lookup = common.IRLookup([0], ir_norm="minmax", bins=4, statistic="median").fit(zip(x[:, None], y[:, None]))
+    key = (x[:, 0] * 4).long().flatten()
+    exact = torch.stack([y[:, 0].flatten()[key == k].median() for k in range(4)])   # the lower middle value
+    assert torch.equal(lookup.table, exact) and len(set(exact.tolist())) == 4
+    mean = common.IRLookup([0], ir_norm="minmax", bins=4).fit(zip(x[:, None], y[:, None]))
+    assert torch.allclose(mean.table, torch.stack([y[:, 0].flatten()[key == k].mean() for k in range(4)]))
+
+
 def test_ir069_alone_gets_an_honestly_named_reference(tmp_path, sample):
     import train_synthetic
     train_synthetic.main(TINY + ["--input_mods=ir069"] + data_args(sample) + [f"--out_dir={tmp_path}"])
