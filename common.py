@@ -924,10 +924,15 @@ def recompute_batchnorm(model, loader, device, n_batches):
         m.reset_running_stats()
         m.momentum = None                              # a plain mean over the batches below
     net.train()
-    for i, (x, _) in enumerate(batches(loader, "training")):
-        if i == n_batches:
-            break
-        net(to_device(x, device))
+    stop = None
+    try:
+        for i, (x, _) in enumerate(batches(loader, "training")):
+            if i == n_batches:
+                break
+            net(to_device(x, device))
+    except RunError as e:                              # over 10% unreadable: every process stops, none waits
+        stop = str(e)
+    stop_together(stop, device)
     world = dist_info()[1]
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum

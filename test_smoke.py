@@ -2144,6 +2144,11 @@ def epoch(nan_on_rank=None, data=Items, shuffle=True):
                        device, 1)
 
 
+def bn():                                                  # BatchNorm re-estimated on Many: rank 1 stops in it
+    model = common.prepare_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), Cfg, device)
+    common.recompute_batchnorm(model, common.make_loader(Many(), Cfg, device, shuffle=False), device, 2)
+
+
 def small(n, shuffle):
     Cfg.BATCH_SIZE = 4
     common.make_loader(torch.utils.data.TensorDataset(torch.zeros(n, 1)), Cfg, device, shuffle=shuffle)
@@ -2155,7 +2160,7 @@ def locked():
 
 
 for name, case in (("skip", epoch), ("nan", lambda: epoch(nan_on_rank=1)), ("many", lambda: epoch(None, Many, False)),
-                   ("lock", locked),
+                   ("bn", bn), ("lock", locked),
                    ("batch", lambda: small(3, True)), ("val", lambda: small(1, False))):
     try:
         case()
@@ -2206,6 +2211,7 @@ def test_under_torchrun_two_processes_match_one_and_every_stop_is_agreed(tmp_pat
     assert said["0 skip"] == "0 skip: ok" and said["1 skip"] == "1 skip: ok", outputs      # uneven batches: joined
     assert "loss is nan at epoch 1, batch 3" in said["1 nan"] and "RunError" in said["0 nan"]    # (its weights too)
     assert "could not be read (over 10%)" in said["1 many"] and "stopped with another process" in said["0 many"]
+    assert "could not be read (over 10%)" in said["1 bn"] and "stopped with another process" in said["0 bn"]
     assert "UserError" in said["0 lock"] and "in use by another run" in said["0 lock"]
     assert "stopped with another process" in said["1 lock"]
     for rank in "01":                                                  # the same check fails in both, before training
