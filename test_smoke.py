@@ -25,7 +25,7 @@ import common
 
 
 # --------------------------------------------------------------------------------------
-# Shared fakes: tiny generated data, scripts run in this process, figures built but not drawn
+# Shared fakes: tiny generated data, scripts run in this process, figures not built (placeholders)
 # --------------------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
