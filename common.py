@@ -1301,8 +1301,8 @@ class IRLookup:
             key, value = self._bin(x).flatten(), y[:, 0].flatten().double()
             if levels > 1:
                 key = key * levels + (value * levels).long().clamp_(0, levels - 1)
-            counts += torch.bincount(key, minlength=len(counts))
-            sums += torch.bincount(key, weights=value, minlength=len(sums))
+            counts.index_add_(0, key, torch.ones_like(value))
+            sums.index_add_(0, key, value)
         counts, sums = counts.view(bins, levels), sums.view(bins, levels)
 
         def middle(counts, sums):                  # (n, levels) -> the mean VIL of each row's middle level
