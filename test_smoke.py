@@ -343,8 +343,8 @@ def bucket(tmp_path, bucket_files):
                 self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            state["served"] += len(body)                                # counted before the client can have it
             self.wfile.write(body)
-            state["served"] += len(body)
 
         def log_message(self, *args):
             pass
