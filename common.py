@@ -2935,6 +2935,7 @@ def init_device(name):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return pick_device(name)
     import atexit
+    import gc
     import torch.distributed as dist
     device = pick_device(name)
     if device.type == "cuda":
@@ -2942,7 +2943,9 @@ def init_device(name):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
+        # at exit, first free what still uses the group (a stopped run's model, held by its traceback's frames):
+        # a group destroyed under a live DistributedDataParallel aborts the process
+        atexit.register(lambda: gc.collect() or dist.destroy_process_group())
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return device

@@ -2171,9 +2171,10 @@ for name, case in (("skip", epoch), ("nan", lambda: epoch(nan_on_rank=1)), ("man
 
 
 def test_under_torchrun_two_processes_match_one_and_every_stop_is_agreed(tmp_path, sample):
-    """Two processes under gloo, started as torchrun starts them (its environment, without its agent process: a
-    third import of torch): a run and its resume match one process; then every stop that one process meets
-    stops both, and a check that can fail in one fails in both before training."""
+    """Two processes under gloo, started as torchrun starts them: its environment, and its agent's store served
+    from this process (as the agent serves it: no process's exit takes it from the others), without a third
+    import of torch. A run and its resume match one process; then every stop that one process meets stops both,
+    and a check that can fail in one fails in both before training."""
     args = ["--target_size=32", "--base=4", "--epochs=2", "--batch_size=4", "--max_train=1", "--max_val=1",
             "--t_in=5", "--t_out=1", "--model=nowcastnet", *data_args(sample)]  # no BatchNorm, 44 windows: equal sums
     for more in (["--epochs=1"], ["--resume=true"]):                # the same history as the two processes'
@@ -2181,10 +2182,7 @@ def test_under_torchrun_two_processes_match_one_and_every_stop_is_agreed(tmp_pat
         assert one.returncode == 0, one.stderr[-2000:]
     driver = tmp_path / "driver.py"
     driver.write_text(TORCHRUN_DRIVER)
-    import socket
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     held = tmp_path / "held"
     with common.locked(held):                                          # another run holds this OUT_DIR
         workers = [subprocess.Popen([sys.executable, str(driver), str(HERE), str(held),
@@ -2192,7 +2190,8 @@ def test_under_torchrun_two_processes_match_one_and_every_stop_is_agreed(tmp_pat
                                     cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                                          "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                         "MASTER_PORT": str(port)}) for rank in (0, 1)]
+                                         "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"})
+                   for rank in (0, 1)]
         outputs = [w.communicate(timeout=300) for w in workers]      # a process left waiting: the timeout fails it
     assert [w.returncode for w in workers] == [0, 0], [err[-3000:] for _, err in outputs]
     stdout = "".join(out for out, _ in outputs)
