@@ -517,27 +517,6 @@ class EvolutionNet(nn.Module):
 
 
 @torch.no_grad()
-def steering_motion(frames):
-    """One motion vector per sample, (B, 2) pixels per frame (dx, dy), from frames (B, T, H, W): the shift that
-    best maps the first frame onto the last (the peak of their circular cross-correlation, refined to a
-    fraction of a pixel by a parabola through its neighbours), divided by the T - 1 frames between them."""
-    first, last = frames[:, 0].float(), frames[:, -1].float()
-    b, h, w = last.shape
-    corr = torch.fft.irfft2(torch.fft.rfft2(last) * torch.fft.rfft2(first).conj(), s=(h, w))  # [d] = sum last(p) first(p - d)
-    peak = corr.reshape(b, -1).argmax(1)
-    iy, ix = peak // w, peak % w
-    rows = torch.arange(b, device=frames.device)
-
-    def refine(before, at, after):                 # vertex of the parabola through three neighbours
-        curve = before - 2 * at + after
-        return torch.where(curve < 0, 0.5 * (before - after) / curve.where(curve < 0, torch.ones_like(curve)), 0.0)
-    dy = iy + refine(corr[rows, (iy - 1) % h, ix], corr[rows, iy, ix], corr[rows, (iy + 1) % h, ix]).clamp(-0.5, 0.5)
-    dx = ix + refine(corr[rows, iy, (ix - 1) % w], corr[rows, iy, ix], corr[rows, iy, (ix + 1) % w]).clamp(-0.5, 0.5)
-    dy, dx = torch.where(dy > h / 2, dy - h, dy), torch.where(dx > w / 2, dx - w, dx)            # wrap to +-H/2
-    return torch.stack([dx, dy], 1).to(frames.dtype) / max(frames.shape[1] - 1, 1)
-
-
-@torch.no_grad()
 def dense_motion(frames, preset=2):
     """Motion at every pixel, (B, 2, H, W) pixels per frame (dx, dy), from VIL frames (B, T, H, W) in [0, 1]: OpenCV's
     dense DIS optical flow (preset 2, MEDIUM: of the presets 0-2 the best on validation) from the last frame back to
@@ -1165,6 +1144,27 @@ class Persistence:
         return last.expand(-1, -1, self.t_out, -1, -1)
 
 
+@torch.no_grad()
+def steering_motion(frames):
+    """One motion vector per sample, (B, 2) pixels per frame (dx, dy), from frames (B, T, H, W): the shift that
+    best maps the first frame onto the last (the peak of their circular cross-correlation, refined to a
+    fraction of a pixel by a parabola through its neighbours), divided by the T - 1 frames between them."""
+    first, last = frames[:, 0].float(), frames[:, -1].float()
+    b, h, w = last.shape
+    corr = torch.fft.irfft2(torch.fft.rfft2(last) * torch.fft.rfft2(first).conj(), s=(h, w))  # [d] = sum last(p) first(p - d)
+    peak = corr.reshape(b, -1).argmax(1)
+    iy, ix = peak // w, peak % w
+    rows = torch.arange(b, device=frames.device)
+
+    def refine(before, at, after):                 # vertex of the parabola through three neighbours
+        curve = before - 2 * at + after
+        return torch.where(curve < 0, 0.5 * (before - after) / curve.where(curve < 0, torch.ones_like(curve)), 0.0)
+    dy = iy + refine(corr[rows, (iy - 1) % h, ix], corr[rows, iy, ix], corr[rows, (iy + 1) % h, ix]).clamp(-0.5, 0.5)
+    dx = ix + refine(corr[rows, iy, (ix - 1) % w], corr[rows, iy, ix], corr[rows, iy, (ix + 1) % w]).clamp(-0.5, 0.5)
+    dy, dx = torch.where(dy > h / 2, dy - h, dy), torch.where(dx > w / 2, dx - w, dx)            # wrap to +-H/2
+    return torch.stack([dx, dy], 1).to(frames.dtype) / max(frames.shape[1] - 1, 1)
+
+
 class ShiftExtrapolation:
     """Reference nowcast: the last frame moved along one motion vector per window (steering_motion: the shift
     that best maps the first input frame onto the last, an exhaustive search by cross-correlation), bilinear,
@@ -1306,14 +1306,11 @@ class IRLookup:
         counts, sums = counts.view(bins, levels), sums.view(bins, levels)
 
         def middle(counts, sums):                  # (n, levels) -> the mean VIL of each row's middle level
-            rank = (counts.sum(1, keepdim=True) - 1).clamp(min=0) // 2
+            rank = (counts.sum(1, keepdim=True) - 1).clamp(min=0) // 2          # (one level: the row's mean)
             level = (counts.cumsum(1) <= rank).sum(1, keepdim=True).clamp(max=levels - 1)
             return (sums.gather(1, level) / counts.gather(1, level).clamp(min=1))[:, 0]
-        if levels == 1:
-            table, overall = sums[:, 0] / counts[:, 0].clamp(min=1), sums.sum() / counts.sum()
-        else:
-            table, overall = middle(counts, sums), middle(counts.sum(0, keepdim=True), sums.sum(0, keepdim=True))[0]
-        self.table = torch.where(counts.sum(1) > 0, table, overall).float()
+        overall = middle(counts.sum(0, keepdim=True), sums.sum(0, keepdim=True))    # for bins never seen
+        self.table = torch.where(counts.sum(1) > 0, middle(counts, sums), overall).float()
         return self
 
     def __call__(self, x):

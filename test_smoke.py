@@ -1104,7 +1104,7 @@ def test_ir069_alone_gets_an_honestly_named_reference(tmp_path, sample):
 # 6. Figures
 # --------------------------------------------------------------------------------------
 
-def test_the_skill_figure_shows_every_forecast(monkeypatch, drawn_figures):
+def test_the_skill_figure_shows_every_forecast(tmp_path, monkeypatch, drawn_figures):
     drawn = []
 
     def look(fig, path):
@@ -1113,7 +1113,7 @@ def test_the_skill_figure_shows_every_forecast(monkeypatch, drawn_figures):
     monkeypatch.setattr(common, "_save_figure", look)
     names = ["persistence", "optical_flow", "dense_flow", "shift"]                  # the nowcasters' four
     scores = {f"{s}_{t}": 0.5 for s in ("csi", "pod", "sucr") for t in common.SEVIR_THRESHOLDS}
-    common.plot_skill({"references": names, "model": scores, **{n: scores for n in names}}, "skill.png")
+    common.plot_skill({"references": names, "model": scores, **{n: scores for n in names}}, tmp_path / "skill.png")
     assert drawn == [["model"] + names]
 
 
