@@ -58,6 +58,14 @@ def sample(tmp_path_factory):
     return common.make_sample_sevir(root, n_events=5, seed=0), root
 
 
+def copy_sample(sample, root):
+    """make_sample_sevir(root), made faster: a copy of the session's sample (its HDF5 files linked: only read)."""
+    import shutil
+    shutil.copytree(sample[1], root, dirs_exist_ok=True, copy_function=lambda src, dst: os.path.exists(dst) or (
+        os.link if src.endswith(".h5") else shutil.copy)(src, dst))
+    return Path(root) / "CATALOG.csv"
+
+
 @pytest.fixture
 def own_sample(tmp_path, sample):
     """A copy of the session's sample that the test may change: (catalog, root)."""
@@ -1460,12 +1468,11 @@ def test_protocol_selects_earthformers_events_and_windows(tmp_path):
         common.parse_config(train_baseline.Config, ["--protocol=sevir", "--split_dates=2019-02-01,2019-06-01"])
 
 
-def test_default_paths_make_the_sample_once(tmp_path, monkeypatch, capsys):
+def test_default_paths_make_the_sample_once(tmp_path, sample, monkeypatch, capsys):
     import train_synthetic
     monkeypatch.chdir(tmp_path)
     made = []
-    real = common.make_sample_sevir
-    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or real(root, n_events=3))
+    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or copy_sample(sample, root))
     cfg = train_synthetic.Config()
     for _ in range(2):
         catalog, root, kind = common.resolve_data(cfg)
@@ -1736,7 +1743,7 @@ def test_kill_9_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
     writer = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); import common\n"
               f"common.save_checkpoint({{'model': {{}}, 'epoch': 0, 'w': torch.zeros(1)}}, {str(path)!r}); print('ready', flush=True)\n"
               f"for e in range(1, 10**6): common.save_checkpoint({{'model': {{}}, 'epoch': e, 'w': torch.rand(4_000_000)}}, {str(path)!r})\n")
-    for delay in (0.5,):
+    for delay in (0.3,):
         p = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "ready"
         time.sleep(delay)
@@ -2269,10 +2276,9 @@ def test_sample_has_sevir_layout_and_is_reproducible(tmp_path, sample):
     assert (times <= "2019-01-01").any() and times.between("2019-01-01 00:00:01", "2019-06-01").any()
     assert (times > "2019-06-01").any()
 
-    a, b = tmp_path / "a", tmp_path / "b"
-    common.make_sample_sevir(a, n_events=3, seed=3)
-    common.make_sample_sevir(b, n_events=3, seed=3)
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    a, b = tmp_path / "a", Path(root)                                 # the session's: the same arguments
+    common.make_sample_sevir(a, n_events=5, seed=0)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != ".lock")
     assert len(files) >= 7                                           # catalog, marker, 3 image files, lght
     assert all((a / p).read_bytes() == (b / p).read_bytes() for p in files)
 
@@ -2550,13 +2556,7 @@ def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monke
     (tmp_path / common.SAMPLE_ROOT / "vil").mkdir(parents=True)
     (tmp_path / common.SAMPLE_ROOT / common.SAMPLE_MARKER).write_text(common.SAMPLE_MARKER_TEXT)
     made = []
-
-    def copy_sample(root):                                              # a copy of the session's: made faster
-        import shutil                                                   # (its HDF5 files linked: only read)
-        shutil.copytree(sample[1], root, dirs_exist_ok=True, copy_function=lambda src, dst: os.path.exists(dst) or (
-            os.link if src.endswith(".h5") else shutil.copy)(src, dst))
-        return Path(root) / "CATALOG.csv"
-    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or copy_sample(root))
+    monkeypatch.setattr(common, "make_sample_sevir", lambda root: made.append(root) or copy_sample(sample, root))
     cfg = type("Cfg", (), {"CATALOG_PATH": common.DEFAULT_CATALOG, "SEVIR_ROOT": common.DEFAULT_ROOT})
     catalog, root, kind = common.resolve_data(cfg)
     assert made == [common.SAMPLE_ROOT] and kind == "sample" and catalog.exists()
@@ -2566,7 +2566,7 @@ def test_an_interrupted_tool_starts_its_own_folder_again(tmp_path, sample, monke
     (tmp_path / common.SAMPLE_ROOT / "CATALOG.csv").unlink()             # under torchrun only rank 0 makes it
     waited = []
     monkeypatch.setattr(common, "is_main", lambda: False)
-    monkeypatch.setattr(common, "barrier", lambda: waited.append(1) or copy_sample(common.SAMPLE_ROOT))
+    monkeypatch.setattr(common, "barrier", lambda: waited.append(1) or copy_sample(sample, common.SAMPLE_ROOT))
     assert common.resolve_data(cfg)[2] == "sample" and made == [common.SAMPLE_ROOT] and waited == [1]
     undo(monkeypatch)
 
